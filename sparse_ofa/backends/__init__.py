@@ -1,0 +1,94 @@
+"""Backend registry and dispatch.
+
+Backends are looked up by name; `backend="auto"` walks AUTO_ORDER for the input's device, picks the
+first available backend that supports the layer and `prefers` the token count, and falls back to
+dense INT8 (then the reference) otherwise. New backends register with `register_backend`.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .base import Backend, LayerInfo
+
+# name -> "module:Class"; imported on first use so that a backend's build cost is paid only if asked.
+_FACTORIES: dict[str, str] = {
+    "reference": "sparse_ofa.backends.reference:ReferenceBackend",
+    "dense": "sparse_ofa.backends.dense:DenseInt8Backend",
+}
+# Sparse backends tried first under backend="auto", per device type; "dense" and "reference" close
+# every chain.
+AUTO_ORDER: dict[str, list[str]] = {"cpu": [], "cuda": []}
+_FALLBACKS = ["dense", "reference"]
+_INSTANCES: dict[str, Backend] = {}
+
+
+def register_backend(name: str, factory: str, auto_for: tuple[str, ...] = ()) -> None:
+    """Register "module:Class" under `name`; `auto_for` lists the device types where auto tries it."""
+    _FACTORIES[name] = factory
+    _INSTANCES.pop(name, None)
+    for device_type in auto_for:
+        order = AUTO_ORDER.setdefault(device_type, [])
+        if name not in order:
+            order.append(name)
+
+
+def backend_names() -> list[str]:
+    return list(_FACTORIES)
+
+
+def _instance(name: str) -> Backend:
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; known: {backend_names()} or 'auto'")
+    if name not in _INSTANCES:
+        module, cls = _FACTORIES[name].split(":")
+        _INSTANCES[name] = getattr(importlib.import_module(module), cls)()
+    return _INSTANCES[name]
+
+
+def availability(name: str) -> tuple[bool, str]:
+    try:
+        return _instance(name).availability()
+    except Exception as exc:  # a backend whose import or build fails is unavailable, with the reason
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def list_backends() -> list[tuple[str, bool, str]]:
+    """[(name, available, reason if not)] for every registered backend."""
+    return [(name, *availability(name)) for name in _FACTORIES]
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called `name`; raises RuntimeError with the reason if it can't run here."""
+    ok, why = availability(name)
+    if not ok:
+        raise RuntimeError(f"sparse_ofa backend {name!r} is not available: {why}")
+    return _instance(name)
+
+
+def resolve(requested: str, device: torch.device, info: LayerInfo) -> list[Backend]:
+    """The dispatch chain for a layer: [explicit backend] or the auto candidates, best first."""
+    if requested != "auto":
+        backend = get_backend(requested)
+        if not backend.supports(device, info):
+            raise ValueError(f"backend {requested!r} does not run {info.pattern} weights on "
+                             f"{device.type} (it runs on {backend.device_types})")
+        return [backend]
+    chain = []
+    for name in AUTO_ORDER.get(device.type, []) + _FALLBACKS:
+        if availability(name)[0] and _instance(name).supports(device, info):
+            chain.append(_instance(name))
+    return chain
+
+
+def select(chain: list[Backend], m: int, info: LayerInfo) -> Backend:
+    """First backend in the chain that expects to win at M tokens; the last one otherwise."""
+    for backend in chain[:-1]:
+        if backend.prefers(m, info):
+            return backend
+    return chain[-1]
+
+
+__all__ = ["Backend", "LayerInfo", "AUTO_ORDER", "register_backend", "backend_names", "list_backends",
+           "get_backend", "resolve", "select", "availability"]

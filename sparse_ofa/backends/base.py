@@ -1,0 +1,57 @@
+"""What a backend is: a derived layout built once from the packed weight, an exact int32 product,
+and a fused linear (quantize -> product -> dequantize + bias). Subclasses override what they fuse."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import PackedWeight
+from ..quant import ActQuant, dequantize, quantize_activations
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Plain-int facts about one packed weight, cached by the module so dispatch never syncs."""
+
+    out_features: int
+    in_features: int
+    pattern: str
+    density: float
+
+    @classmethod
+    def of(cls, packed: PackedWeight) -> "LayerInfo":
+        return cls(packed.out_features, packed.in_features, packed.pattern, packed.density)
+
+
+class Backend:
+    name = ""
+    device_types: tuple[str, ...] = ("cpu", "cuda")
+
+    def availability(self) -> tuple[bool, str]:
+        """(usable here, why not). Cheap after the first call."""
+        return True, ""
+
+    def supports(self, device: torch.device, info: LayerInfo) -> bool:
+        return device.type in self.device_types
+
+    def prefers(self, m: int, info: LayerInfo) -> bool:
+        """Under backend="auto": is this backend expected to beat dense INT8 for M tokens?"""
+        return True
+
+    def prepare(self, packed: PackedWeight) -> dict[str, torch.Tensor]:
+        """Derived layout, built once per module (and again after a device move)."""
+        raise NotImplementedError
+
+    def int_mm(self, x_q: torch.Tensor, prepared: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Exact int32 [M, N] = x_q [M, K] int8 @ W_q^T."""
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], w_scale: torch.Tensor,
+               bias: torch.Tensor | None, act: ActQuant, out_dtype: torch.dtype) -> torch.Tensor:
+        """y [M, N] = dequantize(int_mm(quantize(x))) + bias; x is a contiguous 2-D float tensor."""
+        x_q, x_scale = quantize_activations(x, act)
+        return dequantize(self.int_mm(x_q, prepared), x_scale, w_scale, bias, out_dtype)
+
+    def __repr__(self) -> str:
+        return f"<sparse_ofa backend {self.name!r}>"

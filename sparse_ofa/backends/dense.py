@@ -1,0 +1,32 @@
+"""The dense INT8 backend: the packed weight expanded once to a dense int8 matrix, multiplied with
+`torch._int_mm` (oneDNN/fbgemm on CPU, cuBLASLt on CUDA). Same numerics as the sparse kernels, so
+backend="auto" falls back to it for any layer where sparse would be slower."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import PackedWeight, unpack_int8
+from .base import Backend
+
+
+class DenseInt8Backend(Backend):
+    name = "dense"
+
+    def prepare(self, packed: PackedWeight) -> dict[str, torch.Tensor]:
+        # [K, N] as a transposed view of the row-major [N, K] matrix: what _int_mm reads fastest.
+        return {"w_t": unpack_int8(packed).t()}
+
+    def int_mm(self, x_q, prepared):
+        w_t = prepared["w_t"]
+        if x_q.device.type != "cuda":
+            return torch._int_mm(x_q, w_t)
+        k, n = w_t.shape
+        if k % 8 or n % 8:
+            # cuBLASLt int8 needs K and N multiples of 8; zero padding leaves the sums unchanged.
+            w_t = F.pad(w_t, (0, -n % 8, 0, -k % 8))
+            x_q = F.pad(x_q, (0, -k % 8))
+        m = x_q.shape[0]
+        if m <= 16:  # cuBLASLt int8 needs M > 16
+            x_q = F.pad(x_q, (0, 0, 0, 17 - m))
+        return torch._int_mm(x_q, w_t)[:m, :n]

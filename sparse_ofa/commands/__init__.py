@@ -1,0 +1,1 @@
+"""Subcommands of the `sparse-ofa` CLI, one module each (see sparse_ofa/cli.py)."""
