@@ -16,10 +16,13 @@ from .base import Backend, LayerInfo
 _FACTORIES: dict[str, str] = {
     "reference": "sparse_ofa.backends.reference:ReferenceBackend",
     "dense": "sparse_ofa.backends.dense:DenseInt8Backend",
+    "cpu": "sparse_ofa.backends.cpu:CpuBackend",
+    "triton": "sparse_ofa.backends.triton:TritonBackend",
+    "cuda": "sparse_ofa.backends.cuda:CudaBackend",
 }
 # Sparse backends tried first under backend="auto", per device type; "dense" and "reference" close
 # every chain.
-AUTO_ORDER: dict[str, list[str]] = {"cpu": [], "cuda": []}
+AUTO_ORDER: dict[str, list[str]] = {"cpu": ["cpu"], "cuda": ["cuda", "triton"]}
 _FALLBACKS = ["dense", "reference"]
 _INSTANCES: dict[str, Backend] = {}
 
