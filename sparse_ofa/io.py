@@ -89,8 +89,8 @@ def from_pretrained(path: str | os.PathLike, model_class=None, *, backend: str =
                     device: str | torch.device = "cpu") -> nn.Module:
     """Load a sparsified Hugging Face model saved with save_pretrained (no hub access).
 
-    model_class: a transformers class with `from_config` (default AutoModel), e.g.
-    AutoModelForSequenceClassification for a saved classifier.
+    model_class: a transformers Auto class or model class (default AutoModel), e.g.
+    AutoModelForSequenceClassification or BertForSequenceClassification for a saved classifier.
     """
     from transformers import AutoConfig, AutoModel
 
@@ -98,7 +98,10 @@ def from_pretrained(path: str | os.PathLike, model_class=None, *, backend: str =
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path} has no config.json: not a save_pretrained directory")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    model = (model_class or AutoModel).from_config(config)
+    model_class = model_class or AutoModel
+    # Auto classes build from a config with from_config, concrete classes with their constructor
+    model = (model_class.from_config(config) if hasattr(model_class, "from_config")
+             else model_class(config))
     state = _read_weights(path)
     if not any(k.endswith(_META_SUFFIX) for k in state):
         raise ValueError(f"{path} holds no packed sparse_ofa layers; load it with "

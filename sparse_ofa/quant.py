@@ -31,8 +31,11 @@ class ActQuant:
     qmax: int = 127
 
     def __post_init__(self):
-        if self.scale is not None and not (self.scale > 0 and self.scale < float("inf")):
-            raise ValueError(f"static activation scale must be finite and > 0, got {self.scale}")
+        if self.scale is not None:
+            if not (self.scale > 0 and self.scale < float("inf")):
+                raise ValueError(f"static activation scale must be finite and > 0, got {self.scale}")
+            # the scale lives in a float32 buffer: hold exactly that value so save/load is lossless
+            object.__setattr__(self, "scale", float(torch.tensor(self.scale, dtype=torch.float32)))
         if not -128 <= self.qmin <= self.zero_point <= self.qmax <= 127:
             raise ValueError(f"activation range needs -128 <= qmin <= zero_point <= qmax <= 127, "
                              f"got qmin={self.qmin} zero_point={self.zero_point} qmax={self.qmax}")

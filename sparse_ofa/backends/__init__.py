@@ -64,6 +64,8 @@ def list_backends() -> list[tuple[str, bool, str]]:
 
 def get_backend(name: str) -> Backend:
     """The backend called `name`; raises RuntimeError with the reason if it can't run here."""
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown backend {name!r}; known: {backend_names()} or 'auto'")
     ok, why = availability(name)
     if not ok:
         raise RuntimeError(f"sparse_ofa backend {name!r} is not available: {why}")
