@@ -33,3 +33,81 @@ def sample_sentences(n: int, seed: int = 0) -> list[str]:
     if n > len(pool):
         raise ValueError(f"asked for {n} sentences; the offline corpus has {len(pool)}")
     return random.Random(seed).sample(list(pool), n)
+
+
+# Standard-library modules whose docstrings are prose written by people (no generated text). Modules
+# missing from an install (e.g. tkinter) are skipped.
+_DOCSTRING_MODULES = (
+    "argparse asyncio collections concurrent.futures contextlib csv dataclasses datetime decimal "
+    "difflib email enum fractions functools heapq http.client imaplib inspect io ipaddress itertools "
+    "json logging mailbox multiprocessing numbers optparse os pathlib pickle pdb pprint queue random "
+    "re selectors shutil smtplib socket sqlite3 ssl statistics string subprocess tarfile tempfile "
+    "textwrap threading tkinter turtle unittest urllib.request uuid warnings xml.dom.minidom "
+    "zipfile calendar codecs configparser copy doctest ftplib gettext glob gzip hashlib hmac locale "
+    "mimetypes operator platform sched secrets shelve signal struct sysconfig timeit traceback types "
+    "weakref wave webbrowser"
+).split()
+
+
+def _prose_sentences(text: str) -> list[str]:
+    """The plain-prose sentences of a docstring or help page (code, lists and tables skipped)."""
+    out = []
+    for para in re.split(r"\n\s*\n", text):
+        if para.startswith("   ") or para.lstrip().startswith((">>>", "*", "-", "=")):
+            continue
+        for s in _SENTENCE_END.split(" ".join(para.split())):
+            if 40 <= len(s) <= 300 and s.count(" ") >= 6 and _PLAIN.fullmatch(s):
+                out.append(s)
+    return out
+
+
+def _docstrings(module) -> list[str]:
+    import inspect
+
+    docs = [module.__doc__]
+    for name, obj in sorted(vars(module).items()):
+        if name.startswith("_") or not (inspect.isclass(obj) or inspect.isfunction(obj)):
+            continue
+        if getattr(obj, "__module__", None) != module.__name__:
+            continue  # re-exported from elsewhere: counted where it lives
+        docs.append(obj.__doc__)
+        if inspect.isclass(obj):
+            docs += [m.__doc__ for n, m in sorted(vars(obj).items())
+                     if not n.startswith("_") and inspect.isfunction(m)]
+    return [inspect.cleandoc(d) for d in docs if d]
+
+
+@lru_cache(maxsize=1)
+def stdlib_docstring_sentences() -> tuple[str, ...]:
+    """Prose sentences from the docstrings of ~90 standard-library modules (~3,000), fixed order."""
+    import importlib
+    import warnings
+
+    sentences = []
+    for name in _DOCSTRING_MODULES:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                module = importlib.import_module(name)
+            except Exception:  # noqa: BLE001 - an optional stdlib module (tkinter, ...) is absent
+                continue
+        for doc in _docstrings(module):
+            sentences += _prose_sentences(doc)
+    return tuple(dict.fromkeys(sentences))
+
+
+@lru_cache(maxsize=1)
+def english_sentences() -> tuple[str, ...]:
+    """All offline sentences: the Language Reference's, then the stdlib docstrings' (deduplicated)."""
+    return tuple(dict.fromkeys(python_docs_sentences() + stdlib_docstring_sentences()))
+
+
+def train_heldout_split(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint seeded samples of english_sentences(): (train, held-out)."""
+    pool = list(english_sentences())
+    if n_train < 1 or n_heldout < 1:
+        raise ValueError(f"need at least one train and one held-out sentence, got {n_train}, {n_heldout}")
+    if n_train + n_heldout > len(pool):
+        raise ValueError(f"asked for {n_train} + {n_heldout} sentences; the offline corpus has {len(pool)}")
+    picked = random.Random(seed).sample(pool, n_train + n_heldout)
+    return picked[:n_train], picked[n_train:]
