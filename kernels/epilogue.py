@@ -1,0 +1,28 @@
+"""The fused epilogue shared by the Triton kernels: the numerics of sparse_ofa.quant.dequantize.
+
+    y[m, n] = (float32(acc[m, n]) * x_scale[m]) * w_scale[n] + bias[n],  stored in out's dtype
+or, with EPILOGUE False, the exact int32 acc itself; with ATOMIC True (split-K) acc is atomically
+added into a zeroed int32 buffer (integer addition is associative, so the sum stays exact).
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def store_result(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, rm, rn, M, N, stride_om,
+                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    in_bounds = (rm[:, None] < M) & (rn[None, :] < N)
+    ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=in_bounds)
+    elif EPILOGUE:
+        x_scale = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+        w_scale = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+        y = acc.to(tl.float32) * x_scale[:, None]
+        y = y * w_scale[None, :]
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
+            y = y + bias[None, :]
+        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
+    else:
+        tl.store(ptrs, acc, mask=in_bounds)

@@ -1,0 +1,96 @@
+"""The Triton backend (CUDA tensors): sparse INT8 matmuls from kernels/, chosen by token count.
+
+Dispatch inside the backend, per forward of M tokens (the weight's facts are fixed at prepare time):
+    M <= SMALL_M                      bitmap "load as sparse" kernel: memory-bound, moves ~0.26 B per
+                                      weight at 90 % sparsity instead of 1 B (kernels/bitmap_int8.py)
+    M >  SMALL_M, tile density <= T   block-sparse kernel skipping empty 64x64 tiles (block_int8.py)
+    M >  SMALL_M otherwise            dense INT8 (torch._int_mm, cuBLASLt) on the dense copy the block
+                                      layout keeps anyway: unstructured sparsity cannot skip tensor-core
+                                      work, so dense is the fastest exact product there
+`prefers` (backend="auto") takes layers of density <= MAX_DENSITY; denser layers go to the dense
+backend. The thresholds are roofline predictions (bench/NOTES.md), to be re-tuned on the device.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..formats import PackedWeight
+from ..quant import dequantize, quantize_activations
+from .base import Backend, LayerInfo
+
+SMALL_M = 256
+MAX_DENSITY = 0.5
+MAX_TILE_DENSITY = 0.6
+BITMAP_BLOCK_K = 128
+TILE_N, TILE_K = 64, 64
+
+
+def _kernels():
+    # Imported on first use: importing Triton kernels decides once whether they are interpreted.
+    from sparse_ofa.kernels import bitmap_int8, block_int8, layouts
+
+    return bitmap_int8, block_int8, layouts
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    device_types = ("cuda",)
+
+    def availability(self):
+        if not torch.cuda.is_available():
+            return False, "needs a CUDA device (torch.cuda.is_available() is False)"
+        try:
+            import triton  # noqa: F401
+        except Exception as exc:  # noqa: BLE001 - any import failure means unavailable
+            return False, f"triton cannot be imported: {exc}"
+        return True, ""
+
+    def supports(self, device, info: LayerInfo):
+        return device.type == "cuda"
+
+    def prefers(self, m: int, info: LayerInfo) -> bool:
+        return info.density <= MAX_DENSITY
+
+    def prepare(self, packed: PackedWeight) -> dict[str, torch.Tensor]:
+        _, _, layouts = _kernels()
+        n, k = packed.shape
+        bitmap = layouts.bitmap_layout(packed, BITMAP_BLOCK_K)
+        block = layouts.block_layout(packed, TILE_N, TILE_K)
+        density = layouts.tile_density(block, n, k, TILE_N, TILE_K)
+        prepared = {f"bitmap_{key}": v for key, v in bitmap.items()}
+        prepared.update({f"block_{key}": v for key, v in block.items()})
+        # A CPU flag, so routing never waits on the GPU.
+        prepared["use_block"] = torch.tensor(density <= MAX_TILE_DENSITY)
+        return prepared
+
+    def _route(self, m: int, prepared) -> str:
+        if m <= SMALL_M:
+            return "bitmap"
+        return "block" if bool(prepared["use_block"]) else "dense"
+
+    def _run(self, x_q, prepared, **epilogue):
+        bitmap_int8, block_int8, _ = _kernels()
+        n, k = prepared["block_dense"].shape
+        route = self._route(x_q.shape[0], prepared)
+        if route == "bitmap":
+            layout = {key[7:]: v for key, v in prepared.items() if key.startswith("bitmap_")}
+            return bitmap_int8.bitmap_int8_mm(x_q, layout, n, k, **epilogue)
+        if route == "block":
+            layout = {key[6:]: v for key, v in prepared.items() if key.startswith("block_")}
+            return block_int8.block_int8_mm(x_q, layout, n, k, block_n=TILE_N, block_k=TILE_K,
+                                            **epilogue)
+        from .dense import DenseInt8Backend
+
+        acc = DenseInt8Backend().int_mm(x_q, {"w_t": prepared["block_dense"].t()})
+        if not epilogue:
+            return acc
+        return dequantize(acc, epilogue["x_scale"], epilogue["w_scale"], epilogue["bias"],
+                          epilogue["out_dtype"])
+
+    def int_mm(self, x_q, prepared):
+        return self._run(x_q.contiguous(), prepared)
+
+    def linear(self, x, prepared, w_scale, bias, act, out_dtype):
+        x_q, x_scale = quantize_activations(x, act)
+        return self._run(x_q, prepared, x_scale=x_scale, w_scale=w_scale,
+                         bias=None if bias is None else bias.to(torch.float32), out_dtype=out_dtype)
