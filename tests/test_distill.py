@@ -89,7 +89,7 @@ def test_encoder_only_models_distill_embeddings_and_get_gradients():
     s_out = student(input_ids=ids, attention_mask=mask)
     loss = DistillLoss(w_hard=0.0, w_soft=1.0)(s_out, t_out, mask=mask)
     expected = embedding_distill_loss(s_out.last_hidden_state, t_out.last_hidden_state, mask)
-    assert float(loss) == pytest.approx(float(expected))
+    assert loss.item() == pytest.approx(expected.item())
     loss.backward()
     assert student.encoder.layer[0].output.dense.weight.grad.abs().sum() > 0
 
