@@ -1,0 +1,89 @@
+// AVX2 path without VNNI (Haswell .. Skylake client, Zen 1-3): product via vpmaddwd (avx2_impl.h)
+// and a vectorised activation quantizer.
+#include <cmath>
+#include <cstdint>
+
+#include "sparse_cpu.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define SPARSE_OFA_VNNI 0
+#define SPARSE_OFA_SPMM spmm_avx2
+#include "avx2_impl.h"
+
+namespace sparse_ofa_cpu {
+
+// quant.py numerics, 8 floats at a time; rows with NaN/Inf go to quantize_row_exact.
+void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+                        const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
+  const bool dynamic = qp.static_scale == 0.0f;
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 inf = _mm256_set1_ps(INFINITY);
+  const int64_t kv = k / 8 * 8;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * ldx;
+    int8_t* qr = xq + m * ldq;
+    __m256 amax = _mm256_setzero_ps();
+    __m256 bad = _mm256_setzero_ps();
+    for (int64_t i = 0; i < kv; i += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(xr + i), abs_mask);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // NaN or Inf
+      amax = _mm256_max_ps(amax, a);
+    }
+    float am = 0.0f;
+    bool nonfinite = _mm256_movemask_ps(bad) != 0;
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, amax);
+    for (int j = 0; j < 8; ++j) am = lanes[j] > am ? lanes[j] : am;
+    for (int64_t i = kv; i < k; ++i) {
+      const float a = xr[i] < 0 ? -xr[i] : xr[i];
+      if (!(a < INFINITY)) nonfinite = true;
+      else if (a > am) am = a;
+    }
+    if (nonfinite) {
+      quantize_row_exact(xr, k, qp, qr, x_scale + m);
+      continue;
+    }
+    float inv, lo, hi, zp;
+    if (dynamic) {
+      inv = am != 0.0f ? 127.0f / am : 0.0f;
+      x_scale[m] = am != 0.0f ? am / 127.0f : 0.0f;
+      lo = -127.0f, hi = 127.0f, zp = 0.0f;
+    } else {
+      inv = qp.inv_scale, x_scale[m] = qp.static_scale;
+      lo = (float)qp.qmin, hi = (float)qp.qmax, zp = (float)qp.zero_point;
+    }
+    const __m256 invv = _mm256_set1_ps(inv), lov = _mm256_set1_ps(lo), hiv = _mm256_set1_ps(hi),
+                 zpv = _mm256_set1_ps(zp);
+    for (int64_t i = 0; i < kv; i += 8) {
+      __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), invv),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zpv), lov), hiv);
+      alignas(32) int32_t qi[8];
+      _mm256_store_si256((__m256i*)qi, _mm256_cvtps_epi32(r));
+      for (int j = 0; j < 8; ++j) qr[i + j] = (int8_t)qi[j];
+    }
+    for (int64_t i = kv; i < k; ++i) {
+      float r = __builtin_nearbyintf(xr[i] * inv) + zp;
+      r = r < lo ? lo : (r > hi ? hi : r);
+      qr[i] = (int8_t)(int)r;
+    }
+  }
+}
+
+}  // namespace sparse_ofa_cpu
+#pragma GCC pop_options
+
+#else
+namespace sparse_ofa_cpu {
+void spmm_avx2(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
+  spmm_scalar(w, a, e, t0, t1);
+}
+void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+                        const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
+  quantize_rows_scalar(x, ldx, k, m0, m1, qp, xq, ldq, x_scale);
+}
+}  // namespace sparse_ofa_cpu
+#endif

@@ -1,0 +1,239 @@
+// AVX-512 VNNI path (x86-64 with avx512f/bw/vl/dq/vnni; chosen at run time by dispatch.cpp).
+//
+// Kernel, for one output channel n and a block of 16*T tokens (T zmm accumulators c[t]):
+//     for each kept quad p of row n:            w = broadcast(quad_w[p])        (4 x s8)
+//         for t < T:  c[t] += vpdpbusd(xt[quad_k[p]][16t : 16t+16], w)       (16 tokens x 4 u8)
+// i.e. 64 multiply-adds per instruction, all useful for 1x4 blocks. Per quad: 1 broadcast, T loads,
+// T vpdpbusd, so the loop is bound by the VNNI ports as long as the activation block stays in L1/L2.
+// c[t] holds 16 tokens of ONE channel; the epilogue turns 16 channels x 16 tokens into 16 output
+// rows with a 16x16 transpose (64 shuffles per 256 outputs).
+#include <cstring>
+
+#include "sparse_cpu.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+
+namespace sparse_ofa_cpu {
+namespace {
+
+// r[i] (16 rows of 16 dwords) -> r[j] holds column j. Three unpack/shuffle stages + one permute.
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4b + c] now holds, in 128-bit lane L, column 4L + c' of rows 4b..4b+3 (c' = c order 0,1,2,3)
+  for (int i = 0; i < 4; ++i) {
+    // combine blocks b = 0,1 and 2,3: lanes (0,2) <- first, ...
+    t[i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);        // lanes 0,2 of r[i]; 0,2 of r[4+i]
+    t[4 + i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xDD);    // lanes 1,3
+    t[8 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xDD);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);        // column i
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xDD);    // column 8 + i
+    r[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);  // column 4 + i
+    r[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xDD);  // column 12 + i
+  }
+}
+
+inline __mmask16 first_n(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+// |x| has a NaN or Inf among 16 lanes?
+inline bool any_nonfinite(__m512 v, __mmask16 live) {
+  return _mm512_mask_fpclass_ps_mask(live, v, 0x01 | 0x80 | 0x08 | 0x10) != 0;
+}
+
+// 16 floats -> bf16 (round to nearest even, NaN -> 0x7FC0), as in float_to_bf16.
+inline __m256i to_bf16(__m512 f) {
+  __m512i b = _mm512_castps_si512(f);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+// c[0..T) = sum over quads p0..p1 of dpbusd(xt[quad_k[p]] block, quad_w[p]); U quads in flight so
+// that short T still has U*T independent chains to hide the vpdpbusd latency.
+template <int T, int U>
+inline void row_product(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t p1,
+                        const uint8_t* base, int64_t qstride, __m512i* out) {
+  __m512i c[U][T];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < T; ++t) c[u][t] = _mm512_setzero_si512();
+  int32_t p = p0;
+  for (; p + U <= p1; p += U) {
+    for (int u = 0; u < U; ++u) {
+      const __m512i w = _mm512_set1_epi32(qw[p + u]);
+      const uint8_t* src = base + (int64_t)qk[p + u] * qstride;
+      for (int t = 0; t < T; ++t)
+        c[u][t] = _mm512_dpbusd_epi32(c[u][t], _mm512_loadu_si512(src + 64 * t), w);
+    }
+  }
+  for (; p < p1; ++p) {
+    const __m512i w = _mm512_set1_epi32(qw[p]);
+    const uint8_t* src = base + (int64_t)qk[p] * qstride;
+    for (int t = 0; t < T; ++t) c[0][t] = _mm512_dpbusd_epi32(c[0][t], _mm512_loadu_si512(src + 64 * t), w);
+  }
+  for (int t = 0; t < T; ++t) {
+    __m512i s = c[0][t];
+    for (int u = 1; u < U; ++u) s = _mm512_add_epi32(s, c[u][t]);
+    out[t] = s;
+  }
+}
+
+void row_product_any(int T, const int32_t* qw, const int32_t* qk, int32_t p0, int32_t p1,
+                     const uint8_t* base, int64_t qstride, __m512i* out) {
+  switch (T) {
+    case 1: return row_product<1, 4>(qw, qk, p0, p1, base, qstride, out);
+    case 2: return row_product<2, 4>(qw, qk, p0, p1, base, qstride, out);
+    case 3: return row_product<3, 2>(qw, qk, p0, p1, base, qstride, out);
+    case 4: return row_product<4, 2>(qw, qk, p0, p1, base, qstride, out);
+    case 5: return row_product<5, 2>(qw, qk, p0, p1, base, qstride, out);
+    case 6: return row_product<6, 2>(qw, qk, p0, p1, base, qstride, out);
+    case 7: return row_product<7, 2>(qw, qk, p0, p1, base, qstride, out);
+    default: return row_product<8, 2>(qw, qk, p0, p1, base, qstride, out);
+  }
+}
+
+}  // namespace
+
+void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
+                      uint8_t* xt, int64_t mp) {
+  const int64_t nq = (k + 3) / 4;
+  const __m512i flipv = _mm512_set1_epi8((char)flip);
+  for (int64_t mb = m0; mb < m1; mb += 16) {
+    const int64_t rows = m1 - mb < 16 ? m1 - mb : 16;
+    for (int64_t q0 = 0; q0 < nq; q0 += 16) {
+      const int64_t kb = k - 4 * q0;  // bytes of a token row left from quad q0
+      const __mmask64 live = kb >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << kb) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(live, xq + (mb + i) * ldx + 4 * q0), flipv)
+                        : flipv;
+      transpose16x16(r);
+      for (int j = 0; j < 16 && q0 + j < nq; ++j) _mm512_storeu_si512(xt + ((q0 + j) * mp + mb) * 4, r[j]);
+    }
+  }
+}
+
+void quantize_rows_avx512(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+                          const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
+  const bool dynamic = qp.static_scale == 0.0f;
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* xr = x + m * ldx;
+    int8_t* qr = xq + m * ldq;
+    // pass 1: amax and finiteness (a row with NaN/Inf takes the exact scalar path)
+    __m512 amax = _mm512_setzero_ps();
+    bool bad = false;
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 live = first_n(k - i);
+      const __m512 v = _mm512_maskz_loadu_ps(live, xr + i);
+      bad |= any_nonfinite(v, live);
+      amax = _mm512_max_ps(amax, _mm512_and_ps(v, sign));
+    }
+    if (bad) {
+      quantize_row_exact(xr, k, qp, qr, x_scale + m);
+      continue;
+    }
+    float inv;
+    __m512 lo, hi, zp;
+    if (dynamic) {
+      const float a = _mm512_reduce_max_ps(amax);
+      inv = a != 0.0f ? 127.0f / a : 0.0f;
+      x_scale[m] = a != 0.0f ? a / 127.0f : 0.0f;
+      lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f), zp = _mm512_setzero_ps();
+    } else {
+      inv = qp.inv_scale;
+      x_scale[m] = qp.static_scale;
+      lo = _mm512_set1_ps((float)qp.qmin), hi = _mm512_set1_ps((float)qp.qmax);
+      zp = _mm512_set1_ps((float)qp.zero_point);
+    }
+    const __m512 invv = _mm512_set1_ps(inv);
+    // pass 2: q = clamp(rne(x * inv) + zp, lo, hi); x * inv may overflow to +-Inf, which clamps.
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 live = first_n(k - i);
+      __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, xr + i), invv),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      r = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, zp), lo), hi);
+      _mm_mask_storeu_epi8(qr + i, live, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+    }
+  }
+}
+
+void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
+  const int64_t ngroups = (w.n + kRowGroup - 1) / kRowGroup;
+  const int64_t qstride = a.mp * 4;
+  alignas(64) int32_t tile[kRowGroup][kTokenBlock];
+  for (int64_t task = t0; task < t1; ++task) {
+    const int64_t m0 = (task / ngroups) * kTokenBlock, n0 = (task % ngroups) * kRowGroup;
+    const int64_t mt = a.m - m0 < kTokenBlock ? a.m - m0 : kTokenBlock;
+    const int64_t nr = w.n - n0 < kRowGroup ? w.n - n0 : kRowGroup;
+    const int T = (int)((mt + 15) / 16);
+    const uint8_t* base = a.xt + m0 * 4;
+    if (nr < kRowGroup) std::memset(tile, 0, sizeof(tile));
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t n = n0 + r;
+      __m512i acc[8];
+      row_product_any(T, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], base, qstride, acc);
+      // undo the +128 offset: acc = dot_u8s8 - 128 * rowsum  (mod 2^32, exact)
+      const __m512i corr = _mm512_set1_epi32((int32_t)((uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u)));
+      for (int t = 0; t < T; ++t) {
+        const __m512i exact = _mm512_sub_epi32(acc[t], corr);
+        if (e.kind == kOutInt32) {
+          _mm512_store_si512(&tile[r][16 * t], exact);
+          continue;
+        }
+        const __m512 xs = _mm512_maskz_loadu_ps(first_n(mt - 16 * t), a.x_scale + m0 + 16 * t);
+        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), xs), _mm512_set1_ps(e.w_scale[n]));
+        if (e.bias) y = _mm512_add_ps(y, _mm512_set1_ps(e.bias[n]));
+        _mm512_store_ps((float*)&tile[r][16 * t], y);
+      }
+    }
+    // tile[channel][token] -> out[token][channel], 16 x 16 at a time
+    const __mmask16 cols = first_n(nr);
+    for (int t = 0; t < T; ++t) {
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_load_si512(&tile[r][16 * t]);
+      transpose16x16(v);
+      const int64_t rows = mt - 16 * t < 16 ? mt - 16 * t : 16;
+      for (int j = 0; j < rows; ++j) {
+        const int64_t off = (m0 + 16 * t + j) * e.ldo + n0;
+        if (e.kind == kOutBFloat16)
+          _mm256_mask_storeu_epi16((uint16_t*)e.out + off, cols, to_bf16(_mm512_castsi512_ps(v[j])));
+        else
+          _mm512_mask_storeu_epi32((int32_t*)e.out + off, cols, v[j]);
+      }
+    }
+  }
+}
+
+}  // namespace sparse_ofa_cpu
+
+#pragma GCC pop_options
+#else  // not x86: never selected (isa_supported is false), defined so that the binding links
+namespace sparse_ofa_cpu {
+void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
+                      uint8_t* xt, int64_t mp) { pack_acts_scalar(xq, ldx, k, m0, m1, flip, xt, mp); }
+void quantize_rows_avx512(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+                          const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
+  quantize_rows_scalar(x, ldx, k, m0, m1, qp, xq, ldq, x_scale);
+}
+void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
+  spmm_scalar(w, a, e, t0, t1);
+}
+}  // namespace sparse_ofa_cpu
+#endif

@@ -1,0 +1,103 @@
+// Shared declarations of the CPU sparse-INT8 kernels (no torch headers: the ISA files that include
+// this are compiled under `#pragma GCC target(...)` and must not instantiate any torch code).
+//
+// The product, for x_q int8 [M, K] and the packed weight W_q int8 [N, K] (rows sparse):
+//     acc[m, n] = sum_k x_q[m, k] * W_q[n, k]                           (exact, int32)
+//     y[m, n]   = ((float)acc[m, n] * x_scale[m]) * w_scale[n] + bias[n]  (float32, no FMA)
+//
+// Weight layout "quads v1" (derived once from packed format v1 by sparse_ofa/backends/cpu.py):
+// the input channels of row n are cut into aligned quads k = 4q .. 4q+3 (K padded with zeros to a
+// multiple of 4); a row keeps only the quads holding a non-zero weight:
+//     quad_w  int32 [nq]    the 4 int8 weights of a kept quad (byte j = W_q[n, 4q + j])
+//     quad_k  int32 [nq]    q, ascending within a row
+//     row_ptr int32 [N+1]   row n owns quad_w[row_ptr[n] : row_ptr[n+1]]
+//     rowsum  int32 [N]     sum_k W_q[n, k] (undoes the +128 offset of the u8 x VNNI form)
+// For "1x4" the kept quads are exactly the kept blocks; for "unstructured"/"2:4" a quad is kept when
+// any of its 4 weights is, the others are zeros inside it (VNNI does 4 products per lane anyway).
+//
+// Activation layout "xt": token-vectors of quads, so that one weight quad broadcast against one
+// vector load multiplies 16 (AVX-512) or 8 (AVX2) tokens at once:
+//     xt[(q * mp + m) * 4 + j] = x_q[m, 4q + j] ^ flip         (mp = M rounded up to 16)
+// flip = 0x80 turns s8 into u8 = s8 + 128 (vpdpbusd multiplies u8 x s8), and then
+//     sum_k (x + 128) * w = acc + 128 * rowsum      =>  acc = dot_u8s8 - 128 * rowsum   (mod 2^32,
+// exact because the true acc fits in int32: |acc| <= K * 128 * 127 < 2^31 for K <= 131072).
+#pragma once
+
+#include <cstdint>
+
+namespace sparse_ofa_cpu {
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
+enum OutKind : int { kOutInt32 = 0, kOutFloat = 1, kOutBFloat16 = 2 };
+
+constexpr int kTokenPad = 16;     // mp is M rounded up to this
+constexpr int kRowGroup = 16;     // output channels per task (one 16x16 transpose wide)
+constexpr int kTokenBlock = 128;  // tokens per task (8 zmm accumulators)
+
+struct QuadWeight {
+  const int32_t* quad_w;
+  const int32_t* quad_k;
+  const int32_t* row_ptr;
+  const int32_t* rowsum;
+  int64_t n, k;
+};
+
+struct PackedActs {
+  const uint8_t* xt;      // see layout above
+  int64_t m, mp, nquads;  // tokens, padded tokens, ceil(K / 4)
+  uint8_t flip;           // 0x80 when xt holds u8 = x_q + 128, 0 when it holds x_q
+  const float* x_scale;   // [m]; unused for int32 output
+};
+
+struct Epilogue {
+  int kind;               // OutKind
+  const float* w_scale;   // [n]
+  const float* bias;      // [n] or nullptr
+  void* out;              // [m, ldo] of int32 / float / bf16
+  int64_t ldo;            // elements between output rows
+};
+
+// Activation quantization parameters (sparse_ofa/quant.py). static_scale == 0 means dynamic.
+struct QuantParams {
+  float static_scale, inv_scale;
+  int zero_point, qmin, qmax;
+};
+
+// Tasks of the product: task = mblock * ngroups + group, mblock of kTokenBlock tokens, group of
+// kRowGroup output channels (mblock-major so that a thread's tasks share activation blocks).
+inline int64_t task_count(int64_t m, int64_t n) {
+  return ((m + kTokenBlock - 1) / kTokenBlock) * ((n + kRowGroup - 1) / kRowGroup);
+}
+
+// ---- per-ISA entry points (each processes a sub-range, the caller parallelises) ----------------
+// x_q rows [m0, m1) (row stride ldx, column stride 1) -> xt, with padding tokens/channels zeroed.
+void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
+                      uint8_t* xt, int64_t mp);
+void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
+                      uint8_t* xt, int64_t mp);
+
+// Quantize float rows [m0, m1) of x (row stride ldx) into xq [M, ldq] int8 and x_scale [M].
+void quantize_rows_scalar(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+                          const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale);
+void quantize_rows_avx512(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+                          const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale);
+void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+                        const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale);
+
+// The product + epilogue for tasks [t0, t1).
+void spmm_scalar(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
+void spmm_avx2(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
+void spmm_avxvnni(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
+void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
+
+// Scalar helpers shared by every ISA (quantize_scalar.cpp / epilogue_scalar.cpp).
+void quantize_row_exact(const float* x, int64_t k, const QuantParams& qp, int8_t* q, float* x_scale);
+uint16_t float_to_bf16(float f);
+void store_epilogue_scalar(const Epilogue& e, const float* x_scale, int64_t m, int64_t n, uint32_t acc);
+
+// Best ISA this CPU runs (cpuid), and whether it runs a given one.
+int best_isa();
+bool isa_supported(int isa);
+const char* isa_name(int isa);
+
+}  // namespace sparse_ofa_cpu

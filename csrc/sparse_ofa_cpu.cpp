@@ -1,0 +1,262 @@
+// torch.ops.sparse_ofa.cpu_* : argument checks, workspaces, threading (at::parallel_for) and ISA
+// dispatch around the kernels of csrc/cpu/. Registered with TORCH_LIBRARY_FRAGMENT because the
+// CUDA extension and sparse_ofa/backends/reference.py add ops to the same namespace.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/sparse_cpu.h"
+
+namespace sparse_ofa_cpu {
+namespace {
+
+constexpr int64_t kLayoutVersion = 1;  // "quads v1", see cpu/sparse_cpu.h
+
+int64_t resolve_isa(int64_t isa) {
+  if (isa < 0) return best_isa();
+  TORCH_CHECK(isa <= kAvx512Vnni, "sparse_ofa cpu: unknown ISA code ", isa);
+  TORCH_CHECK(isa_supported((int)isa), "sparse_ofa cpu: this CPU does not run the ", isa_name((int)isa),
+              " kernels");
+  return isa;
+}
+
+void check_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "sparse_ofa cpu: ", name, " must be on the CPU, got ", t.device());
+}
+
+void check_vec(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+  check_cpu(t, name);
+  TORCH_CHECK(t.scalar_type() == dtype, "sparse_ofa cpu: ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() == numel, "sparse_ofa cpu: ", name, " must have shape (",
+              numel, "), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "sparse_ofa cpu: ", name, " must be contiguous");
+}
+
+// Validates the derived layout tensors and returns the view the kernels read.
+QuadWeight weight_of(const at::Tensor& quad_w, const at::Tensor& quad_k, const at::Tensor& row_ptr,
+                     const at::Tensor& rowsum, const at::Tensor& layout) {
+  check_cpu(layout, "layout");
+  TORCH_CHECK(layout.scalar_type() == at::kInt && layout.dim() == 1 && layout.numel() == 4,
+              "sparse_ofa cpu: layout must be int32 [4] (version, N, K, quads), got ",
+              layout.scalar_type(), " ", layout.sizes());
+  const int32_t* l = layout.contiguous().data_ptr<int32_t>();
+  TORCH_CHECK(l[0] == kLayoutVersion, "sparse_ofa cpu: prepared weight has layout version ", l[0],
+              ", these kernels read version ", kLayoutVersion, " (prepare it again from the packed weight)");
+  const int64_t n = l[1], k = l[2], nq = l[3];
+  TORCH_CHECK(n >= 0 && k >= 0 && nq >= 0, "sparse_ofa cpu: layout has negative sizes");
+  check_vec(quad_w, "quad_w", at::kInt, nq);
+  check_vec(quad_k, "quad_k", at::kInt, nq);
+  check_vec(row_ptr, "row_ptr", at::kInt, n + 1);
+  check_vec(rowsum, "rowsum", at::kInt, n);
+  const int32_t* rp = row_ptr.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[n] == nq, "sparse_ofa cpu: row_ptr must run from 0 to ", nq);
+  return QuadWeight{quad_w.data_ptr<int32_t>(), quad_k.data_ptr<int32_t>(), rp, rowsum.data_ptr<int32_t>(),
+                    n, k};
+}
+
+at::Tensor check_x(const at::Tensor& x, int64_t k, const char* name) {
+  check_cpu(x, name);
+  TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: ", name, " must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(x.size(1) == k, "sparse_ofa cpu: ", name, " has ", x.size(1), " input features, the weight has ", k);
+  // rows may be strided; channels must be contiguous
+  return x.stride(1) == 1 ? x : x.contiguous();
+}
+
+void check_out(const at::Tensor& out, int64_t m, int64_t n) {
+  check_cpu(out, "out");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n, "sparse_ofa cpu: out must have shape [",
+              m, ", ", n, "], got ", out.sizes());
+  TORCH_CHECK(out.stride(1) == 1 || n <= 1, "sparse_ofa cpu: out rows must be contiguous");
+}
+
+// Per-thread growing scratch (a fresh multi-100 KB malloc per call would be an mmap + page faults).
+uint8_t* scratch(std::vector<uint8_t>& buf, size_t bytes) {
+  if (buf.size() < bytes) buf.resize(bytes);
+  return buf.data();
+}
+
+void pack_acts(int isa, const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
+               uint8_t* xt, int64_t mp) {
+  if (isa == kAvx512Vnni) pack_acts_avx512(xq, ldx, k, m0, m1, flip, xt, mp);
+  else pack_acts_scalar(xq, ldx, k, m0, m1, flip, xt, mp);
+}
+
+void quantize_rows(int isa, const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+                   const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
+  if (isa == kAvx512Vnni) quantize_rows_avx512(x, ldx, k, m0, m1, qp, xq, ldq, x_scale);
+  else if (isa >= kAvx2) quantize_rows_avx2(x, ldx, k, m0, m1, qp, xq, ldq, x_scale);
+  else quantize_rows_scalar(x, ldx, k, m0, m1, qp, xq, ldq, x_scale);
+}
+
+void spmm(int isa, const QuadWeight& w, const PackedActs& a, const Epilogue& e) {
+  const int64_t tasks = task_count(a.m, w.n);
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    switch (isa) {
+      case kAvx512Vnni: return spmm_avx512(w, a, e, t0, t1);
+      case kAvxVnni: return spmm_avxvnni(w, a, e, t0, t1);
+      case kAvx2: return spmm_avx2(w, a, e, t0, t1);
+      default: return spmm_scalar(w, a, e, t0, t1);
+    }
+  });
+}
+
+uint8_t flip_of(int isa) { return (isa == kAvx512Vnni || isa == kAvxVnni) ? 0x80 : 0; }
+
+QuantParams quant_params(double static_scale, double inv_scale, int64_t zero_point, int64_t qmin, int64_t qmax) {
+  TORCH_CHECK(static_scale >= 0, "sparse_ofa cpu: static_scale must be >= 0 (0 = dynamic), got ", static_scale);
+  TORCH_CHECK(-128 <= qmin && qmin <= zero_point && zero_point <= qmax && qmax <= 127,
+              "sparse_ofa cpu: need -128 <= qmin <= zero_point <= qmax <= 127");
+  return QuantParams{(float)static_scale, (float)inv_scale, (int)zero_point, (int)qmin, (int)qmax};
+}
+
+at::Tensor float_input(const at::Tensor& x, int64_t k) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
+              "sparse_ofa cpu: x must be float32/bfloat16/float16, got ", x.scalar_type());
+  at::Tensor xf = check_x(x, k, "x");
+  return xf.scalar_type() == at::kFloat ? xf : xf.to(at::kFloat);  // exact widening
+}
+
+// ---------------------------------------------------------------------------------------- ops
+int64_t cpu_isa() { return best_isa(); }
+
+std::tuple<at::Tensor, at::Tensor> cpu_quantize(const at::Tensor& x, double static_scale, double inv_scale,
+                                                int64_t zero_point, int64_t qmin, int64_t qmax, int64_t isa) {
+  const int is = (int)resolve_isa(isa);
+  const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
+  TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: x must be 2-D [M, K], got ", x.sizes());
+  const at::Tensor xf = float_input(x, x.size(1));
+  const int64_t m = xf.size(0), k = xf.size(1);
+  at::Tensor xq = at::empty({m, k}, xf.options().dtype(at::kChar));
+  at::Tensor xs = at::empty({m}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  int8_t* qp_out = xq.data_ptr<int8_t>();
+  float* sp = xs.data_ptr<float>();
+  const int64_t ldx = xf.stride(0);
+  at::parallel_for(0, m, 16, [&](int64_t m0, int64_t m1) {
+    quantize_rows(is, xp, ldx, k, m0, m1, qp, qp_out, k, sp);
+  });
+  return {xq, xs};
+}
+
+void cpu_int_mm_out(const at::Tensor& x_q, const at::Tensor& quad_w, const at::Tensor& quad_k,
+                    const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout,
+                    at::Tensor& out, int64_t isa) {
+  const int is = (int)resolve_isa(isa);
+  const QuadWeight w = weight_of(quad_w, quad_k, row_ptr, rowsum, layout);
+  TORCH_CHECK(x_q.scalar_type() == at::kChar, "sparse_ofa cpu: x_q must be int8, got ", x_q.scalar_type());
+  const at::Tensor xq = check_x(x_q, w.k, "x_q");
+  TORCH_CHECK(out.scalar_type() == at::kInt, "sparse_ofa cpu: out must be int32, got ", out.scalar_type());
+  const int64_t m = xq.size(0);
+  check_out(out, m, w.n);
+  if (m == 0 || w.n == 0) return;
+  const int64_t mp = (m + kTokenPad - 1) / kTokenPad * kTokenPad, nq = (w.k + 3) / 4;
+  thread_local std::vector<uint8_t> xt_buf;
+  uint8_t* xt = scratch(xt_buf, (size_t)(nq * mp * 4 + 64));
+  const uint8_t flip = flip_of(is);
+  const int8_t* xp = xq.data_ptr<int8_t>();
+  const int64_t ldx = xq.stride(0);
+  at::parallel_for(0, mp / kTokenPad, 1, [&](int64_t b0, int64_t b1) {
+    pack_acts(is, xp, ldx, w.k, b0 * kTokenPad, std::min(m, b1 * kTokenPad), flip, xt, mp);
+  });
+  const PackedActs a{xt, m, mp, nq, flip, nullptr};
+  const Epilogue e{kOutInt32, nullptr, nullptr, out.data_ptr(), out.stride(0)};
+  spmm(is, w, a, e);
+}
+
+at::Tensor cpu_int_mm(const at::Tensor& x_q, const at::Tensor& quad_w, const at::Tensor& quad_k,
+                      const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout, int64_t isa) {
+  TORCH_CHECK(x_q.dim() == 2, "sparse_ofa cpu: x_q must be 2-D [M, K], got ", x_q.sizes());
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "sparse_ofa cpu: row_ptr must be 1-D [N + 1]");
+  at::Tensor out = at::empty({x_q.size(0), row_ptr.numel() - 1}, x_q.options().dtype(at::kInt));
+  cpu_int_mm_out(x_q, quad_w, quad_k, row_ptr, rowsum, layout, out, isa);
+  return out;
+}
+
+void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Tensor& quad_k,
+                    const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout,
+                    const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, double static_scale,
+                    double inv_scale, int64_t zero_point, int64_t qmin, int64_t qmax, at::Tensor& out,
+                    int64_t isa) {
+  const int is = (int)resolve_isa(isa);
+  const QuadWeight w = weight_of(quad_w, quad_k, row_ptr, rowsum, layout);
+  const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
+  const at::Tensor xf = float_input(x, w.k);
+  check_vec(w_scale, "w_scale", at::kFloat, w.n);
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_vec(*bias, "bias", at::kFloat, w.n);
+    bp = bias->data_ptr<float>();
+  }
+  TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16,
+              "sparse_ofa cpu: out must be float32 or bfloat16, got ", out.scalar_type());
+  const int64_t m = xf.size(0), k = w.k;
+  check_out(out, m, w.n);
+  if (m == 0 || w.n == 0) return;
+  const int64_t mp = (m + kTokenPad - 1) / kTokenPad * kTokenPad, nq = (k + 3) / 4;
+  thread_local std::vector<uint8_t> xt_buf, xs_buf;
+  uint8_t* xt = scratch(xt_buf, (size_t)(nq * mp * 4 + 64));
+  float* xs = (float*)scratch(xs_buf, (size_t)(m * sizeof(float)));
+  const uint8_t flip = flip_of(is);
+  const float* xp = xf.data_ptr<float>();
+  const int64_t ldx = xf.stride(0);
+  // fused per-token quantization: 16 tokens at a time into an L1-sized block, then into xt
+  at::parallel_for(0, mp / kTokenPad, 1, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<uint8_t> block_buf;
+    int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * k + 64));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t m0 = b * kTokenPad, m1 = std::min(m, m0 + kTokenPad);
+      quantize_rows(is, xp + m0 * ldx, ldx, k, 0, m1 - m0, qp, block, k, xs + m0);
+      pack_acts(is, block, k, k, 0, m1 - m0, flip, xt + m0 * 4, mp);
+    }
+  });
+  const PackedActs a{xt, m, mp, nq, flip, xs};
+  const Epilogue e{out.scalar_type() == at::kFloat ? kOutFloat : kOutBFloat16, w_scale.data_ptr<float>(), bp,
+                   out.data_ptr(), out.stride(0)};
+  spmm(is, w, a, e);
+}
+
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& quad_w, const at::Tensor& quad_k,
+                      const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout,
+                      const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, double static_scale,
+                      double inv_scale, int64_t zero_point, int64_t qmin, int64_t qmax,
+                      at::ScalarType out_dtype, int64_t isa) {
+  TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: x must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+              "sparse_ofa cpu: out_dtype must be float32/bfloat16/float16, got ", out_dtype);
+  TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "sparse_ofa cpu: row_ptr must be 1-D [N + 1]");
+  const auto kernel_dtype = out_dtype == at::kHalf ? at::kFloat : out_dtype;
+  at::Tensor out = at::empty({x.size(0), row_ptr.numel() - 1}, x.options().dtype(kernel_dtype));
+  cpu_linear_out(x, quad_w, quad_k, row_ptr, rowsum, layout, w_scale, bias, static_scale, inv_scale,
+                 zero_point, qmin, qmax, out, isa);
+  return out_dtype == at::kHalf ? out.to(at::kHalf) : out;
+}
+
+}  // namespace
+}  // namespace sparse_ofa_cpu
+
+TORCH_LIBRARY_FRAGMENT(sparse_ofa, m) {
+  m.def("cpu_isa() -> int", &sparse_ofa_cpu::cpu_isa);
+  m.def("cpu_quantize(Tensor x, float static_scale, float inv_scale, int zero_point, int qmin, int qmax, "
+        "int isa=-1) -> (Tensor, Tensor)");
+  m.def("cpu_int_mm(Tensor x_q, Tensor quad_w, Tensor quad_k, Tensor row_ptr, Tensor rowsum, Tensor layout, "
+        "int isa=-1) -> Tensor");
+  m.def("cpu_int_mm_out(Tensor x_q, Tensor quad_w, Tensor quad_k, Tensor row_ptr, Tensor rowsum, "
+        "Tensor layout, Tensor(a!) out, int isa=-1) -> ()");
+  m.def("cpu_linear(Tensor x, Tensor quad_w, Tensor quad_k, Tensor row_ptr, Tensor rowsum, Tensor layout, "
+        "Tensor w_scale, Tensor? bias, float static_scale, float inv_scale, int zero_point, int qmin, "
+        "int qmax, ScalarType out_dtype, int isa=-1) -> Tensor");
+  m.def("cpu_linear_out(Tensor x, Tensor quad_w, Tensor quad_k, Tensor row_ptr, Tensor rowsum, "
+        "Tensor layout, Tensor w_scale, Tensor? bias, float static_scale, float inv_scale, int zero_point, "
+        "int qmin, int qmax, Tensor(a!) out, int isa=-1) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sparse_ofa, CPU, m) {
+  m.impl("cpu_quantize", &sparse_ofa_cpu::cpu_quantize);
+  m.impl("cpu_int_mm", &sparse_ofa_cpu::cpu_int_mm);
+  m.impl("cpu_int_mm_out", &sparse_ofa_cpu::cpu_int_mm_out);
+  m.impl("cpu_linear", &sparse_ofa_cpu::cpu_linear);
+  m.impl("cpu_linear_out", &sparse_ofa_cpu::cpu_linear_out);
+}
