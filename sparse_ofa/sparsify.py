@@ -92,7 +92,7 @@ def _act_quant_of(module: nn.Module) -> ActQuant | None:
 
 
 def sparsify(model: nn.Module, *, filter_fn: FilterFn | None = None, backend: str = "auto",
-             pattern: str | None = None, verbose: bool = False) -> nn.Module:
+             pattern: str | None = None, verbose: bool = False, fastpath: bool = True) -> nn.Module:
     """Swap the selected nn.Linear modules of `model` for SparseInt8Linear, in place; return model.
 
     filter_fn(module, qualified_name) -> bool picks the layers (default: `is_encoder_linear`).
@@ -102,6 +102,7 @@ def sparsify(model: nn.Module, *, filter_fn: FilterFn | None = None, backend: st
     activation scales; others quantize activations per token at run time.
     Raises ValueError if nothing is selected, naming the layer for NaN/Inf weights or a pattern
     mismatch, and TypeError for a selected module that is not an nn.Linear.
+    fastpath=False keeps the model's own attention forward (see sparse_ofa/fastpath.py).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
@@ -124,6 +125,9 @@ def sparsify(model: nn.Module, *, filter_fn: FilterFn | None = None, backend: st
     for name, new in swapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
+    if fastpath:  # fused QKV + direct SDPA for BERT-style attention (sparse_ofa/fastpath.py)
+        from .fastpath import apply_fastpath
+        apply_fastpath(model)
     if verbose:
         print(summarize(model))
     return model
