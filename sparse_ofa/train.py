@@ -1,0 +1,270 @@
+"""A plain PyTorch loop for Prune OFA: GMP pruning or pattern lock, knowledge distillation, QAT, DDP,
+and checkpoints that resume exactly.
+
+    pruner = Pruner(student, GMPSchedule(0.9, ramp_steps=..., update_every=...), pattern="1x4")
+    result = train_prune_ofa(student, teacher, loader, optimizer=opt, scheduler=sched, pruner=pruner,
+                             steps=N, checkpoint_dir="ckpt", checkpoint_every=500, resume=True)
+
+One step (`step` = optimizer steps already taken, 0-based):
+    pruner.step(step, optimizer, scheduler)    # mask update at the schedule's update steps
+    loss = loss_fn(student, teacher, batch, distill)      # default: DistillLoss on both outputs
+    backward (pruned weights get zero grad) -> clip (max_grad_norm) -> optimizer.step() -> scheduler.step()
+    pruner.apply_masks(); lock.apply()          # pruned weights back to exactly 0
+    checkpoint every `checkpoint_every` steps and after the last step
+
+Batches: a re-iterable of dicts of tensors (a list, a DataLoader); it is re-iterated for each epoch
+(calling `sampler.set_epoch(epoch)` when the sampler has it, as DistributedSampler needs) and every
+value is moved to the student's device. The default loss feeds the whole batch to the student (labels
+give the hard loss) and the batch without label keys to the teacher, in eval mode and no_grad.
+
+Checkpoints: `checkpoint_dir/step-00000123/` holds state.pt (step, student state_dict, optimizer, LR
+scheduler, pruner/lock masks, written by rank 0, last, so its presence marks a complete checkpoint) and
+rng-rank<r>.pt per rank (torch CPU + CUDA, numpy and Python RNG states). Resume (resume=True: the latest
+checkpoint in checkpoint_dir, or none; resume=<path>: that one) loads the state, replays the batch
+stream up to the saved step without running the model, then restores the RNG states, so a resumed run
+takes exactly the steps the uninterrupted run would have. That holds when the batch order is a function
+of the data and its own seeded generator (a list; a DataLoader with `generator=` and num_workers=0, or
+a DistributedSampler) — a DataLoader that shuffles from the global RNG re-shuffles differently when
+resumed mid-epoch. Checkpoint files are our own pickles: load only checkpoints you wrote.
+"""
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .ddp import barrier, is_main_process, rank, unwrap
+from .distill import DistillLoss, check_teacher_student
+
+LABEL_KEYS = ("labels", "next_sentence_label", "start_positions", "end_positions")
+_CHECKPOINT = re.compile(r"^step-(\d+)$")
+
+LossFn = Callable[[nn.Module, "nn.Module | None", dict, "DistillLoss | None"], torch.Tensor]
+
+
+@dataclass
+class TrainResult:
+    step: int                                   # optimizer steps taken in total
+    losses: list[float] = field(default_factory=list)   # one per step run by this call
+    last_checkpoint: Path | None = None
+
+
+def _field(output, name):
+    return output.get(name) if isinstance(output, dict) else getattr(output, name, None)
+
+
+def default_loss(student: nn.Module, teacher: nn.Module | None, batch: dict,
+                 distill: DistillLoss | None) -> torch.Tensor:
+    """Student forward on the batch; with a teacher, distill(student_out, teacher_out, out.loss, mask)."""
+    out = student(**batch)
+    if teacher is None or distill is None:
+        loss = _field(out, "loss")
+        if loss is None:
+            raise ValueError("the student returned no loss: give the batches labels, or a teacher to distill from")
+        return loss
+    with torch.no_grad():
+        teacher_out = teacher(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})
+    return distill(out, teacher_out, _field(out, "loss"), batch.get("attention_mask"))
+
+
+def _to_device(batch, device):
+    if not isinstance(batch, dict):
+        raise TypeError(f"each batch must be a dict of tensors (model keyword arguments), got {type(batch).__name__}")
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def batch_stream(batches: Iterable, skip: int = 0) -> Iterator:
+    """Endless iterator over `batches`, epoch after epoch, with the first `skip` batches consumed now."""
+    if iter(batches) is batches:
+        raise TypeError("batches must be re-iterable (a list or DataLoader), not a one-shot iterator or "
+                        "generator: the loop needs to run several epochs and to replay them on resume")
+
+    def endless():
+        epoch = 0
+        while True:
+            sampler = getattr(batches, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            empty = True
+            for batch in batches:
+                empty = False
+                yield batch
+            if empty:
+                raise ValueError("batches is empty: there is nothing to train on")
+            epoch += 1
+
+    stream = endless()
+    for _ in range(skip):
+        next(stream)
+    return stream
+
+
+# ---------------------------------------------------------------------------------- RNG
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:
+        pass
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(checkpoint_dir) -> Path | None:
+    """The complete checkpoint (state.pt present) with the highest step, or None."""
+    root = Path(checkpoint_dir)
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _CHECKPOINT.match(p.name))
+             and (p / "state.pt").exists()] if root.is_dir() else []
+    return max(found)[1] if found else None
+
+
+def save_checkpoint(checkpoint_dir, *, step: int, student: nn.Module, optimizer=None, scheduler=None,
+                    pruner=None, lock=None, extra: dict | None = None) -> Path:
+    """Write checkpoint_dir/step-<step>/ (see the module docstring); every rank must call it."""
+    path = Path(checkpoint_dir) / f"step-{step:08d}"
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(rng_state(), path / f"rng-rank{rank()}.pt")
+    barrier()
+    if is_main_process():
+        state = {"step": step, "model": unwrap(student).state_dict(),
+                 "optimizer": optimizer.state_dict() if optimizer is not None else None,
+                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                 "pruner": pruner.state_dict() if pruner is not None else None,
+                 "lock": lock.state_dict() if lock is not None else None, "extra": extra or {}}
+        tmp = path / "state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(path / "state.pt")  # atomic: a half-written checkpoint is never "complete"
+    barrier()
+    return path
+
+
+def load_checkpoint(path, *, student: nn.Module, optimizer=None, scheduler=None, pruner=None, lock=None,
+                    restore_rng: bool = True) -> dict:
+    """Load a checkpoint written by save_checkpoint into the given objects; returns
+    {"step", "extra", "rng"} (rng: this rank's RNG states, restored now if restore_rng)."""
+    path = Path(path)
+    if not (path / "state.pt").exists():
+        raise FileNotFoundError(f"{path} is not a complete sparse_ofa checkpoint (no state.pt)")
+    device = next(unwrap(student).parameters()).device
+    state = torch.load(path / "state.pt", map_location=device, weights_only=False)
+    unwrap(student).load_state_dict(state["model"])
+    for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("pruner", pruner), ("lock", lock)):
+        if target is None:
+            continue
+        if state[name] is None:
+            raise ValueError(f"checkpoint {path} holds no {name} state, but a {name} was passed to resume")
+        target.load_state_dict(state[name])
+    rng_file = path / f"rng-rank{rank()}.pt"
+    rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+    if restore_rng and rng is not None:
+        set_rng_state(rng)
+    return {"step": state["step"], "extra": state["extra"], "rng": rng}
+
+
+# ---------------------------------------------------------------------------------- the loop
+def train_prune_ofa(student: nn.Module, teacher: nn.Module | None, batches: Iterable, *,
+                    optimizer: torch.optim.Optimizer, scheduler=None, pruner=None, lock=None,
+                    distill: DistillLoss | None = None, steps: int, checkpoint_dir=None,
+                    checkpoint_every: int | None = None, resume=False, progress: bool = True,
+                    loss_fn: LossFn | None = None, max_grad_norm: float | None = None,
+                    check_models: bool = True, description: str = "prune-ofa") -> TrainResult:
+    """Train `student` for `steps` optimizer steps in total (see the module docstring).
+
+    student may be wrapped in DistributedDataParallel; teacher (None: no distillation) is put in eval
+    mode. distill defaults to DistillLoss() (0.5 hard + 0.5 T=2 soft) when a teacher is given. A teacher
+    that can't teach the student (vocabulary, head, size) raises before any step (check_models=False
+    skips it). Returns TrainResult(step, losses, last_checkpoint).
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if checkpoint_every is not None and (not isinstance(checkpoint_every, int) or checkpoint_every < 1):
+        raise ValueError(f"checkpoint_every must be a positive integer, got {checkpoint_every!r}")
+    if (checkpoint_every or resume) and checkpoint_dir is None:
+        raise ValueError("checkpoint_every / resume need a checkpoint_dir")
+    if pruner is not None and lock is not None:
+        raise ValueError("pass a pruner (pre-training) or a lock (fine-tuning), not both")
+    if teacher is not None:
+        if check_models and hasattr(teacher, "config"):
+            check_teacher_student(unwrap(teacher), unwrap(student))
+        teacher.eval()
+        distill = distill or DistillLoss()
+    loss_fn = loss_fn or default_loss
+    device = next(unwrap(student).parameters()).device
+
+    start, rng = 0, None
+    resume_from = None
+    if resume:
+        resume_from = latest_checkpoint(checkpoint_dir) if resume is True else Path(resume)
+        if resume is not True and not (resume_from / "state.pt").exists():
+            raise FileNotFoundError(f"resume={resume!r}: no complete checkpoint there (no state.pt)")
+    if resume_from is not None:
+        info = load_checkpoint(resume_from, student=student, optimizer=optimizer, scheduler=scheduler,
+                               pruner=pruner, lock=lock, restore_rng=False)
+        start, rng = info["step"], info["rng"]
+    stream = batch_stream(batches, skip=start)
+    if rng is not None:  # after the replay, which may have drawn random numbers (e.g. MLM masking)
+        set_rng_state(rng)
+
+    result = TrainResult(step=start)
+    bar = None
+    if progress and is_main_process() and steps > start:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=start, desc=description, dynamic_ncols=True)
+    student.train()
+    for step in range(start, steps):
+        if pruner is not None:
+            pruner.step(step, optimizer, scheduler)
+        batch = _to_device(next(stream), device)
+        loss = loss_fn(student, teacher, batch, distill)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if pruner is not None:
+            pruner.apply_masks()
+        if lock is not None:
+            lock.apply()
+        result.losses.append(float(loss.detach()))
+        result.step = step + 1
+        if bar is not None:
+            postfix = {"loss": f"{result.losses[-1]:.4f}"}
+            if pruner is not None:
+                postfix["sparsity"] = f"{pruner.current_sparsity:.1%}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+        due = checkpoint_every is not None and result.step % checkpoint_every == 0
+        if checkpoint_dir is not None and (due or result.step == steps):
+            result.last_checkpoint = save_checkpoint(checkpoint_dir, step=result.step, student=student,
+                                                     optimizer=optimizer, scheduler=scheduler,
+                                                     pruner=pruner, lock=lock)
+    if bar is not None:
+        bar.close()
+    return result
+
+
+__all__ = ["LABEL_KEYS", "TrainResult", "batch_stream", "default_loss", "latest_checkpoint",
+           "load_checkpoint", "save_checkpoint", "train_prune_ofa"]
