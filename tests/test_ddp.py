@@ -1,0 +1,53 @@
+"""DDP: 2 CPU processes (gloo) prune with distillation; masks and weights identical on every rank."""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+        from transformers import BertConfig, BertForMaskedLM
+
+        from sparse_ofa.pruning import GMPSchedule, Pruner
+        from sparse_ofa.train import train_prune_ofa
+
+        cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64)
+        torch.manual_seed(0)
+        teacher = BertForMaskedLM(cfg)
+        torch.manual_seed(100 + rank)  # different local inits: DDP must broadcast rank 0's
+        student = DistributedDataParallel(BertForMaskedLM(cfg))
+        g = torch.Generator().manual_seed(rank)  # each rank sees its own shard of data
+        batches = []
+        for _ in range(3):
+            ids = torch.randint(5, 100, (2, 8), generator=g)
+            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+        pruner = Pruner(student, GMPSchedule(0.6, ramp_steps=4, update_every=2), pattern="1x4")
+        train_prune_ofa(student, teacher, batches, optimizer=opt, pruner=pruner, steps=6, progress=False,
+                        checkpoint_dir=os.path.join(out_dir, "ckpt"), checkpoint_every=3)
+        torch.save({"masks": pruner.masks, "weights": student.module.state_dict(), "report": pruner.report()},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_process_gloo_masks_identical(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert r0["masks"].keys() == r1["masks"].keys() and len(r0["masks"]) == 12
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        assert abs(r0["report"][name] - 0.6) < 0.01
+    for key in r0["weights"]:
+        assert torch.equal(r0["weights"][key], r1["weights"][key]), key
+    # checkpoints were written once (rank 0) with one RNG file per rank
+    for step in (3, 6):
+        ckpt = tmp_path / "ckpt" / f"step-{step:08d}"
+        assert sorted(p.name for p in ckpt.iterdir()) == ["rng-rank0.pt", "rng-rank1.pt", "state.pt"]
