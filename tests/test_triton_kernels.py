@@ -1,0 +1,258 @@
+"""Triton sparse-INT8 kernels (kernels/): int32 results bit-exact against the reference.
+
+Without a GPU the kernels run under the Triton interpreter on CPU tensors. TRITON_INTERPRET must be
+set when a kernel is *decorated*, so this module imports fresh copies of the kernel modules with it
+set, then restores the variable and forgets those copies (sys.modules and the package attribute), so
+no other test sees interpreted kernels; the variable is set again only while this module's tests run. Shapes stay small: the interpreter runs every program in
+numpy. No bf16 inside interpreted kernels (numpy has none).
+"""
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from sparse_ofa.formats import kept_mask, pack, unpack_int8
+from sparse_ofa.kernels import layouts
+from sparse_ofa.quant import dequantize
+from tests.conftest import sparse_weight
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+_KERNEL_MODULES = ["epilogue", "bitmap_int8", "block_int8"]
+
+
+def _import_kernels():
+    names = [f"sparse_ofa.kernels.{m}" for m in _KERNEL_MODULES]
+    if ON_GPU:
+        return [importlib.import_module(n) for n in names]
+    import sparse_ofa.kernels as package
+
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for n in names:
+            sys.modules.pop(n, None)
+        mods = [importlib.import_module(n) for n in names]
+    finally:
+        if old is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+        for n, short in zip(names, _KERNEL_MODULES):
+            sys.modules.pop(n, None)
+            if hasattr(package, short):
+                delattr(package, short)
+    return mods
+
+
+_, bitmap_int8, block_int8 = _import_kernels()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpret_while_this_module_runs():
+    # The interpreter also reads TRITON_INTERPRET while kernels run; set it only for these tests.
+    if ON_GPU:
+        yield
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+BITMAP_CFG = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+BLOCK_CFG = {"BLOCK_M": 16, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
+
+
+def _reference(x_q, packed):
+    return (x_q.double() @ unpack_int8(packed).double().T).to(torch.int32)
+
+
+def _x(m, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(-127, 128, (m, k), generator=gen, dtype=torch.int8).to(DEVICE)
+
+
+def _packed(n, k, sparsity, pattern="unstructured"):
+    return pack(sparse_weight(n, k, sparsity, pattern), pattern).to(DEVICE)
+
+
+def _bitmap_dense(layout, n, k):
+    """Rebuild W_q from the bitmap layout with the kernel's own index math, in torch."""
+    bits = layout["bits"].cpu()
+    kt, _, bytes_per_row = bits.shape
+    block_k = bytes_per_row * 8
+    kept = ((bits.to(torch.int32).unsqueeze(-1) >> torch.arange(8)) & 1).reshape(kt, n, block_k)
+    before = kept.cumsum(-1) - kept
+    pos = layout["offsets"].cpu().to(torch.int64).unsqueeze(-1) + before
+    vals = layout["values"].cpu()
+    w = torch.where(kept.bool(), vals[pos.clamp(max=max(vals.numel() - 1, 0))] if vals.numel() else 0,
+                    torch.zeros((), dtype=torch.int8))
+    return w.permute(1, 0, 2).reshape(n, kt * block_k)[:, :k]
+
+
+# ------------------------------------------------------------------------------------------ layouts
+@pytest.mark.parametrize("pattern,sparsity,k", [("unstructured", 0.9, 200), ("1x4", 0.75, 96),
+                                                ("2:4", 0.5, 64), ("unstructured", 0.0, 40)])
+def test_bitmap_layout_rebuilds_weight(pattern, sparsity, k):
+    packed = _packed(24, k, sparsity, pattern)
+    layout = layouts.bitmap_layout(packed, block_k=32)
+    assert layout["bits"].shape == (-(-k // 32), 24, 4)
+    assert layout["values"].numel() == int(kept_mask(packed).sum())
+    assert torch.equal(_bitmap_dense(layout, 24, k), unpack_int8(packed).cpu())
+
+
+def test_bitmap_layout_rejects_bad_block():
+    with pytest.raises(ValueError, match="multiple of 8"):
+        layouts.bitmap_layout(_packed(8, 16, 0.5), block_k=12)
+
+
+def test_block_layout_lists_exactly_the_nonempty_tiles():
+    tiles = torch.tensor([[1, 0, 1], [0, 0, 0], [0, 1, 0]], dtype=torch.bool)
+    w = torch.randn(48, 40) * tiles.repeat_interleave(16, 0).repeat_interleave(16, 1)[:48, :40]
+    layout = layouts.block_layout(pack(w), block_n=16, block_k=16)
+    assert layout["tile_ptr"].tolist() == [0, 2, 2, 3]
+    assert layout["tile_k"].tolist() == [0, 2, 1]
+    assert torch.equal(layout["dense"], unpack_int8(pack(w)))
+    assert layouts.tile_density(layout, 48, 40, 16, 16) == pytest.approx(3 / 9)
+
+
+def test_sp24_layout_round_trip_and_valid_metadata():
+    w = sparse_weight(16, 64, 0.5, "2:4")
+    w[0, :4] = torch.tensor([0.0, 0.0, 0.0, 1.5])  # a group with a single kept weight
+    w[1, 4:8] = 0.0                                   # and one with none
+    packed = pack(w, "2:4")
+    layout = layouts.sp24_layout(packed)
+    assert layout["values"].shape == (16, 32) and layout["meta"].shape == (16, 2)
+    assert torch.equal(layouts.sp24_to_dense(layout["values"], layout["meta"]), unpack_int8(packed))
+    words = layout["meta"].to(torch.int64) & 0xFFFFFFFF
+    nibbles = (words.unsqueeze(-1) >> (4 * torch.arange(8))) & 0xF
+    # mma.sp::ordered_metadata accepts only idx0 < idx1.
+    assert bool(((nibbles & 3) < (nibbles >> 2)).all())
+
+
+def test_sp24_layout_rejects_other_patterns():
+    with pytest.raises(ValueError, match="'2:4' packed weight"):
+        layouts.sp24_layout(_packed(8, 64, 0.9))
+
+
+# ------------------------------------------------------------------------------------------ bitmap
+@pytest.mark.parametrize("m,n,k,sparsity,pattern,split_k", [
+    (5, 48, 200, 0.9, "unstructured", 1),
+    (5, 48, 200, 0.9, "unstructured", 3),
+    (17, 40, 128, 0.5, "unstructured", 1),
+    (3, 32, 128, 0.75, "1x4", 2),
+    (9, 32, 64, 0.5, "2:4", 1),
+])
+def test_bitmap_kernel_int32_exact(m, n, k, sparsity, pattern, split_k):
+    packed = _packed(n, k, sparsity, pattern)
+    layout = layouts.bitmap_layout(packed, block_k=64)
+    x_q = _x(m, k)
+    out = bitmap_int8.bitmap_int8_mm(x_q, layout, n, k, config=BITMAP_CFG, split_k=split_k)
+    assert out.dtype == torch.int32
+    assert torch.equal(out, _reference(x_q, packed))
+
+
+def test_bitmap_kernel_extreme_values_and_empty_rows():
+    w = torch.full((32, 128), 1.0)
+    w[::2] = -1.0
+    w[3] = 0.0  # a fully pruned output channel
+    packed = pack(w).to(DEVICE)
+    x_q = torch.full((4, 128), -127, dtype=torch.int8, device=DEVICE)
+    out = bitmap_int8.bitmap_int8_mm(x_q, layouts.bitmap_layout(packed, 64), 32, 128, config=BITMAP_CFG,
+                                     split_k=1)
+    assert torch.equal(out, _reference(x_q, packed))
+    assert int(out[0, 0]) == 127 * 127 * 128 and int(out[0, 3]) == 0
+
+
+def test_bitmap_kernel_all_pruned_weight():
+    packed = pack(torch.zeros(32, 64)).to(DEVICE)
+    out = bitmap_int8.bitmap_int8_mm(_x(3, 64), layouts.bitmap_layout(packed, 64), 32, 64,
+                                     config=BITMAP_CFG, split_k=1)
+    assert torch.equal(out, torch.zeros(3, 32, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("out_dtype,bias", [(torch.float32, True), (torch.float16, False)])
+def test_bitmap_kernel_fused_epilogue(out_dtype, bias):
+    n, k, m = 40, 128, 6
+    packed = _packed(n, k, 0.8)
+    x_q = _x(m, k)
+    x_scale = torch.rand(m, device=DEVICE) / 100
+    x_scale[2] = float("nan")  # a token with non-finite input stays non-finite
+    b = torch.randn(n, device=DEVICE) if bias else None
+    y = bitmap_int8.bitmap_int8_mm(x_q, layouts.bitmap_layout(packed, 64), n, k, x_scale=x_scale,
+                                   w_scale=packed.scale, bias=b, out_dtype=out_dtype,
+                                   config=BITMAP_CFG, split_k=1)
+    expected = dequantize(_reference(x_q, packed), x_scale, packed.scale, b, out_dtype)
+    assert y.dtype == out_dtype
+    assert bool(y[2].isnan().all())
+    torch.testing.assert_close(y, expected, rtol=1e-6 if out_dtype == torch.float32 else 1e-3,
+                               atol=1e-6 if out_dtype == torch.float32 else 1e-3, equal_nan=True)
+
+
+def test_bitmap_split_k_epilogue_matches_dequantize():
+    n, k, m = 32, 192, 4
+    packed = _packed(n, k, 0.9)
+    x_q, x_scale = _x(m, k), torch.rand(m, device=DEVICE)
+    y = bitmap_int8.bitmap_int8_mm(x_q, layouts.bitmap_layout(packed, 64), n, k, x_scale=x_scale,
+                                   w_scale=packed.scale, bias=None, out_dtype=torch.float32,
+                                   config=BITMAP_CFG, split_k=3)
+    assert torch.equal(y, dequantize(_reference(x_q, packed), x_scale, packed.scale, None, torch.float32))
+
+
+def test_bitmap_kernel_zero_tokens():
+    packed = _packed(32, 64, 0.5)
+    out = bitmap_int8.bitmap_int8_mm(_x(0, 64), layouts.bitmap_layout(packed, 64), 32, 64,
+                                     config=BITMAP_CFG)
+    assert out.shape == (0, 32)
+
+
+@pytest.mark.parametrize("bad,match", [(torch.zeros(2, 64), "int8"), (torch.zeros(2, 32, dtype=torch.int8), r"\[M, 64\]")])
+def test_bitmap_kernel_rejects_bad_activations(bad, match):
+    packed = _packed(32, 64, 0.5)
+    with pytest.raises(ValueError, match=match):
+        bitmap_int8.bitmap_int8_mm(bad.to(DEVICE), layouts.bitmap_layout(packed, 64), 32, 64,
+                                   config=BITMAP_CFG)
+
+
+# ------------------------------------------------------------------------------------------ block
+def _block_pruned(n, k, tile, keep, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tiles = torch.rand(-(-n // tile), -(-k // tile), generator=gen) < keep
+    tiles[0, 0] = True
+    mask = tiles.repeat_interleave(tile, 0).repeat_interleave(tile, 1)[:n, :k]
+    return torch.randn(n, k, generator=gen) * mask
+
+
+@pytest.mark.parametrize("m,n,k,keep", [(37, 80, 96, 0.3), (16, 64, 64, 1.0), (5, 48, 160, 0.5)])
+def test_block_kernel_int32_exact(m, n, k, keep):
+    packed = pack(_block_pruned(n, k, 32, keep)).to(DEVICE)
+    layout = layouts.block_layout(packed, 32, 32)
+    x_q = _x(m, k)
+    out = block_int8.block_int8_mm(x_q, layout, n, k, block_n=32, block_k=32, config=BLOCK_CFG)
+    assert torch.equal(out, _reference(x_q, packed))
+
+
+def test_block_kernel_unstructured_weight_reads_every_tile_and_stays_exact():
+    packed = _packed(32, 64, 0.9)
+    layout = layouts.block_layout(packed, 32, 32)
+    assert layouts.tile_density(layout, 32, 64, 32, 32) == 1.0
+    x_q = _x(20, 64)
+    out = block_int8.block_int8_mm(x_q, layout, 32, 64, block_n=32, block_k=32, config=BLOCK_CFG)
+    assert torch.equal(out, _reference(x_q, packed))
+
+
+def test_block_kernel_fused_epilogue_with_bias():
+    n, k, m = 64, 64, 19
+    packed = pack(_block_pruned(n, k, 32, 0.5, seed=3)).to(DEVICE)
+    x_q, x_scale = _x(m, k), torch.rand(m, device=DEVICE)
+    bias = torch.randn(n, device=DEVICE)
+    y = block_int8.block_int8_mm(x_q, layouts.block_layout(packed, 32, 32), n, k, block_n=32,
+                                 block_k=32, x_scale=x_scale, w_scale=packed.scale, bias=bias,
+                                 out_dtype=torch.float32, config=BLOCK_CFG)
+    expected = dequantize(_reference(x_q, packed), x_scale, packed.scale, bias, torch.float32)
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
