@@ -140,10 +140,11 @@ class Pruner(MaskedWeights):
             raise ValueError("Pruner(rewind_lr=True).step needs the optimizer to rewind its learning rate")
         if self._rewind_lrs is None:  # first update: remember where to rewind to
             self._rewind_lrs = [group["lr"] for group in optimizer.param_groups]
-            self._rewind_epoch = getattr(scheduler, "last_epoch", None)
+            self._rewind_epoch = getattr(getattr(scheduler, "scheduler", scheduler), "last_epoch", None)
             return
         if not self.schedule.in_ramp(step):
             return
+        scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate wraps the torch scheduler
         if scheduler is not None and self._rewind_epoch is not None:
             scheduler.last_epoch = self._rewind_epoch
             if hasattr(scheduler, "_last_lr"):
