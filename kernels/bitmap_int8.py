@@ -16,14 +16,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .epilogue import store_result
+from .epilogue import NO_FP_FUSION, store_result
 
 
 @triton.jit
 def bitmap_int8_kernel(x_ptr, bits_ptr, vals_ptr, offs_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
-                       M, N, K, KT, stride_xm, stride_om,
-                       EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                       M, N, K, KT, stride_xm, stride_om, SPLIT_K,
+                       EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # SPLIT_K is a run-time value (one compiled kernel for every split); ATOMIC = SPLIT_K > 1.
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -49,20 +50,18 @@ def bitmap_int8_kernel(x_ptr, bits_ptr, vals_ptr, offs_ptr, out_ptr, xs_ptr, ws_
         w = tl.load(vals_ptr + start[:, None] + before, mask=(bits != 0) & row_ok[:, None], other=0)
         acc += tl.dot(x, tl.trans(w), out_dtype=tl.int32)
     store_result(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, rm, rn, M, N, stride_om,
-                 EPILOGUE, HAS_BIAS, SPLIT_K > 1)
+                 EPILOGUE, HAS_BIAS, ATOMIC)
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_K is fixed by the layout; few-token shapes want
+# narrow N tiles (more programs); the int32 bit/prefix tiles cost BLOCK_N * BLOCK_K registers.
+_CONFIGS = [(16, 32, 4, 3), (16, 64, 4, 3), (16, 64, 4, 4), (16, 128, 8, 3), (32, 64, 4, 3),
+            (32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 3)]
 
 
 def _configs():
-    # Small set: BLOCK_K is fixed by the layout; few-token shapes want narrow N tiles (more programs).
-    out = []
-    for bm in (16, 32, 64):
-        for bn in (32, 64, 128):
-            for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                if bm * bn >= 8192 and warps == 4:
-                    continue
-                out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps,
-                                         num_stages=stages))
-    return out
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in _CONFIGS]
 
 
 def _split_k_for(m: int, n: int, kt: int, block_m: int, block_n: int, programs_wanted: int) -> int:
@@ -83,12 +82,12 @@ def _autotuned():
 
 @triton.jit
 def _with_bucket(x_ptr, bits_ptr, vals_ptr, offs_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
-                 M, N, K, KT, stride_xm, stride_om, M_BUCKET,
-                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                 M, N, K, KT, stride_xm, stride_om, SPLIT_K, M_BUCKET,
+                 EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # M_BUCKET only keys the autotuner cache (next power of two of M).
     bitmap_int8_kernel(x_ptr, bits_ptr, vals_ptr, offs_ptr, out_ptr, xs_ptr, ws_ptr, bias_ptr,
-                       M, N, K, KT, stride_xm, stride_om, EPILOGUE, HAS_BIAS, SPLIT_K,
+                       M, N, K, KT, stride_xm, stride_om, SPLIT_K, EPILOGUE, HAS_BIAS, ATOMIC,
                        BLOCK_M, BLOCK_N, BLOCK_K)
 
 
@@ -123,16 +122,17 @@ def bitmap_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, x_scale=N
     args = (x_q, bits, layout["values"], layout["offsets"], out,
             x_scale if fused else dummy, w_scale if fused else dummy,
             bias if (fused and bias is not None) else dummy,
-            m, n, k, kt, x_q.stride(0), out.stride(0))
-    flags = dict(EPILOGUE=fused, HAS_BIAS=fused and bias is not None, SPLIT_K=split_k, BLOCK_K=block_k)
+            m, n, k, kt, x_q.stride(0), out.stride(0), split_k)
+    flags = dict(EPILOGUE=fused, HAS_BIAS=fused and bias is not None, ATOMIC=atomic, BLOCK_K=block_k)
     if config is not None:
         c = dict(config)
-        meta = {"num_warps": c.pop("num_warps", 4), "num_stages": c.pop("num_stages", 2)}
+        meta = {"num_warps": c.pop("num_warps", 4), "num_stages": c.pop("num_stages", 2),
+                **NO_FP_FUSION}
         grid = (triton.cdiv(n, c["BLOCK_N"]), triton.cdiv(m, c["BLOCK_M"]), split_k)
         bitmap_int8_kernel[grid](*args, **flags, **c, **meta)
     else:
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), split_k)
-        _autotuned()[grid](*args, triton.next_power_of_2(m), **flags)
+        _autotuned()[grid](*args, triton.next_power_of_2(m), **flags, **NO_FP_FUSION)
     if epilogue and atomic:
         from sparse_ofa.quant import dequantize
         return dequantize(out, x_scale, w_scale, bias, out_dtype)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .epilogue import store_result
+from .epilogue import NO_FP_FUSION, store_result
 
 
 @triton.jit
@@ -108,10 +108,12 @@ def block_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, block_n: i
     if config is not None:
         c = dict(config)
         c.setdefault("GROUP_M", 8)
-        meta = {"num_warps": c.pop("num_warps", 4), "num_stages": c.pop("num_stages", 2)}
+        meta = {"num_warps": c.pop("num_warps", 4), "num_stages": c.pop("num_stages", 2),
+                **NO_FP_FUSION}
         grid = (triton.cdiv(m, c["BLOCK_M"]) * num_n,)
         block_int8_kernel[grid](*args, **flags, **c, **meta)
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * num_n,)
-        _autotuned()[grid](*args, triton.next_power_of_2(m), layout["tile_k"].numel(), **flags)
+        _autotuned()[grid](*args, triton.next_power_of_2(m), layout["tile_k"].numel(), **flags,
+                           **NO_FP_FUSION)
     return out

@@ -7,6 +7,10 @@ added into a zeroed int32 buffer (integer addition is associative, so the sum st
 import triton
 import triton.language as tl
 
+# Launch option: no mul+add -> FMA contraction, so the float epilogue rounds exactly like torch's
+# separate ops in dequantize (bit-identical outputs, not merely close).
+NO_FP_FUSION = {"enable_fp_fusion": False}
+
 
 @triton.jit
 def store_result(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, rm, rn, M, N, stride_om,

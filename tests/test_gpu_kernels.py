@@ -68,8 +68,8 @@ def test_triton_backend_linear_matches_reference_module(out_dtype, m):
     x = torch.randn(m, 768, device=DEV).to(out_dtype)
     y, y_ref = ours(x), ref(x)
     assert y.dtype == out_dtype
-    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[out_dtype]
-    torch.testing.assert_close(y.float(), y_ref.float(), rtol=tol, atol=tol)
+    # Same quantization, exact int32 product, epilogue without FMA contraction: identical bits.
+    assert torch.equal(y, y_ref)
 
 
 @pytest.mark.parametrize("m", [8, 1000])

@@ -25,7 +25,7 @@ from .base import Backend, LayerInfo
 MIN_M = 256
 TILE_ROWS = 128  # csrc/cuda/sp24_int8.h: kSp24TileRows
 TILE_K = 64      # csrc/cuda/sp24_int8.h: kSp24TileK
-META_MODES = {"halves": 0, "rows": 1}
+META_MODES = {"rows": 1, "halves": 0}  # "rows" first: what CUTLASS's int8 metadata order suggests
 _PAD_META = 0x44444444  # nibble 0b0100 = positions (0, 1): a valid ordered pair over zero values
 _EXTENSION = "sparse_ofa_cuda"
 _SOURCES = ["cuda/sp24_int8.cu", "cuda/sp24_binding.cpp"]
