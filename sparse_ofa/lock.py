@@ -52,8 +52,10 @@ class MaskedWeights:
         self.masks: dict[str, torch.Tensor] = {}
         self._hooks = []
         for name, layer in self.layers.items():
-            # the hook looks the mask up at call time, so replacing a mask needs no re-registration
-            self._hooks.append(layer.weight.register_hook(self._grad_hook(name)))
+            # the hook looks the mask up at call time, so replacing a mask needs no re-registration;
+            # a frozen weight gets no gradient to mask (apply_masks still zeroes it)
+            if layer.weight.requires_grad:
+                self._hooks.append(layer.weight.register_hook(self._grad_hook(name)))
 
     def _grad_hook(self, name: str):
         def zero_pruned(grad: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,7 @@ when an LR scheduler is passed to `step`, the scheduler is rewound to where it w
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass
 
 import torch
@@ -47,7 +48,7 @@ class GMPSchedule:
 
     def __post_init__(self):
         for what, value in (("final_sparsity", self.final_sparsity), ("initial_sparsity", self.initial_sparsity)):
-            if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+            if not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"GMPSchedule: {what} must be in [0, 1), got {value!r}")
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(f"GMPSchedule: initial_sparsity {self.initial_sparsity} exceeds final_sparsity "
@@ -107,9 +108,9 @@ class Pruner(MaskedWeights):
             if bad:
                 raise ValueError(f"Pruner: pattern {pattern!r} needs in_features divisible by 4; these layers "
                                  f"can't take it: {', '.join(bad)}")
-        if pattern == "2:4" and schedule.final_sparsity > 0.5:
-            raise ValueError(f"Pruner: pattern '2:4' keeps half the weights; final_sparsity "
-                             f"{schedule.final_sparsity} > 0.5 is impossible")
+        if pattern == "2:4" and schedule.final_sparsity != 0.5:
+            raise ValueError(f"Pruner: pattern '2:4' keeps exactly half the weights (2 of every 4); "
+                             f"final_sparsity must be 0.5, got {schedule.final_sparsity}")
         self.schedule, self.pattern, self.rewind_lr = schedule, pattern, rewind_lr
         self.masks = {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in self.layers.items()}
         self.current_sparsity = 0.0

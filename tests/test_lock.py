@@ -74,3 +74,15 @@ def test_lock_state_dict_round_trip_and_mismatch():
     bad["masks"].pop("bert.pooler.dense")
     with pytest.raises(ValueError, match="missing"):
         other.load_state_dict(bad)
+
+
+def test_lock_on_frozen_weights_still_zeroes_them():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight[0] = 0
+    model[0].weight.requires_grad_(False)
+    lock = PatternLock(model, filter_fn=lambda m, n: True)
+    with torch.no_grad():
+        model[0].weight[0] = 1.0
+    lock.apply()
+    assert bool((model[0].weight[0] == 0).all()) and bool((model[0].weight[1:] != 0).all())

@@ -112,8 +112,9 @@ def test_pattern_shape_mismatch_is_rejected_before_any_step():
         Pruner(model, GMPSchedule(0.5), pattern="1x4", filter_fn=lambda m, n: True)
     with pytest.raises(ValueError, match="unknown sparsity pattern"):
         Pruner(tiny_bert(), GMPSchedule(0.5), pattern="4x1")
-    with pytest.raises(ValueError, match="2:4"):
-        Pruner(tiny_bert(), GMPSchedule(0.9), pattern="2:4")
+    for impossible in (0.9, 0.3):  # 2:4 is exactly half of every group of 4
+        with pytest.raises(ValueError, match="final_sparsity must be 0.5"):
+            Pruner(tiny_bert(), GMPSchedule(impossible), pattern="2:4")
     with pytest.raises(ValueError, match="no Linear layer matched"):
         Pruner(nn.Sequential(nn.Linear(4, 4)), GMPSchedule(0.5))
 
@@ -146,3 +147,9 @@ def test_state_dict_round_trip():
     assert other.last_update == 0 and not other.step(0)
     with pytest.raises(ValueError, match="pattern"):
         Pruner(fresh, GMPSchedule(0.6), pattern="1x4").load_state_dict(state)
+
+
+def test_schedule_accepts_numpy_numbers():
+    import numpy as np
+
+    assert GMPSchedule(np.float32(0.5), ramp_steps=0).sparsity_at(0) == pytest.approx(0.5)
