@@ -4,6 +4,8 @@ Everything here is a no-op in a single process, so the library code calls it unc
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -37,6 +39,37 @@ def unwrap(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
+
+
+def setup_distributed(backend: str | None = None) -> torch.device:
+    """Join the process group that torchrun / accelerate launch describes (WORLD_SIZE > 1 in the
+    environment, with RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); return this process's device.
+
+    nccl on CUDA (one GPU per LOCAL_RANK), gloo on CPU. A single process returns its device and
+    initialises nothing, so the same script runs with and without torchrun."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not is_distributed():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+    return device
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """model on `device`, wrapped in DistributedDataParallel when a process group is running.
+    DDP broadcasts rank 0's parameters and buffers, so every rank starts from the same weights."""
+    model = model.to(device)
+    if not is_distributed():
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def shard(items: list) -> list:
+    """This rank's share of `items` (every world_size-th item, starting at rank)."""
+    return items[rank()::world_size()]
 
 
 def broadcast_masks(masks: dict[str, torch.Tensor], src: int = 0) -> None:

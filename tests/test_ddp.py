@@ -1,17 +1,22 @@
 """DDP: 2 CPU processes (gloo) prune with distillation; masks and weights identical on every rank."""
 import os
+import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    # the environment torchrun would set up
+    os.environ.update(HF_HUB_OFFLINE="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from sparse_ofa.ddp import setup_distributed, shard, wrap_ddp
+
+    device = setup_distributed("gloo")
+    assert dist.is_initialized() and dist.get_world_size() == world
     try:
-        from torch.nn.parallel import DistributedDataParallel
         from transformers import BertConfig, BertForMaskedLM
 
         from sparse_ofa.pruning import GMPSchedule, Pruner
@@ -22,12 +27,14 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.manual_seed(0)
         teacher = BertForMaskedLM(cfg)
         torch.manual_seed(100 + rank)  # different local inits: DDP must broadcast rank 0's
-        student = DistributedDataParallel(BertForMaskedLM(cfg))
-        g = torch.Generator().manual_seed(rank)  # each rank sees its own shard of data
-        batches = []
-        for _ in range(3):
+        student = wrap_ddp(BertForMaskedLM(cfg), device)
+        g = torch.Generator().manual_seed(0)
+        all_batches = []
+        for _ in range(6):
             ids = torch.randint(5, 100, (2, 8), generator=g)
-            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+            all_batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        batches = shard(all_batches)  # each rank sees its own half of the data
+        assert len(batches) == 3 and torch.equal(batches[0]["input_ids"], all_batches[rank]["input_ids"])
         opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
         pruner = Pruner(student, GMPSchedule(0.6, ramp_steps=4, update_every=2), pattern="1x4")
         train_prune_ofa(student, teacher, batches, optimizer=opt, pruner=pruner, steps=6, progress=False,
@@ -39,7 +46,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_two_process_gloo_masks_identical(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.spawn(_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert r0["masks"].keys() == r1["masks"].keys() and len(r0["masks"]) == 12
     for name in r0["masks"]:
