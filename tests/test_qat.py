@@ -121,3 +121,29 @@ def test_per_tensor_and_symmetric_convert_within_looser_tolerance():
     err = (real_out - fake_out).abs().max() / fake_out.abs().max()
     cos = torch.nn.functional.cosine_similarity(real_out.flatten(), fake_out.flatten(), dim=0)
     assert err < 1e-2 and cos > 0.999, (float(err), float(cos))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_qat_on_cuda_converts_to_gpu_backends():
+    torch.manual_seed(0)
+    model = tiny_mlm().cuda()
+    magnitude_prune_(model, 0.5, "2:4")
+    lock = PatternLock(model)
+    prepare_qat(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 100, (4, 16), device="cuda")
+    for _ in range(3):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        lock.apply()
+    model.eval()
+    with torch.no_grad():
+        fake = model(input_ids=ids).logits
+    convert_qat(model)  # backend "auto" on CUDA
+    layers = [m for m in model.modules() if isinstance(m, SparseInt8Linear)]
+    assert layers and all(m.pattern == "2:4" and m.act.is_static and m.weight_values.is_cuda for m in layers)
+    with torch.no_grad():
+        real = model(input_ids=ids).logits
+    assert ((real - fake).abs().max() / fake.abs().max()).item() < 1e-4

@@ -150,3 +150,27 @@ def test_bad_input_fails_before_any_step(tmp_path):
         train_prune_ofa(student, None, [], optimizer=opt, steps=2, progress=False)
     # the empty-batches case is the only one that gets as far as the data; nothing trained anywhere
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_prune_ofa_loop_and_resume_on_cuda(tmp_path):
+    init, teach = tiny_mlm().state_dict(), tiny_mlm().state_dict()
+
+    def run(steps, checkpoint_dir, resume, seed):
+        torch.manual_seed(seed)
+        student, teacher = tiny_mlm().cuda(), tiny_mlm().cuda()
+        student.load_state_dict(init)
+        teacher.load_state_dict(teach)
+        opt = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        pruner = Pruner(student, GMPSchedule(0.5, ramp_steps=4, update_every=2), pattern="1x4")
+        train_prune_ofa(student, teacher, make_batches(), optimizer=opt, pruner=pruner, steps=steps,
+                        checkpoint_dir=checkpoint_dir, resume=resume, progress=False)
+        return student, pruner
+
+    straight, _ = run(6, None, False, 1)
+    run(3, tmp_path, False, 1)
+    resumed, pruner = run(6, tmp_path, True, 99)
+    assert all(m.is_cuda for m in pruner.masks.values())
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
