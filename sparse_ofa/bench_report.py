@@ -100,7 +100,7 @@ def format_table(rows: list[dict]) -> str:
     if cosines:
         lines.append("")
         lines.append("Embedding cosine vs fp32 (mean over the batch):")
-        lines.extend(f"- {e['name']}: {e['cosine_vs_fp32']:.4f}" for e in cosines)
+        lines.extend(f"- {e['name']}: {e['cosine_vs_fp32']:.6f}" for e in cosines)
     return "\n".join(lines)
 
 
@@ -121,7 +121,8 @@ def plot_speedup(rows: list[dict], path: str | Path) -> Path | None:
         base = next((b for b in PLOT_BASELINE_PREFERENCE if e.get(f"x_{b}")), None)
         if base is None or e.get("sparsity") is None:
             continue
-        panel = (e["kind"], e["device"], _tokens(e))
+        # layer panels average over shapes; e2e panels keep one model each
+        panel = (e["kind"], e["device"], _tokens(e), e["shape"] if e["kind"] == "e2e" else "")
         reference.setdefault(panel, base)
         if base != reference[panel]:
             continue  # one reference per panel, so the lines in it are comparable
@@ -142,8 +143,8 @@ def plot_speedup(rows: list[dict], path: str | Path) -> Path | None:
             xs = sorted(by_sparsity)
             ax.plot(xs, [_geomean(by_sparsity[x]) for x in xs], marker="o", label=f"{impl} {pattern}")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
-        kind, device, tokens = key
-        ax.set_title(f"{kind} {device} M={tokens}", fontsize=9)
+        kind, device, tokens, shape = key
+        ax.set_title(f"{kind} {shape} {device} M={tokens}", fontsize=9)
         ax.set_xlabel("sparsity")
         ax.set_ylabel(f"speedup vs {reference[key]}")
         ax.legend(fontsize=7)

