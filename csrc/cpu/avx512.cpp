@@ -50,11 +50,6 @@ inline void transpose16x16(__m512i r[16]) {
 
 inline __mmask16 first_n(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
 
-// |x| has a NaN or Inf among 16 lanes?
-inline bool any_nonfinite(__m512 v, __mmask16 live) {
-  return _mm512_mask_fpclass_ps_mask(live, v, 0x01 | 0x80 | 0x08 | 0x10) != 0;
-}
-
 // 16 floats -> bf16 (round to nearest even, NaN -> 0x7FC0), as in float_to_bf16.
 inline __m256i to_bf16(__m512 f) {
   __m512i b = _mm512_castps_si512(f);
@@ -63,6 +58,13 @@ inline __m256i to_bf16(__m512 f) {
   __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
   r = _mm512_mask_blend_epi32(nan, r, _mm512_set1_epi32(0x7FC0));
   return _mm512_cvtepi32_epi16(r);
+}
+
+// c += vpdpbusd(x u8, w s8). Inline asm because GCC 12 turns the intrinsic into a copy + dpbusd +
+// copy back per accumulator (2 extra zmm moves per instruction in the hot loop, ~1.6x slower).
+inline __m512i dpbusd(__m512i c, __m512i x, __m512i w) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(c) : "v"(x), "v"(w));
+  return c;
 }
 
 // c[0..T) = sum over quads p0..p1 of dpbusd(xt[quad_k[p]] block, quad_w[p]); U quads in flight so
@@ -79,32 +81,18 @@ inline void row_product(const int32_t* qw, const int32_t* qk, int32_t p0, int32_
       const __m512i w = _mm512_set1_epi32(qw[p + u]);
       const uint8_t* src = base + (int64_t)qk[p + u] * qstride;
       for (int t = 0; t < T; ++t)
-        c[u][t] = _mm512_dpbusd_epi32(c[u][t], _mm512_loadu_si512(src + 64 * t), w);
+        c[u][t] = dpbusd(c[u][t], _mm512_loadu_si512(src + 64 * t), w);
     }
   }
   for (; p < p1; ++p) {
     const __m512i w = _mm512_set1_epi32(qw[p]);
     const uint8_t* src = base + (int64_t)qk[p] * qstride;
-    for (int t = 0; t < T; ++t) c[0][t] = _mm512_dpbusd_epi32(c[0][t], _mm512_loadu_si512(src + 64 * t), w);
+    for (int t = 0; t < T; ++t) c[0][t] = dpbusd(c[0][t], _mm512_loadu_si512(src + 64 * t), w);
   }
   for (int t = 0; t < T; ++t) {
     __m512i s = c[0][t];
     for (int u = 1; u < U; ++u) s = _mm512_add_epi32(s, c[u][t]);
     out[t] = s;
-  }
-}
-
-void row_product_any(int T, const int32_t* qw, const int32_t* qk, int32_t p0, int32_t p1,
-                     const uint8_t* base, int64_t qstride, __m512i* out) {
-  switch (T) {
-    case 1: return row_product<1, 4>(qw, qk, p0, p1, base, qstride, out);
-    case 2: return row_product<2, 4>(qw, qk, p0, p1, base, qstride, out);
-    case 3: return row_product<3, 2>(qw, qk, p0, p1, base, qstride, out);
-    case 4: return row_product<4, 2>(qw, qk, p0, p1, base, qstride, out);
-    case 5: return row_product<5, 2>(qw, qk, p0, p1, base, qstride, out);
-    case 6: return row_product<6, 2>(qw, qk, p0, p1, base, qstride, out);
-    case 7: return row_product<7, 2>(qw, qk, p0, p1, base, qstride, out);
-    default: return row_product<8, 2>(qw, qk, p0, p1, base, qstride, out);
   }
 }
 
@@ -133,16 +121,18 @@ void quantize_rows_avx512(const float* x, int64_t ldx, int64_t k, int64_t m0, in
                           const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
   const bool dynamic = qp.static_scale == 0.0f;
   const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const int64_t k64 = k / 64 * 64;
   for (int64_t m = m0; m < m1; ++m) {
     const float* xr = x + m * ldx;
     int8_t* qr = xq + m * ldq;
     // pass 1: amax and finiteness (a row with NaN/Inf takes the exact scalar path)
     __m512 amax = _mm512_setzero_ps();
-    bool bad = false;
+    __mmask16 bad = 0;
     for (int64_t i = 0; i < k; i += 16) {
       const __mmask16 live = first_n(k - i);
       const __m512 v = _mm512_maskz_loadu_ps(live, xr + i);
-      bad |= any_nonfinite(v, live);
+      bad |= _mm512_mask_fpclass_ps_mask(live, v, 0x01 | 0x80 | 0x08 | 0x10);
       amax = _mm512_max_ps(amax, _mm512_and_ps(v, sign));
     }
     if (bad) {
@@ -164,59 +154,109 @@ void quantize_rows_avx512(const float* x, int64_t ldx, int64_t k, int64_t m0, in
     }
     const __m512 invv = _mm512_set1_ps(inv);
     // pass 2: q = clamp(rne(x * inv) + zp, lo, hi); x * inv may overflow to +-Inf, which clamps.
-    for (int64_t i = 0; i < k; i += 16) {
+    // Dynamic rows need no clamp: |x * inv| <= 127 * (1 + 2^-23) rounds to at most 127.
+    auto quant16 = [&](__m512 v) -> __m512i {
+      v = _mm512_mul_ps(v, invv);
+      if (!dynamic) {
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, zp), lo), hi);
+      }
+      return _mm512_cvtps_epi32(v);  // round half to even (MXCSR default)
+    };
+    int64_t i = 0;
+    for (; i < k64; i += 64) {
+      // 64 values -> 64 bytes: two saturating packs (values are already in range) + lane fix-up
+      const __m512i a = quant16(_mm512_loadu_ps(xr + i)), b = quant16(_mm512_loadu_ps(xr + i + 16));
+      const __m512i c = quant16(_mm512_loadu_ps(xr + i + 32)), d = quant16(_mm512_loadu_ps(xr + i + 48));
+      const __m512i bytes = _mm512_packs_epi16(_mm512_packs_epi32(a, b), _mm512_packs_epi32(c, d));
+      _mm512_storeu_si512(qr + i, _mm512_permutexvar_epi32(order, bytes));
+    }
+    for (; i < k; i += 16) {
       const __mmask16 live = first_n(k - i);
-      __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(live, xr + i), invv),
-                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      r = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, zp), lo), hi);
-      _mm_mask_storeu_epi8(qr + i, live, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r)));
+      _mm_mask_storeu_epi8(qr + i, live, _mm512_cvtepi32_epi8(quant16(_mm512_maskz_loadu_ps(live, xr + i))));
     }
   }
 }
 
+namespace {
+
+// One task: channels [n0, n0 + nr) x tokens [m0, m0 + mt), T = ceil(mt / 16) token vectors.
+// Accumulators stay in registers (T is a compile-time constant), results go to tile[channel][token]
+// then out[token][channel] through 16x16 transposes held in registers.
+template <int T, int U>
+void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t m0, int64_t mt,
+               int64_t n0, int64_t nr, int32_t (*tile)[kTokenBlock]) {
+  const int64_t qstride = a.mp * 4;
+  const uint8_t* base = a.xt + m0 * 4;
+  if (nr % 16) std::memset(tile, 0, sizeof(int32_t) * kRowGroup * kTokenBlock);  // whole 16-row groups are read
+  __m512 xs[T];
+  if (e.kind != kOutInt32)
+    for (int t = 0; t < T; ++t) xs[t] = _mm512_maskz_loadu_ps(first_n(mt - 16 * t), a.x_scale + m0 + 16 * t);
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t n = n0 + r;
+    __m512i acc[T];
+    row_product<T, U>(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], base, qstride, acc);
+    // undo the +128 offset: acc = dot_u8s8 - 128 * rowsum  (mod 2^32, exact)
+    const __m512i corr = _mm512_set1_epi32((int32_t)((uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u)));
+    if (e.kind == kOutInt32) {
+      for (int t = 0; t < T; ++t) _mm512_store_si512(&tile[r][16 * t], _mm512_sub_epi32(acc[t], corr));
+      continue;
+    }
+    const __m512 ws = _mm512_set1_ps(e.w_scale[n]);
+    const __m512 b = _mm512_set1_ps(e.bias ? e.bias[n] : 0.0f);
+    for (int t = 0; t < T; ++t) {
+      __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], corr)), xs[t]), ws);
+      if (e.bias) y = _mm512_add_ps(y, b);  // no bias: no add (y + 0 would turn -0 into +0)
+      _mm512_store_ps((float*)&tile[r][16 * t], y);
+    }
+  }
+  // tile[channel][token] -> out[token][channel], 16 x 16 at a time
+  for (int t = 0; t < T; ++t) {
+    const int64_t rows = mt - 16 * t < 16 ? mt - 16 * t : 16;
+    for (int64_t c0 = 0; c0 < nr; c0 += 16) {
+      const int64_t nc = nr - c0 < 16 ? nr - c0 : 16;
+      const __mmask16 cols = first_n(nc);
+      __m512i v[16];
+      for (int r = 0; r < 16; ++r) v[r] = _mm512_load_si512(&tile[c0 + r][16 * t]);
+      transpose16x16(v);
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) {
+        if (j >= rows) break;
+        const int64_t off = (m0 + 16 * t + j) * e.ldo + n0 + c0;
+        // (masked stores only for a partial group: they are slow on some cores)
+        if (e.kind == kOutBFloat16) {
+          const __m256i h = to_bf16(_mm512_castsi512_ps(v[j]));
+          if (nc == 16) _mm256_storeu_si256((__m256i*)((uint16_t*)e.out + off), h);
+          else _mm256_mask_storeu_epi16((uint16_t*)e.out + off, cols, h);
+        } else if (nc == 16) {
+          _mm512_storeu_si512((int32_t*)e.out + off, v[j]);
+        } else {
+          _mm512_mask_storeu_epi32((int32_t*)e.out + off, cols, v[j]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   const int64_t ngroups = (w.n + kRowGroup - 1) / kRowGroup;
-  const int64_t qstride = a.mp * 4;
   alignas(64) int32_t tile[kRowGroup][kTokenBlock];
   for (int64_t task = t0; task < t1; ++task) {
     const int64_t m0 = (task / ngroups) * kTokenBlock, n0 = (task % ngroups) * kRowGroup;
     const int64_t mt = a.m - m0 < kTokenBlock ? a.m - m0 : kTokenBlock;
     const int64_t nr = w.n - n0 < kRowGroup ? w.n - n0 : kRowGroup;
-    const int T = (int)((mt + 15) / 16);
-    const uint8_t* base = a.xt + m0 * 4;
-    if (nr < kRowGroup) std::memset(tile, 0, sizeof(tile));
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t n = n0 + r;
-      __m512i acc[8];
-      row_product_any(T, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], base, qstride, acc);
-      // undo the +128 offset: acc = dot_u8s8 - 128 * rowsum  (mod 2^32, exact)
-      const __m512i corr = _mm512_set1_epi32((int32_t)((uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u)));
-      for (int t = 0; t < T; ++t) {
-        const __m512i exact = _mm512_sub_epi32(acc[t], corr);
-        if (e.kind == kOutInt32) {
-          _mm512_store_si512(&tile[r][16 * t], exact);
-          continue;
-        }
-        const __m512 xs = _mm512_maskz_loadu_ps(first_n(mt - 16 * t), a.x_scale + m0 + 16 * t);
-        __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(exact), xs), _mm512_set1_ps(e.w_scale[n]));
-        if (e.bias) y = _mm512_add_ps(y, _mm512_set1_ps(e.bias[n]));
-        _mm512_store_ps((float*)&tile[r][16 * t], y);
-      }
-    }
-    // tile[channel][token] -> out[token][channel], 16 x 16 at a time
-    const __mmask16 cols = first_n(nr);
-    for (int t = 0; t < T; ++t) {
-      __m512i v[16];
-      for (int r = 0; r < 16; ++r) v[r] = _mm512_load_si512(&tile[r][16 * t]);
-      transpose16x16(v);
-      const int64_t rows = mt - 16 * t < 16 ? mt - 16 * t : 16;
-      for (int j = 0; j < rows; ++j) {
-        const int64_t off = (m0 + 16 * t + j) * e.ldo + n0;
-        if (e.kind == kOutBFloat16)
-          _mm256_mask_storeu_epi16((uint16_t*)e.out + off, cols, to_bf16(_mm512_castsi512_ps(v[j])));
-        else
-          _mm512_mask_storeu_epi32((int32_t*)e.out + off, cols, v[j]);
-      }
+    // U quads in flight so that short T still has U * T independent vpdpbusd chains
+    switch ((mt + 15) / 16) {
+      case 1: spmm_task<1, 4>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 2: spmm_task<2, 4>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 3: spmm_task<3, 2>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 4: spmm_task<4, 2>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 5: spmm_task<5, 1>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 6: spmm_task<6, 1>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 7: spmm_task<7, 1>(w, a, e, m0, mt, n0, nr, tile); break;
+      default: spmm_task<8, 1>(w, a, e, m0, mt, n0, nr, tile); break;
     }
   }
 }

@@ -31,7 +31,8 @@ enum Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
 enum OutKind : int { kOutInt32 = 0, kOutFloat = 1, kOutBFloat16 = 2 };
 
 constexpr int kTokenPad = 16;     // mp is M rounded up to this
-constexpr int kRowGroup = 16;     // output channels per task (one 16x16 transpose wide)
+constexpr int kRowGroup = 64;     // output channels per task (4 transposes wide: the output rows
+                                  // are then written 256 contiguous bytes at a time)
 constexpr int kTokenBlock = 128;  // tokens per task (8 zmm accumulators)
 
 struct QuadWeight {
