@@ -9,8 +9,9 @@ Importing this module imports transformers (sparse_ofa itself does not need it).
 PruningCallback calls `pruner.step(state.global_step, optimizer, lr_scheduler)` at the start of every
 optimizer step and `pruner.apply_masks()` right after `optimizer.step()`; it saves the pruner state as
 `sparse_ofa_pruner.pt` inside every Trainer checkpoint and loads it back when the Trainer resumes
-(from `args.resume_from_checkpoint` or `output_dir/checkpoint-<global_step>`); without that file
-the masks are rebuilt from the loaded weights' zeros.
+(from `args.resume_from_checkpoint` — DistillationTrainer.train sets it — or
+`output_dir/checkpoint-<global_step>`); without that file the masks are rebuilt from the loaded
+weights' zeros.
 DistillationTrainer's training loss is DistillLoss(student_out, teacher_out, student_out.loss,
 attention_mask); evaluation reports the student's own (hard) loss.
 """
@@ -110,6 +111,16 @@ class DistillationTrainer(Trainer):
         # our loss is a per-batch mean: let the Trainer divide it for gradient accumulation
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # tell the callbacks where the Trainer resumes from (it does not record that itself)
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) or True
+        if isinstance(resume_from_checkpoint, (str, Path)):
+            self.args.resume_from_checkpoint = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)

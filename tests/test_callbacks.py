@@ -72,8 +72,16 @@ def test_pruning_callback_with_distillation_trainer(tmp_path):
     pruner_r = Pruner(student_r, GMPSchedule(0.75, ramp_steps=4, update_every=2), pattern="1x4")
     trainer = DistillationTrainer(model=student_r, args=args(tmp_path), train_dataset=dataset(),
                                   teacher=teacher, callbacks=[PruningCallback(pruner_r)])
-    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
-    assert pruner_r.last_update == 4
+    # a copy outside output_dir: only DistillationTrainer.train telling the callback finds its state
+    import shutil
+    elsewhere = tmp_path.parent / "moved-checkpoint-3"
+    shutil.copytree(tmp_path / "checkpoint-3", elsewhere)
+    (tmp_path / "checkpoint-3" / PRUNER_STATE_FILE).unlink()
+    loaded = []
+    original_load = pruner_r.load_state_dict
+    pruner_r.load_state_dict = lambda state: (loaded.append(state["last_update"]), original_load(state))
+    trainer.train(resume_from_checkpoint=str(elsewhere))
+    assert loaded == [2] and pruner_r.last_update == 4
     assert all(torch.equal(pruner_r.masks[n], pruner.masks[n]) for n in pruner.masks)
     for (name, a), (_, b) in zip(student.state_dict().items(), student_r.state_dict().items()):
         assert torch.equal(a, b), name
