@@ -33,6 +33,20 @@ def make_batches(n=5, batch=4, length=10):
     return out
 
 
+def masking_loader(seed=5):
+    """Shuffled DataLoader with its own generator whose collate masks from the global RNG (like MLM)."""
+    g = torch.Generator().manual_seed(11)
+    examples = [{"input_ids": torch.randint(5, 100, (10,), generator=g)} for _ in range(12)]
+
+    def collate(items):
+        ids = torch.stack([it["input_ids"] for it in items])
+        labels = torch.where(torch.rand(ids.shape) < 0.3, ids, torch.full_like(ids, -100))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    return torch.utils.data.DataLoader(examples, batch_size=4, shuffle=True, collate_fn=collate,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
 def build(init_state, teacher_state):
     student, teacher = tiny_mlm(), tiny_mlm()
     student.load_state_dict(init_state)
@@ -43,25 +57,29 @@ def build(init_state, teacher_state):
     return student, teacher, opt, sched, pruner
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("data, split", [("list", 3), ("loader", 4)])
+def test_resume_is_exact(tmp_path, data, split):
+    """N straight steps == split steps + checkpoint + resume to N: same losses, weights, masks, LR.
+    list: 5 batches, resume mid-epoch; loader: 3 shuffled batches per epoch from its own generator,
+    labels masked from the global RNG (like MLM collation), resume mid-epoch."""
     init, teach = tiny_mlm().state_dict(), tiny_mlm().state_dict()
-    batches = make_batches()
+    make = make_batches if data == "list" else masking_loader
 
     torch.manual_seed(1)
     student, teacher, opt, sched, pruner = build(init, teach)
-    straight = train_prune_ofa(student, teacher, batches, optimizer=opt, scheduler=sched, pruner=pruner,
+    straight = train_prune_ofa(student, teacher, make(), optimizer=opt, scheduler=sched, pruner=pruner,
                                steps=7, progress=False)
 
     torch.manual_seed(1)
     s2, t2, o2, sc2, p2 = build(init, teach)
-    first = train_prune_ofa(s2, t2, batches, optimizer=o2, scheduler=sc2, pruner=p2, steps=3,
+    first = train_prune_ofa(s2, t2, make(), optimizer=o2, scheduler=sc2, pruner=p2, steps=split,
                             checkpoint_dir=tmp_path, progress=False)
     assert first.last_checkpoint == latest_checkpoint(tmp_path)
     torch.manual_seed(12345)  # the resumed run must restore the RNG itself (dropout is on)
     s3, t3, o3, sc3, p3 = build(init, teach)
-    rest = train_prune_ofa(s3, t3, batches, optimizer=o3, scheduler=sc3, pruner=p3, steps=7,
+    rest = train_prune_ofa(s3, t3, make(), optimizer=o3, scheduler=sc3, pruner=p3, steps=7,
                            checkpoint_dir=tmp_path, resume=True, progress=False)
-    assert rest.step == 7 and len(rest.losses) == 4
+    assert rest.step == 7 and len(rest.losses) == 7 - split
     assert first.losses + rest.losses == straight.losses
     for (name, a), (_, b) in zip(student.state_dict().items(), s3.state_dict().items()):
         assert torch.equal(a, b), name
