@@ -48,7 +48,7 @@ void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int6
     }
     float inv, lo, hi, zp;
     if (dynamic) {
-      inv = am != 0.0f ? 127.0f / am : 0.0f;
+      inv = am != 0.0f ? (1.0f / am) * 127.0f : 0.0f;  // as torch: reciprocal, then * 127
       x_scale[m] = am != 0.0f ? am / 127.0f : 0.0f;
       lo = -127.0f, hi = 127.0f, zp = 0.0f;
     } else {

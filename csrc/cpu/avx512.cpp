@@ -143,7 +143,7 @@ void quantize_rows_avx512(const float* x, int64_t ldx, int64_t k, int64_t m0, in
     __m512 lo, hi, zp;
     if (dynamic) {
       const float a = _mm512_reduce_max_ps(amax);
-      inv = a != 0.0f ? 127.0f / a : 0.0f;
+      inv = a != 0.0f ? (1.0f / a) * 127.0f : 0.0f;  // as torch: reciprocal, then * 127
       x_scale[m] = a != 0.0f ? a / 127.0f : 0.0f;
       lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f), zp = _mm512_setzero_ps();
     } else {

@@ -7,7 +7,8 @@
 
 namespace sparse_ofa_cpu {
 
-// quant.py, one row: dynamic  q = clamp(rne(x * (127 / amax)), -127, 127), x_scale = amax / 127;
+// quant.py, one row: dynamic  q = clamp(rne(x * ((1 / amax) * 127)), -127, 127), x_scale = amax / 127
+//                    (torch evaluates `127.0 / amax` as amax.reciprocal() * 127: same rounding here);
 //                    static   q = clamp(rne(x * inv_scale) + zp, qmin, qmax), x_scale = s (NaN if the
 //                    row has a NaN/Inf). NaN products become 0, as torch.nan_to_num does.
 void quantize_row_exact(const float* x, int64_t k, const QuantParams& qp, int8_t* q, float* x_scale) {
@@ -22,7 +23,7 @@ void quantize_row_exact(const float* x, int64_t k, const QuantParams& qp, int8_t
     }
     if (nan) amax = NAN;  // torch.amax propagates NaN
     bool nonzero = amax != 0.0f;  // true for NaN, as in torch
-    inv = nonzero ? 127.0f / amax : 0.0f;
+    inv = nonzero ? (1.0f / amax) * 127.0f : 0.0f;  // torch: 127.0 / t is t.reciprocal() * 127
     *x_scale = nonzero ? amax / 127.0f : 0.0f;
     lo = -127.0f, hi = 127.0f, zp = 0.0f;
   } else {
