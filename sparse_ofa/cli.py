@@ -10,6 +10,9 @@ import sys
 
 COMMANDS = [
     "sparse_ofa.commands.demo",
+    "sparse_ofa.commands.prune",
+    "sparse_ofa.commands.finetune",
+    "sparse_ofa.commands.quantize",
     "sparse_ofa.commands.tools",
     "sparse_ofa.commands.bench",
 ]

