@@ -33,7 +33,10 @@ EXTENSION = "sparse_ofa_cpu"
 SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2.cpp", "cpu/avxvnni.cpp",
            "cpu/avx512.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
-CFLAGS = ["-O3", "-ffp-contract=off"]
+# -fopenmp: at::parallel_for is inline OpenMP in the ATen headers; without the flag its pragma is
+# ignored and every kernel runs on one thread (the OpenMP runtime is torch's own, already loaded).
+CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 LAYOUT_VERSION = 1
 ISAS = {"scalar": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
@@ -47,7 +50,10 @@ def load() -> None:
         return
     from .._ext import load_extension
 
-    load_extension(EXTENSION, SOURCES, extra_cflags=CFLAGS)
+    # extra flags, e.g. the sanitizer build of scripts/asan_cpu.sh (use with its own TORCH_EXTENSIONS_DIR)
+    cflags = CFLAGS + os.environ.get("SPARSE_OFA_CPU_CFLAGS", "").split()
+    ldflags = LDFLAGS + os.environ.get("SPARSE_OFA_CPU_LDFLAGS", "").split()
+    load_extension(EXTENSION, SOURCES, extra_cflags=cflags, extra_ldflags=ldflags)
     _register_fakes()
     _state["loaded"] = True
 
