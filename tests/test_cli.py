@@ -1,0 +1,183 @@
+"""End to end on a tiny BERT: sparse-ofa prune -> finetune -> quantize (and sparsify), on the toy
+GLUE / SQuAD files in tests/data, plus the clear errors for bad input.
+
+Tokenizer: all-MiniLM-L6-v2's own WordPiece tokenizer (offline, from the installed package); the tiny
+model's vocab_size matches it (30522), everything else is small (hidden 32, 2 layers)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparse_ofa.cli import main
+
+DATA = Path(__file__).parent / "data"
+
+
+def _tiny_config(tokenizer, hidden=32, heads=4):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=2,
+                      num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny MLM teacher, a dense sst2 'teacher' and a dense squad 'teacher' (random heads), text."""
+    from transformers import (AutoTokenizer, BertForMaskedLM, BertForQuestionAnswering,
+                              BertForSequenceClassification)
+
+    from sparse_ofa.corpus import sample_sentences
+    from sparse_ofa.minilm import minilm_path
+
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    torch.manual_seed(0)
+    config = _tiny_config(tokenizer)
+    BertForMaskedLM(config).save_pretrained(root / "teacher")
+    tokenizer.save_pretrained(root / "teacher")
+    for name, cls, extra in (("teacher_sst2", BertForSequenceClassification, {"num_labels": 2}),
+                             ("teacher_squad", BertForQuestionAnswering, {})):
+        cls.from_pretrained(root / "teacher", **extra).save_pretrained(root / name)
+    (root / "text.txt").write_text("\n".join(sample_sentences(48)))
+    return root
+
+
+def _run(*argv) -> int:
+    return main([str(a) for a in argv] + ["--no-progress"])
+
+
+def _encoder_weights(model):
+    return {n: m.weight.detach() for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".encoder.layer." in n}
+
+
+@pytest.fixture(scope="module")
+def pruned(workdir):
+    out = workdir / "pruned"
+    assert _run("prune", workdir / "teacher", out, "--data", workdir / "text.txt", "--steps", 5,
+                "--ramp-steps", 4, "--update-every", 2, "--sparsity", 0.75, "--pattern", "1x4",
+                "--batch-size", 8, "--max-length", 32, "--lr", 1e-3) == 0
+    return out
+
+
+def test_prune_writes_a_transformers_model_at_exact_sparsity(pruned):
+    from transformers import AutoModelForMaskedLM
+
+    model = AutoModelForMaskedLM.from_pretrained(pruned, local_files_only=True)
+    weights = _encoder_weights(model)
+    assert len(weights) == 12
+    for name, w in weights.items():
+        blocks = w.view(w.shape[0], -1, 4)
+        zero_blocks = (blocks == 0).all(-1)
+        assert float(zero_blocks.float().mean()) == 0.75, name        # exact per-layer sparsity
+        assert bool(((blocks == 0).any(-1) == zero_blocks).all()), name  # whole 1x4 blocks only
+    config = json.loads((pruned / "run_config.json").read_text())
+    assert config["command"] == "sparse-ofa prune" and config["args"]["pattern"] == "1x4"
+    assert config["objective"] == "mlm" and config["steps_done"] == 5
+    assert set(config["layer_sparsity"].values()) == {0.75}
+    assert "mean sparsity 75.00%" in (pruned / "sparsity_report.txt").read_text()
+
+
+def test_finetune_keeps_masks_and_quantize_packs_them(workdir, pruned):
+    from transformers import AutoModelForSequenceClassification
+
+    import sparse_ofa
+
+    ft = workdir / "ft"
+    assert _run("finetune", pruned, ft, "--task", "sst2", "--data-dir", DATA / "glue_sst2",
+                "--teacher", workdir / "teacher_sst2", "--steps", 3, "--batch-size", 4,
+                "--max-length", 32, "--lr", 1e-3) == 0
+    before = _encoder_weights(AutoModelForSequenceClassification.from_pretrained(pruned, num_labels=2))
+    after = _encoder_weights(AutoModelForSequenceClassification.from_pretrained(ft))
+    for name in before:
+        assert torch.equal(before[name] != 0, after[name] != 0), name   # mask bit for bit
+    assert any(not torch.equal(before[n], after[n]) for n in before)   # ... while the weights trained
+    ft_config = json.loads((ft / "run_config.json").read_text())
+    assert ft_config["masks_identical"] is True
+    assert 0.0 <= ft_config["metrics"]["accuracy"] <= 1.0
+
+    q = workdir / "q"
+    assert _run("quantize", ft, q, "--task", "sst2", "--data-dir", DATA / "glue_sst2",
+                "--teacher", workdir / "teacher_sst2", "--steps", 2, "--batch-size", 4,
+                "--max-length", 32) == 0
+    model = sparse_ofa.from_pretrained(q, model_class=AutoModelForSequenceClassification)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, sparse_ofa.SparseInt8Linear)}
+    assert len(layers) == 13  # 12 encoder linears + pooler, all converted by QAT
+    for name, m in layers.items():
+        assert m.act.is_static, name  # QAT's learned activation scales travel with the packed model
+        if ".encoder." in name:
+            assert m.pattern == "1x4" and m.sparsity == pytest.approx(0.75, abs=0.01)
+    q_config = json.loads((q / "run_config.json").read_text())
+    # the reloaded packed model reproduces the metrics measured in the quantize run
+    from sparse_ofa.commands._shared import evaluate
+    from sparse_ofa.data import load_glue
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(q, local_files_only=True)
+    dev = load_glue("sst2", "validation", DATA / "glue_sst2")
+    assert evaluate(model, "sst2", dev, tokenizer, 32) == q_config["metrics"]
+
+    # the plain sparsify path works on the fine-tuned (fp32, zeros) model too
+    assert main(["sparsify", str(ft), str(workdir / "s")]) == 0
+    packed = sparse_ofa.from_pretrained(workdir / "s")
+    assert sum(isinstance(m, sparse_ofa.SparseInt8Linear) for m in packed.modules()) == 12
+
+
+def test_squad_and_mnli_finetune_report_their_metrics(workdir, pruned):
+    out = workdir / "ft_squad"
+    assert _run("finetune", pruned, out, "--task", "squad", "--data-dir", DATA / "squad",
+                "--teacher", workdir / "teacher_squad", "--steps", 2, "--batch-size", 2,
+                "--max-length", 64) == 0
+    metrics = json.loads((out / "run_config.json").read_text())["metrics"]
+    assert set(metrics) == {"exact_match", "f1"} and 0 <= metrics["exact_match"] <= metrics["f1"] <= 100
+    out = workdir / "ft_mnli"
+    assert _run("finetune", pruned, out, "--task", "mnli", "--data-dir", DATA / "glue_mnli",
+                "--steps", 2, "--batch-size", 3, "--max-length", 48) == 0
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["args"]["teacher"] is None and 0 <= config["metrics"]["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--sparsity", "1.0"], "final_sparsity must be in [0, 1)"),
+    (["--sparsity", "-0.1"], "final_sparsity must be in [0, 1)"),
+    (["--ramp-steps", "9"], "the GMP ramp ends at step 9, after the last step 5"),
+    (["--end-step", "1", "--ramp-steps", "4"], "end_step 1 precedes the end of the ramp"),
+])
+def test_bad_prune_arguments_fail_before_training(workdir, capsys, extra, message):
+    out = workdir / "never"
+    assert _run("prune", workdir / "teacher", out, "--data", workdir / "text.txt", "--steps", 5, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()  # nothing trained, nothing written
+
+
+def test_pattern_the_shape_cannot_take(workdir, tmp_path, capsys):
+    from transformers import AutoTokenizer, BertForMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "teacher")
+    BertForMaskedLM(_tiny_config(tokenizer, hidden=30, heads=3)).save_pretrained(tmp_path / "odd")
+    tokenizer.save_pretrained(tmp_path / "odd")
+    assert _run("prune", tmp_path / "odd", tmp_path / "out", "--data", workdir / "text.txt", "--steps", 4,
+                "--pattern", "1x4") == 2
+    assert "needs in_features divisible by 4" in capsys.readouterr().err
+
+
+def test_teacher_with_another_vocabulary_is_refused(workdir, pruned, tmp_path, capsys):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2,
+                                             num_attention_heads=4, intermediate_size=64)).save_pretrained(tmp_path / "t")
+    assert _run("finetune", pruned, tmp_path / "out", "--task", "sst2", "--data-dir", DATA / "glue_sst2",
+                "--teacher", tmp_path / "t", "--steps", 2) == 2
+    assert "vocabulary size 1000 (teacher) vs 30522 (student)" in capsys.readouterr().err
+
+
+def test_missing_data_offline_is_named(workdir, pruned, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty"))
+    assert _run("finetune", pruned, tmp_path / "out", "--task", "qnli", "--steps", 2) == 2
+    err = capsys.readouterr().err
+    assert "GLUE qnli (split 'train') is not available offline" in err and "--data-dir" in err
+    assert _run("prune", workdir / "teacher", tmp_path / "out", "--data", tmp_path / "missing.txt") == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert _run("finetune", tmp_path / "nowhere", tmp_path / "out", "--task", "sst2") == 2
+    assert "is not a local model folder" in capsys.readouterr().err
