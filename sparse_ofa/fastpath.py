@@ -94,10 +94,24 @@ def _uses_cache(args, kwargs) -> bool:
     return any(kwargs.get(key) is not None for key in cache_keys) or any(a is not None for a in args)
 
 
+def _restore_fast(base_cls: type, state: dict) -> nn.Module:
+    """Unpickle a fast-path module: rebuild it as base_cls, then give it the fast class again."""
+    module = base_cls.__new__(base_cls)
+    module.__setstate__(state)
+    module.__class__ = _fast_class(base_cls)
+    return module
+
+
 class FastSelfAttentionMixin:
     """Mixed in front of a BERT-style SelfAttention class (see apply_fastpath)."""
 
     _sparse_ofa_attention = "fp32"
+
+    def __reduce_ex__(self, protocol):
+        # Pickle (torch.save(model), deepcopy) by the model's own class, which any process can
+        # import, instead of the class generated here; the fused weight is derived, so dropped.
+        state = {k: v for k, v in self.__dict__.items() if k != "_sparse_ofa_qkv"}
+        return _restore_fast, (type(self).__mro__[2], state)
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if (self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
@@ -139,7 +153,6 @@ def _fast_class(cls: type) -> type:
     if cls not in _FAST_CLASSES:
         fast = type(f"SparseOFAFast{cls.__name__}", (FastSelfAttentionMixin, cls), {})
         fast.__module__ = __name__
-        globals()[fast.__name__] = fast  # so pickle finds it by name in this process
         _FAST_CLASSES[cls] = fast
     return _FAST_CLASSES[cls]
 

@@ -148,3 +148,25 @@ def test_bench_command_quick_mode(tmp_path):
     e2e = [r for r in rows if r["extra_info"]["kind"] == "e2e" and r["extra_info"]["impl"].startswith("sparse_ofa")]
     assert e2e and e2e[0]["extra_info"]["cosine_vs_fp32"] > 0.99
     assert (tmp_path / "speedup_vs_sparsity.png").stat().st_size > 1000
+
+
+def test_whole_model_pickle_round_trip_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    fast = sparsify(_tiny("bert"))
+    inputs = _inputs()
+    want = _hidden(fast, inputs)  # builds the fused cache, which must not be pickled
+    torch.save({"model": fast, "inputs": inputs, "want": want}, tmp_path / "m.pt")
+    check = (
+        "import torch, sys\n"
+        "from sparse_ofa.fastpath import FastSelfAttentionMixin\n"
+        f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+        "m = d['model']\n"
+        "attn = [x for x in m.modules() if isinstance(x, FastSelfAttentionMixin)]\n"
+        "assert len(attn) == 2 and all('_sparse_ofa_qkv' not in a.__dict__ for a in attn)\n"
+        "with torch.inference_mode(): got = m(**d['inputs']).last_hidden_state\n"
+        "torch.testing.assert_close(got, d['want'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
