@@ -81,6 +81,21 @@ def test_triton_backend_int_mm_exact_on_every_route(m):
         assert torch.equal(tb.int_mm(x_q, tb.prepare(packed)), _reference(x_q, packed))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 768), (300, 3072), (5, 5000)])
+def test_triton_quantize_bit_identical_on_device(dtype, m, k):
+    from sparse_ofa.kernels.quantize import quantize_per_token as one_launch
+
+    x = (torch.randn(m, k, device=DEV) * 5).to(dtype)
+    if m > 4:
+        x[1], x[2, 3], x[3, 9] = 0.0, float("nan"), float("inf")
+    x_q, x_scale = one_launch(x)
+    ref_q, ref_scale = quantize_per_token(x)
+    assert torch.equal(x_q, ref_q)
+    assert torch.equal(x_scale.isnan(), ref_scale.isnan())
+    assert torch.equal(x_scale.nan_to_num(), ref_scale.nan_to_num())
+
+
 # ------------------------------------------------------------------------------------------ CUDA 2:4
 @pytest.fixture(scope="module")
 def cuda24():

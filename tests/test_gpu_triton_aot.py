@@ -18,6 +18,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from sparse_ofa.kernels.bitmap_int8 import bitmap_int8_kernel
 from sparse_ofa.kernels.block_int8 import block_int8_kernel
+from sparse_ofa.kernels.quantize import quantize_rows_kernel
 
 common = {"x_ptr": "*i8", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "M": "i32",
           "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
@@ -36,6 +37,9 @@ kernels = {
                "GROUP_M": "constexpr"},
               {"EPILOGUE": False, "HAS_BIAS": False, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64,
                "GROUP_M": 8}, 8),
+    "quantize": (quantize_rows_kernel,
+                 {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
+                  "stride_qm": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4),
 }
 fn, sig, consts, warps = kernels[sys.argv[1]]
 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
@@ -44,7 +48,9 @@ compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
 ptx = compiled.asm["ptx"]
 ops = sorted(set(re.findall(r"(wgmma\.mma_async[a-z_.0-9]*|mma\.sync[a-z_.0-9]*)", ptx)))
 fma = len(re.findall(r"\bfma\.rn\.f32", ptx))
-print(json.dumps({"ops": ops, "fma": fma}))
+divs = sorted(set(re.findall(r"\bdiv\.[a-z]+\.f32", ptx)))
+rounding = [bool(re.search(r"add\.rn\.f32.*0f4B400000", ptx)), bool(re.search(r"add\.rn\.f32.*0fCB400000", ptx))]
+print(json.dumps({"ops": ops, "fma": fma, "divs": divs, "rounding": rounding}))
 '''
 
 HOPPER = "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8"
@@ -65,4 +71,12 @@ def test_kernel_lowers_to_int8_tensor_cores(kernel, capability, expect):
     found = _compile(kernel, capability)
     assert expect in found["ops"], found
     # The epilogue must not contract mul + add into an FMA (bit-exactness with torch).
+    assert found["fma"] == 0, found
+
+
+@pytest.mark.parametrize("capability", [90, 80])
+def test_quantize_kernel_keeps_ieee_division_and_rounding(capability):
+    found = _compile("quantize", capability)
+    assert found["divs"] == ["div.rn.f32"], found      # no approximate division
+    assert found["rounding"] == [True, True], found    # (v + 1.5*2^23) - 1.5*2^23 not folded
     assert found["fma"] == 0, found

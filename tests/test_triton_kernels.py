@@ -18,7 +18,7 @@ import torch
 
 from sparse_ofa.formats import kept_mask, pack, unpack_int8
 from sparse_ofa.kernels import layouts
-from sparse_ofa.quant import dequantize
+from sparse_ofa.quant import dequantize, quantize_per_token
 from tests.conftest import sparse_weight
 
 ON_GPU = torch.cuda.is_available()
@@ -27,7 +27,7 @@ DEVICE = "cuda" if ON_GPU else "cpu"
 needs_kernels = pytest.mark.skipif(not RUN_KERNELS_HERE,
                                    reason="run by test_kernels_under_the_interpreter (child pytest)")
 if RUN_KERNELS_HERE:
-    from sparse_ofa.kernels import bitmap_int8, block_int8
+    from sparse_ofa.kernels import bitmap_int8, block_int8, quantize
 
 
 @pytest.mark.skipif(RUN_KERNELS_HERE, reason="kernels run in this process")
@@ -39,7 +39,7 @@ def test_kernels_under_the_interpreter():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     # Everything ran in the child except this very test.
-    assert re.match(r"\d+ passed, 1 skipped in ", done.stdout.strip().splitlines()[-1]), done.stdout[-2000:]
+    assert re.match(r"\d+ passed, 1 skipped(, \d+ warnings?)? in ", done.stdout.strip().splitlines()[-1]), done.stdout[-2000:]
 
 
 BITMAP_CFG = {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
@@ -244,3 +244,37 @@ def test_block_kernel_fused_epilogue_with_bias():
                                  block_k=32, x_scale=x_scale, w_scale=packed.scale, bias=bias,
                                  out_dtype=torch.float32, config=BLOCK_CFG)
     assert torch.equal(y, dequantize(_reference(x_q, packed), x_scale, packed.scale, bias, torch.float32))
+
+
+# ------------------------------------------------------------------------------------------ quantize
+def _awkward_activations():
+    x = torch.randn(8, 300) * 3
+    x[1] = 0.0                                       # all-zero token: scale 0, codes 0
+    x[2, 5] = float("nan")                           # NaN token: scale NaN, codes 0
+    x[3, 7] = float("inf")                           # Inf token
+    x[4] = torch.arange(300) - 150.5                 # many exact .5 ties (round half to even)
+    x[5] = 0.0
+    x[5, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])
+    x[6] = 1e-40                                     # subnormal amax: 127 / amax overflows
+    return x
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("block", [None, 64])
+def test_quantize_kernel_bit_identical_to_torch(dtype, block):
+    x = _awkward_activations().to(dtype).to(DEVICE)
+    x_q, x_scale = quantize.quantize_per_token(x, block)
+    ref_q, ref_scale = quantize_per_token(x)
+    assert x_q.dtype == torch.int8 and x_scale.dtype == torch.float32
+    assert torch.equal(x_q, ref_q)
+    assert torch.equal(x_scale.isnan(), ref_scale.isnan())
+    assert torch.equal(x_scale.nan_to_num(), ref_scale.nan_to_num())
+
+
+@needs_kernels
+def test_quantize_kernel_rejects_bad_input():
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        quantize.quantize_per_token(torch.zeros(2, 4, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="2-D"):
+        quantize.quantize_per_token(torch.zeros(4, device=DEVICE))

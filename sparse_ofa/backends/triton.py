@@ -26,10 +26,22 @@ TILE_N, TILE_K = 64, 64
 
 
 def _kernels():
-    # Imported on first use: importing Triton kernels decides once whether they are interpreted.
+    # Imported on first use, so that importing this backend never imports Triton.
     from sparse_ofa.kernels import bitmap_int8, block_int8, layouts
 
     return bitmap_int8, block_int8, layouts
+
+
+def quantize_input(x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activation quantization: one Triton launch for dynamic per-token on CUDA (bit-identical to
+    sparse_ofa.quant.quantize_per_token), torch otherwise (static scales, CPU tensors)."""
+    if act.is_static or not x.is_cuda:
+        return quantize_activations(x, act)
+    try:
+        from sparse_ofa.kernels.quantize import quantize_per_token
+    except ImportError:  # no Triton: the CUDA backend still works, with torch's quantization
+        return quantize_activations(x, act)
+    return quantize_per_token(x)
 
 
 class TritonBackend(Backend):
@@ -91,6 +103,6 @@ class TritonBackend(Backend):
         return self._run(x_q.contiguous(), prepared)
 
     def linear(self, x, prepared, w_scale, bias, act, out_dtype):
-        x_q, x_scale = quantize_activations(x, act)
+        x_q, x_scale = quantize_input(x, act)
         return self._run(x_q, prepared, x_scale=x_scale, w_scale=w_scale,
                          bias=None if bias is None else bias.to(torch.float32), out_dtype=out_dtype)

@@ -1,0 +1,60 @@
+"""Dynamic per-token INT8 quantization in one kernel launch (torch needs ~8 for the same numerics).
+
+Math, per row m of x [M, K] (sparse_ofa/quant.py:quantize_per_token, bit for bit):
+    amax       = max_k |x[m, k]|          (NaN if any x[m, k] is NaN: torch.amax propagates it)
+    x_scale[m] = amax / 127               (IEEE division, div.rn)
+    inv        = 127 / amax, 0 if amax == 0
+    x_q[m, k]  = clamp(round_half_even(x[m, k] * inv), -127, 127), NaN -> 0
+round_half_even(v) = (v + 1.5 * 2^23) - 1.5 * 2^23, exact for |v| < 2^22 (here |v| <= 127) as long as
+the compiler keeps both IEEE additions (no fast-math in Triton); it also works in the interpreter.
+At few tokens the layer's matmul takes a few microseconds, so the launches saved here matter.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .epilogue import NO_FP_FUSION
+
+_ROUND = 12582912.0  # 1.5 * 2**23
+
+
+@triton.jit
+def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros((BLOCK,), dtype=tl.float32)
+    nans = tl.zeros((BLOCK,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+        nans += (x != x).to(tl.int32)
+    row_amax = tl.max(amax, axis=0)
+    row_amax = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), row_amax)
+    tl.store(s_ptr + row, tl.fdiv(row_amax, 127.0, ieee_rounding=True))
+    inv = tl.where(row_amax != 0.0, tl.fdiv(127.0, row_amax, ieee_rounding=True), 0.0)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
+        v = x * inv
+        r = (v + 12582912.0) - 12582912.0
+        r = tl.where(r != r, 0.0, r)
+        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, r.to(tl.int8), mask=k0 + offs < K)
+
+
+def quantize_per_token(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32/float16/bfloat16 -> (x_q int8 [M, K], x_scale float32 [M]), one launch."""
+    if x.dim() != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"expected a 2-D float32/float16/bfloat16 tensor, got {x.dtype} {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    x_q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    x_scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return x_q, x_scale
+    if k == 0:
+        return x_q, x_scale.zero_()
+    block = block or min(triton.next_power_of_2(k), 4096)
+    quantize_rows_kernel[(m,)](x, x_q, x_scale, k, x.stride(0), x_q.stride(0), BLOCK=block,
+                               num_warps=4 if block <= 1024 else 8, **NO_FP_FUSION)
+    return x_q, x_scale
