@@ -1,15 +1,20 @@
 """The Triton kernels compile ahead of time for real GPUs, without one: int8 wgmma on Hopper (sm_90),
 int8 mma.sync on Ampere (sm_80; Triton picks the .satfinite form, which only differs on int32
-overflow, impossible below formats.MAX_IN_FEATURES). Catches lowering errors the interpreter cannot
-see. Runs in a subprocess: compiling and interpreting Triton kernels in one process interfere."""
+overflow, impossible below formats.MAX_IN_FEATURES); IEEE division and no FMA where numerics need
+it; every autotune config compiles for sm_90 without spilling. Catches lowering errors the
+interpreter cannot see. Compiles in one subprocess: compiling and interpreting Triton kernels in one
+process interfere."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 _COMPILE = r'''
 import json, re, sys
@@ -29,54 +34,87 @@ kernels = {
                 "ATOMIC": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
                 "BLOCK_K": "constexpr"},
                {"EPILOGUE": True, "HAS_BIAS": True, "ATOMIC": False, "BLOCK_M": 64, "BLOCK_N": 64,
-                "BLOCK_K": 128}, 4),
+                "BLOCK_K": 128}),
     "block": (block_int8_kernel,
-              {**common, "w_ptr": "*i8", "tile_ptr": "*i32", "tile_k": "*i32", "out_ptr": "*i32",
+              {**common, "w_ptr": "*i8", "tile_ptr": "*i32", "tile_k": "*i32", "out_ptr": "*fp16",
                "stride_wn": "i32", "EPILOGUE": "constexpr", "HAS_BIAS": "constexpr",
                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                "GROUP_M": "constexpr"},
-              {"EPILOGUE": False, "HAS_BIAS": False, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64,
-               "GROUP_M": 8}, 8),
+              {"EPILOGUE": True, "HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64,
+               "GROUP_M": 8}),
     "quantize": (quantize_rows_kernel,
                  {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
-                  "stride_qm": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}, 4),
+                  "stride_qm": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}),
 }
-fn, sig, consts, warps = kernels[sys.argv[1]]
-compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                          target=GPUTarget("cuda", int(sys.argv[2]), 32),
-                          options={"num_warps": warps, "num_stages": 3, "enable_fp_fusion": False})
-ptx = compiled.asm["ptx"]
-ops = sorted(set(re.findall(r"(wgmma\.mma_async[a-z_.0-9]*|mma\.sync[a-z_.0-9]*)", ptx)))
-fma = len(re.findall(r"\bfma\.rn\.f32", ptx))
-divs = sorted(set(re.findall(r"\bdiv\.[a-z]+\.f32", ptx)))
-rounding = [bool(re.search(r"add\.rn\.f32.*0f4B400000", ptx)), bool(re.search(r"add\.rn\.f32.*0fCB400000", ptx))]
-print(json.dumps({"ops": ops, "fma": fma, "divs": divs, "rounding": rounding}))
+results = []
+for job in json.loads(sys.argv[1]):
+    fn, sig, consts = kernels[job["kernel"]]
+    compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs={**consts, **job["constexprs"]}),
+                              target=GPUTarget("cuda", job["capability"], 32),
+                              options={"num_warps": job["num_warps"], "num_stages": job["num_stages"],
+                                       "enable_fp_fusion": False})
+    ptx = compiled.asm["ptx"]
+    if job.get("cubin"):
+        open(job["cubin"], "wb").write(compiled.asm["cubin"])
+    results.append({
+        "ops": sorted(set(re.findall(r"(wgmma\.mma_async[a-z_.0-9]*|mma\.sync[a-z_.0-9]*)", ptx))),
+        "fma": len(re.findall(r"\bfma\.rn\.f32", ptx)),
+        "divs": sorted(set(re.findall(r"\bdiv\.[a-z]+\.f32", ptx))),
+        "rounding": [bool(re.search(r"add\.rn\.f32.*0f4B400000", ptx)),
+                     bool(re.search(r"add\.rn\.f32.*0fCB400000", ptx))],
+    })
+print(json.dumps(results))
 '''
 
 HOPPER = "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8"
 AMPERE = "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"
 
 
-def _compile(kernel: str, capability: int) -> dict:
+def _compile(jobs: list[dict]) -> list[dict]:
+    jobs = [{"constexprs": {}, "num_warps": 4, "num_stages": 3, **job} for job in jobs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _COMPILE, kernel, str(capability)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(jobs)], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernel", ["bitmap", "block"])
-@pytest.mark.parametrize("capability,expect", [(90, HOPPER), (80, AMPERE)])
-def test_kernel_lowers_to_int8_tensor_cores(kernel, capability, expect):
-    found = _compile(kernel, capability)
-    assert expect in found["ops"], found
-    # The epilogue must not contract mul + add into an FMA (bit-exactness with torch).
-    assert found["fma"] == 0, found
+def test_kernels_lower_to_int8_tensor_cores_without_fma():
+    jobs = [{"kernel": k, "capability": cap, "num_warps": 4 if k == "bitmap" else 8}
+            for k in ("bitmap", "block") for cap in (90, 80)]
+    for job, found in zip(jobs, _compile(jobs)):
+        assert (HOPPER if job["capability"] == 90 else AMPERE) in found["ops"], (job, found)
+        # The epilogue must not contract mul + add into an FMA (bit-exactness with torch).
+        assert found["fma"] == 0, (job, found)
 
 
-@pytest.mark.parametrize("capability", [90, 80])
-def test_quantize_kernel_keeps_ieee_division_and_rounding(capability):
-    found = _compile("quantize", capability)
-    assert found["divs"] == ["div.rn.f32"], found      # no approximate division
-    assert found["rounding"] == [True, True], found    # (v + 1.5*2^23) - 1.5*2^23 not folded
-    assert found["fma"] == 0, found
+def test_quantize_kernel_keeps_ieee_division_and_rounding():
+    for found in _compile([{"kernel": "quantize", "capability": cap} for cap in (90, 80)]):
+        assert found["divs"] == ["div.rn.f32"], found      # no approximate division
+        assert found["rounding"] == [True, True], found    # (v + 1.5*2^23) - 1.5*2^23 not folded
+        assert found["fma"] == 0, found
+
+
+def _cuobjdump():
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return shutil.which("cuobjdump") or (str(bundled) if bundled.exists() else None)
+
+
+def test_autotune_configs_compile_for_hopper_without_spills(tmp_path):
+    from sparse_ofa.kernels import bitmap_int8, block_int8
+
+    dump = _cuobjdump()
+    if dump is None:
+        pytest.skip("no cuobjdump to read register/stack usage")
+    jobs = [{"kernel": "bitmap", "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn}, "num_warps": w,
+             "num_stages": st} for bm, bn, w, st in bitmap_int8._CONFIGS]
+    jobs += [{"kernel": "block", "constexprs": {"BLOCK_M": bm}, "num_warps": w, "num_stages": st}
+             for bm, w, st in block_int8._CONFIGS]
+    for i, job in enumerate(jobs):
+        job.update(capability=90, cubin=str(tmp_path / f"k{i}.cubin"))
+    _compile(jobs)
+    for job in jobs:
+        usage = subprocess.run([dump, "-res-usage", job["cubin"]], capture_output=True, text=True).stdout
+        stack = re.search(r"STACK:(\d+)", usage)
+        assert stack is not None, usage
+        assert int(stack.group(1)) == 0, f"{job} spills to the stack: {usage}"
