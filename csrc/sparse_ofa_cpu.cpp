@@ -39,22 +39,23 @@ void check_vec(const at::Tensor& t, const char* name, at::ScalarType dtype, int6
 QuadWeight weight_of(const at::Tensor& quad_w, const at::Tensor& quad_k, const at::Tensor& row_ptr,
                      const at::Tensor& rowsum, const at::Tensor& layout) {
   check_cpu(layout, "layout");
-  TORCH_CHECK(layout.scalar_type() == at::kInt && layout.dim() == 1 && layout.numel() == 4,
-              "sparse_ofa cpu: layout must be int32 [4] (version, N, K, quads), got ",
+  TORCH_CHECK(layout.scalar_type() == at::kInt && layout.dim() == 1 && layout.numel() == 5,
+              "sparse_ofa cpu: layout must be int32 [5] (version, N, K, quads, kind), got ",
               layout.scalar_type(), " ", layout.sizes());
   const int32_t* l = layout.contiguous().data_ptr<int32_t>();
   TORCH_CHECK(l[0] == kLayoutVersion, "sparse_ofa cpu: prepared weight has layout version ", l[0],
               ", these kernels read version ", kLayoutVersion, " (prepare it again from the packed weight)");
-  const int64_t n = l[1], k = l[2], nq = l[3];
+  const int64_t n = l[1], k = l[2], nq = l[3], kind = l[4];
   TORCH_CHECK(n >= 0 && k >= 0 && nq >= 0, "sparse_ofa cpu: layout has negative sizes");
+  TORCH_CHECK(kind == 0 || kind == 1, "sparse_ofa cpu: unknown layout kind ", kind);
   check_vec(quad_w, "quad_w", at::kInt, nq);
-  check_vec(quad_k, "quad_k", at::kInt, nq);
+  check_vec(quad_k, "quad_k", at::kInt, kind ? 4 * nq : nq);
   check_vec(row_ptr, "row_ptr", at::kInt, n + 1);
   check_vec(rowsum, "rowsum", at::kInt, n);
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   TORCH_CHECK(rp[0] == 0 && rp[n] == nq, "sparse_ofa cpu: row_ptr must run from 0 to ", nq);
   return QuadWeight{quad_w.data_ptr<int32_t>(), quad_k.data_ptr<int32_t>(), rp, rowsum.data_ptr<int32_t>(),
-                    n, k};
+                    n, k, (int)kind};
 }
 
 at::Tensor check_x(const at::Tensor& x, int64_t k, const char* name) {
@@ -78,10 +79,25 @@ uint8_t* scratch(std::vector<uint8_t>& buf, size_t bytes) {
   return buf.data();
 }
 
-void pack_acts(int isa, const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
-               uint8_t* xt, int64_t mp) {
-  if (isa == kAvx512Vnni) pack_acts_avx512(xq, ldx, k, m0, m1, flip, xt, mp);
-  else pack_acts_scalar(xq, ldx, k, m0, m1, flip, xt, mp);
+void pack_acts(int isa, bool gather, const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+               int64_t mend, uint8_t flip, uint8_t* xt, int64_t mp) {
+  if (gather) {
+    if (isa == kAvx512Vnni) pack_cols_avx512(xq, ldx, k, m0, m1, mend, flip, xt, mp);
+    else pack_cols_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp);
+  } else if (isa == kAvx512Vnni) {
+    pack_acts_avx512(xq, ldx, k, m0, m1, mend, flip, xt, mp);
+  } else {
+    pack_acts_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp);
+  }
+}
+
+// Padded token count and bytes of the activation layout for a weight layout kind.
+int64_t padded_tokens(const QuadWeight& w, int64_t m) {
+  const int64_t pad = w.gather ? kColPad : kTokenPad;
+  return (m + pad - 1) / pad * pad;
+}
+size_t act_bytes(const QuadWeight& w, int64_t mp) {
+  return (size_t)(w.gather ? w.k * mp : (w.k + 3) / 4 * mp * 4) + 64;
 }
 
 void quantize_rows(int isa, const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
@@ -96,8 +112,8 @@ void spmm(int isa, const QuadWeight& w, const PackedActs& a, const Epilogue& e) 
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     switch (isa) {
       case kAvx512Vnni: return spmm_avx512(w, a, e, t0, t1);
-      case kAvxVnni: return spmm_avxvnni(w, a, e, t0, t1);
-      case kAvx2: return spmm_avx2(w, a, e, t0, t1);
+      case kAvxVnni: return w.gather ? spmm_scalar(w, a, e, t0, t1) : spmm_avxvnni(w, a, e, t0, t1);
+      case kAvx2: return w.gather ? spmm_scalar(w, a, e, t0, t1) : spmm_avx2(w, a, e, t0, t1);
       default: return spmm_scalar(w, a, e, t0, t1);
     }
   });
@@ -152,14 +168,16 @@ void cpu_int_mm_out(const at::Tensor& x_q, const at::Tensor& quad_w, const at::T
   const int64_t m = xq.size(0);
   check_out(out, m, w.n);
   if (m == 0 || w.n == 0) return;
-  const int64_t mp = (m + kTokenPad - 1) / kTokenPad * kTokenPad, nq = (w.k + 3) / 4;
+  const int64_t mp = padded_tokens(w, m), nq = (w.k + 3) / 4;
   thread_local std::vector<uint8_t> xt_buf;
-  uint8_t* xt = scratch(xt_buf, (size_t)(nq * mp * 4 + 64));
+  uint8_t* xt = scratch(xt_buf, act_bytes(w, mp));
   const uint8_t flip = flip_of(is);
   const int8_t* xp = xq.data_ptr<int8_t>();
   const int64_t ldx = xq.stride(0);
   at::parallel_for(0, mp / kTokenPad, 1, [&](int64_t b0, int64_t b1) {
-    pack_acts(is, xp, ldx, w.k, b0 * kTokenPad, std::min(m, b1 * kTokenPad), flip, xt, mp);
+    // blocks past M (up to mp) are written as padding
+    pack_acts(is, w.gather, xp, ldx, w.k, b0 * kTokenPad, std::min(m, b1 * kTokenPad), b1 * kTokenPad, flip,
+              xt, mp);
   });
   const PackedActs a{xt, m, mp, nq, flip, nullptr};
   const Epilogue e{kOutInt32, nullptr, nullptr, out.data_ptr(), out.stride(0)};
@@ -195,9 +213,9 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
   const int64_t m = xf.size(0), k = w.k;
   check_out(out, m, w.n);
   if (m == 0 || w.n == 0) return;
-  const int64_t mp = (m + kTokenPad - 1) / kTokenPad * kTokenPad, nq = (k + 3) / 4;
+  const int64_t mp = padded_tokens(w, m), nq = (k + 3) / 4;
   thread_local std::vector<uint8_t> xt_buf, xs_buf;
-  uint8_t* xt = scratch(xt_buf, (size_t)(nq * mp * 4 + 64));
+  uint8_t* xt = scratch(xt_buf, act_bytes(w, mp));
   float* xs = (float*)scratch(xs_buf, (size_t)(m * sizeof(float)));
   const uint8_t flip = flip_of(is);
   const float* xp = xf.data_ptr<float>();
@@ -208,8 +226,10 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
     int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * k + 64));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t m0 = b * kTokenPad, m1 = std::min(m, m0 + kTokenPad);
-      quantize_rows(is, xp + m0 * ldx, ldx, k, 0, m1 - m0, qp, block, k, xs + m0);
-      pack_acts(is, block, k, k, 0, m1 - m0, flip, xt + m0 * 4, mp);
+      if (m1 > m0) quantize_rows(is, xp + m0 * ldx, ldx, k, 0, m1 - m0, qp, block, k, xs + m0);
+      // (a block past M only writes padding)
+      pack_acts(is, w.gather, block, k, k, 0, std::max<int64_t>(m1 - m0, 0), kTokenPad, flip,
+                xt + (w.gather ? m0 : m0 * 4), mp);
     }
   });
   const PackedActs a{xt, m, mp, nq, flip, xs};

@@ -81,17 +81,23 @@ def args_of(prepared):
     return cpu_backend.CpuBackend._args(prepared)
 
 
+def derive(packed, layout):
+    if layout == "gathered":
+        return cpu_backend.derive_gathered(packed)
+    return cpu_backend.derive_quads(packed)
+
+
 # ------------------------------------------------------------------------------------- int_mm
 @SETTINGS
 @given(m=st.integers(1, 300), n=st.integers(1, 140), k4=st.integers(1, 50), k_rem=st.integers(0, 3),
        sparsity=st.sampled_from([0.0, 0.3, 0.8, 0.9, 0.97, 1.0]),
        pattern=st.sampled_from(["unstructured", "1x4", "2:4"]), extremes=st.booleans(),
        noncontig=st.booleans(), nthreads=st.sampled_from([1, 2]), isa=st.sampled_from(ISAS),
-       seed=st.integers(0, 2**16))
-def test_int_mm_exact(m, n, k4, k_rem, sparsity, pattern, extremes, noncontig, nthreads, isa, seed):
+       layout=st.sampled_from(["quads", "gathered"]), seed=st.integers(0, 2**16))
+def test_int_mm_exact(m, n, k4, k_rem, sparsity, pattern, extremes, noncontig, nthreads, isa, layout, seed):
     k = 4 * k4 + (k_rem if pattern == "unstructured" else 0)
     packed = pack(make_weight(n, k, sparsity, pattern, seed, extremes), pattern)
-    prepared = cpu_backend.derive_quads(packed)
+    prepared = derive(packed, layout)
     x_q = int8_acts(m, k, seed + 1, extremes)
     if noncontig:  # rows strided: a column slice of a wider tensor
         wide = int8_acts(m, k + 5, seed + 2)
@@ -108,11 +114,12 @@ def test_int_mm_transposed_input_and_large_k():
     # a transposed view (column stride != 1) and K near the int32 headroom of the u8 offset trick
     k, n, m = 4100, 9, 5
     packed = pack(make_weight(n, k, 0.0, "unstructured", 3, extremes=True), "unstructured")
-    prepared = cpu_backend.derive_quads(packed)
     x_q = int8_acts(k, m, 4, extremes=True).t()
-    for isa in ISAS:
-        got = torch.ops.sparse_ofa.cpu_int_mm(x_q, *args_of(prepared), isa)
-        assert torch.equal(got, ref_int_mm(x_q, packed)), isa
+    for layout in ("quads", "gathered"):
+        prepared = derive(packed, layout)
+        for isa in ISAS:
+            got = torch.ops.sparse_ofa.cpu_int_mm(x_q, *args_of(prepared), isa)
+            assert torch.equal(got, ref_int_mm(x_q, packed)), (layout, isa)
 
 
 def test_layout_of_1x4_keeps_exactly_the_blocks():
@@ -165,10 +172,12 @@ def test_quantize_matches_quant_py(m, k, isa, static, dtype, seed):
        static=st.sampled_from([None, (0.02, 0, -127, 127), (0.03, 5, -128, 127)]),
        in_dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        out_kind=st.sampled_from(["same", torch.float32, torch.bfloat16, torch.float16]),
-       nthreads=st.sampled_from([1, 2]), isa=st.sampled_from(ISAS), seed=st.integers(0, 999))
-def test_linear_matches_reference(m, n, k, sparsity, bias, static, in_dtype, out_kind, nthreads, isa, seed):
+       nthreads=st.sampled_from([1, 2]), isa=st.sampled_from(ISAS),
+       layout=st.sampled_from(["quads", "gathered"]), seed=st.integers(0, 999))
+def test_linear_matches_reference(m, n, k, sparsity, bias, static, in_dtype, out_kind, nthreads, isa, layout,
+                                  seed):
     packed = pack(make_weight(n, k, sparsity, "unstructured", seed), "unstructured")
-    prepared = cpu_backend.derive_quads(packed)
+    prepared = derive(packed, layout)
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=g) * 0.3).to(in_dtype)
     b = torch.randn(n, generator=g) if bias else None
@@ -232,6 +241,15 @@ def test_auto_dispatch_prefers_sparse_only_where_it_wins():
     assert dense.dispatch(128) == "dense"  # 0 % sparse: dense INT8 wins, the layer is never slower
     x = torch.randn(128, 256)
     assert torch.equal(dense(x), SparseInt8Linear.from_linear(lin, backend="reference")(x))
+
+
+def test_layout_choice_by_token_count():
+    packed = pack(make_weight(96, 256, 0.9, "unstructured", 9), "unstructured")
+    prepared = cpu_backend.CpuBackend().prepare(packed)
+    kind = {m: int(cpu_backend.CpuBackend.choose(m, prepared)[-1][4]) for m in (1, 128)}
+    assert kind == {1: 0, 128: 1}  # 1 token: aligned quads (gathered works on 64); 128: gathered
+    blocks = cpu_backend.CpuBackend().prepare(pack(make_weight(96, 256, 0.9, "1x4", 9), "1x4"))
+    assert "g_quad_w" not in blocks  # 1x4 quads are already full
 
 
 def test_isa_override(monkeypatch):

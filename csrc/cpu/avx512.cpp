@@ -48,7 +48,9 @@ inline void transpose16x16(__m512i r[16]) {
   }
 }
 
-inline __mmask16 first_n(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+inline __mmask16 first_n(int64_t n) {
+  return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+}
 
 // 16 floats -> bf16 (round to nearest even, NaN -> 0x7FC0), as in float_to_bf16.
 inline __m256i to_bf16(__m512 f) {
@@ -96,14 +98,84 @@ inline void row_product(const int32_t* qw, const int32_t* qk, int32_t p0, int32_
   }
 }
 
+// Layout kind 1: c[0..T) (natural token order, T a multiple of 4) for quads p0..p1 whose 4 bytes
+// come from 4 arbitrary activation rows. Per 64 tokens and quad: 4 row loads, then
+//     ab = unpack{lo,hi}_epi8(a, b), cd = unpack{lo,hi}_epi8(c, d)     (pairs per token)
+//     q_j = unpack{lo,hi}_epi16(ab, cd)                                 (quads per token)
+// q_j holds, in 128-bit lane L, tokens 16L + 4j .. 16L + 4j + 3; the accumulators keep that order
+// and one 4x4 transpose of 128-bit lanes per 64 tokens restores it at the end.
+template <int H>
+inline void row_gather(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t p1, const uint8_t* base,
+                       int64_t mp, __m512i* out) {
+  __m512i c[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < 4; ++j) c[h][j] = _mm512_setzero_si512();
+  for (int32_t p = p0; p < p1; ++p) {
+    const __m512i w = _mm512_set1_epi32(qw[p]);
+    const int32_t* ks = qk + 4 * (int64_t)p;
+    const uint8_t *ra = base + ks[0] * mp, *rb = base + ks[1] * mp, *rc = base + ks[2] * mp,
+                  *rd = base + ks[3] * mp;
+    for (int h = 0; h < H; ++h) {
+      const __m512i xa = _mm512_loadu_si512(ra + 64 * h), xb = _mm512_loadu_si512(rb + 64 * h);
+      const __m512i xc = _mm512_loadu_si512(rc + 64 * h), xd = _mm512_loadu_si512(rd + 64 * h);
+      const __m512i ab_lo = _mm512_unpacklo_epi8(xa, xb), ab_hi = _mm512_unpackhi_epi8(xa, xb);
+      const __m512i cd_lo = _mm512_unpacklo_epi8(xc, xd), cd_hi = _mm512_unpackhi_epi8(xc, xd);
+      c[h][0] = dpbusd(c[h][0], _mm512_unpacklo_epi16(ab_lo, cd_lo), w);
+      c[h][1] = dpbusd(c[h][1], _mm512_unpackhi_epi16(ab_lo, cd_lo), w);
+      c[h][2] = dpbusd(c[h][2], _mm512_unpacklo_epi16(ab_hi, cd_hi), w);
+      c[h][3] = dpbusd(c[h][3], _mm512_unpackhi_epi16(ab_hi, cd_hi), w);
+    }
+  }
+  for (int h = 0; h < H; ++h) {  // c[h][j] lane L -> out[4h + L] lane j
+    const __m512i t0 = _mm512_shuffle_i32x4(c[h][0], c[h][1], 0x44), t1 = _mm512_shuffle_i32x4(c[h][2], c[h][3], 0x44);
+    const __m512i t2 = _mm512_shuffle_i32x4(c[h][0], c[h][1], 0xEE), t3 = _mm512_shuffle_i32x4(c[h][2], c[h][3], 0xEE);
+    out[4 * h + 0] = _mm512_shuffle_i32x4(t0, t1, 0x88);
+    out[4 * h + 1] = _mm512_shuffle_i32x4(t0, t1, 0xDD);
+    out[4 * h + 2] = _mm512_shuffle_i32x4(t2, t3, 0x88);
+    out[4 * h + 3] = _mm512_shuffle_i32x4(t2, t3, 0xDD);
+  }
+}
+
 }  // namespace
 
-void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
+// xk[kk * mp + m] = x_q[m, kk] ^ flip: 16 tokens x 16 quads -> dword transpose (one quad of 16
+// tokens per register) -> bytes regrouped per input channel (vpshufb in lanes, vpermd across).
+void pack_cols_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                      uint8_t* xk, int64_t mp) {
+  const int64_t nq = (k + 3) / 4;
+  const __m512i flipv = _mm512_set1_epi8((char)flip);
+  // in a 128-bit lane: 4 tokens x 4 channels -> 4 channels x 4 tokens
+  const __m512i bytes_t = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  // dword (4L + j) -> (4j + L): channel j of all 4 lanes together
+  const __m512i dwords_t = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (int64_t mb = m0; mb < mend; mb += 16) {
+    const int64_t rows = m1 - mb < 16 ? (m1 - mb > 0 ? m1 - mb : 0) : 16;
+    for (int64_t q0 = 0; q0 < nq; q0 += 16) {
+      const int64_t kb = k - 4 * q0;
+      const __mmask64 live = kb >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << kb) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = i < rows ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(live, xq + (mb + i) * ldx + 4 * q0), flipv)
+                        : flipv;
+      transpose16x16(r);
+      for (int j = 0; j < 16 && q0 + j < nq; ++j) {
+        const __m512i v = _mm512_permutexvar_epi32(dwords_t, _mm512_shuffle_epi8(r[j], bytes_t));
+        const int64_t kk = 4 * (q0 + j);
+        _mm_storeu_si128((__m128i*)(xk + kk * mp + mb), _mm512_castsi512_si128(v));
+        if (kk + 1 < k) _mm_storeu_si128((__m128i*)(xk + (kk + 1) * mp + mb), _mm512_extracti32x4_epi32(v, 1));
+        if (kk + 2 < k) _mm_storeu_si128((__m128i*)(xk + (kk + 2) * mp + mb), _mm512_extracti32x4_epi32(v, 2));
+        if (kk + 3 < k) _mm_storeu_si128((__m128i*)(xk + (kk + 3) * mp + mb), _mm512_extracti32x4_epi32(v, 3));
+      }
+    }
+  }
+}
+
+void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xt, int64_t mp) {
   const int64_t nq = (k + 3) / 4;
   const __m512i flipv = _mm512_set1_epi8((char)flip);
-  for (int64_t mb = m0; mb < m1; mb += 16) {
-    const int64_t rows = m1 - mb < 16 ? m1 - mb : 16;
+  for (int64_t mb = m0; mb < mend; mb += 16) {
+    const int64_t rows = m1 - mb < 16 ? (m1 - mb > 0 ? m1 - mb : 0) : 16;
     for (int64_t q0 = 0; q0 < nq; q0 += 16) {
       const int64_t kb = k - 4 * q0;  // bytes of a token row left from quad q0
       const __mmask64 live = kb >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << kb) - 1);
@@ -183,7 +255,7 @@ namespace {
 // One task: channels [n0, n0 + nr) x tokens [m0, m0 + mt), T = ceil(mt / 16) token vectors.
 // Accumulators stay in registers (T is a compile-time constant), results go to tile[channel][token]
 // then out[token][channel] through 16x16 transposes held in registers.
-template <int T, int U>
+template <int T, int U, bool Gather>
 void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t m0, int64_t mt,
                int64_t n0, int64_t nr, int32_t (*tile)[kTokenBlock]) {
   const int64_t qstride = a.mp * 4;
@@ -195,7 +267,8 @@ void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int6
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t n = n0 + r;
     __m512i acc[T];
-    row_product<T, U>(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], base, qstride, acc);
+    if constexpr (Gather) row_gather<T / 4>(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + m0, a.mp, acc);
+    else row_product<T, U>(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], base, qstride, acc);
     // undo the +128 offset: acc = dot_u8s8 - 128 * rowsum  (mod 2^32, exact)
     const __m512i corr = _mm512_set1_epi32((int32_t)((uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u)));
     if (e.kind == kOutInt32) {
@@ -211,7 +284,7 @@ void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int6
     }
   }
   // tile[channel][token] -> out[token][channel], 16 x 16 at a time
-  for (int t = 0; t < T; ++t) {
+  for (int t = 0; t < T && 16 * t < mt; ++t) {
     const int64_t rows = mt - 16 * t < 16 ? mt - 16 * t : 16;
     for (int64_t c0 = 0; c0 < nr; c0 += 16) {
       const int64_t nc = nr - c0 < 16 ? nr - c0 : 16;
@@ -247,16 +320,21 @@ void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, in
     const int64_t m0 = (task / ngroups) * kTokenBlock, n0 = (task % ngroups) * kRowGroup;
     const int64_t mt = a.m - m0 < kTokenBlock ? a.m - m0 : kTokenBlock;
     const int64_t nr = w.n - n0 < kRowGroup ? w.n - n0 : kRowGroup;
+    if (w.gather) {  // 64-token groups (xk is padded to a multiple of 64 tokens)
+      if (mt > 64) spmm_task<8, 1, true>(w, a, e, m0, mt, n0, nr, tile);
+      else spmm_task<4, 1, true>(w, a, e, m0, mt, n0, nr, tile);
+      continue;
+    }
     // U quads in flight so that short T still has U * T independent vpdpbusd chains
     switch ((mt + 15) / 16) {
-      case 1: spmm_task<1, 4>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 2: spmm_task<2, 4>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 3: spmm_task<3, 2>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 4: spmm_task<4, 2>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 5: spmm_task<5, 1>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 6: spmm_task<6, 1>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 7: spmm_task<7, 1>(w, a, e, m0, mt, n0, nr, tile); break;
-      default: spmm_task<8, 1>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 1: spmm_task<1, 4, false>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 2: spmm_task<2, 4, false>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 3: spmm_task<3, 2, false>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 4: spmm_task<4, 2, false>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 5: spmm_task<5, 1, false>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 6: spmm_task<6, 1, false>(w, a, e, m0, mt, n0, nr, tile); break;
+      case 7: spmm_task<7, 1, false>(w, a, e, m0, mt, n0, nr, tile); break;
+      default: spmm_task<8, 1, false>(w, a, e, m0, mt, n0, nr, tile); break;
     }
   }
 }
@@ -266,8 +344,8 @@ void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, in
 #pragma GCC pop_options
 #else  // not x86: never selected (isa_supported is false), defined so that the binding links
 namespace sparse_ofa_cpu {
-void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
-                      uint8_t* xt, int64_t mp) { pack_acts_scalar(xq, ldx, k, m0, m1, flip, xt, mp); }
+void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                      uint8_t* xt, int64_t mp) { pack_acts_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp); }
 void quantize_rows_avx512(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
                           const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
   quantize_rows_scalar(x, ldx, k, m0, m1, qp, xq, ldq, x_scale);
@@ -275,5 +353,7 @@ void quantize_rows_avx512(const float* x, int64_t ldx, int64_t k, int64_t m0, in
 void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   spmm_scalar(w, a, e, t0, t1);
 }
+void pack_cols_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                      uint8_t* xk, int64_t mp) { pack_cols_scalar(xq, ldx, k, m0, m1, mend, flip, xk, mp); }
 }  // namespace sparse_ofa_cpu
 #endif

@@ -70,10 +70,9 @@ void quantize_rows_scalar(const float* x, int64_t ldx, int64_t k, int64_t m0, in
 
 // xt[(q * mp + m) * 4 + j] = x_q[m, 4q + j] ^ flip for tokens [m0, m1) (m0 a multiple of 16); the
 // padding tokens up to the next multiple of 16 and the channels past K get 0 ^ flip.
-void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
+void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xt, int64_t mp) {
   int64_t nq = (k + 3) / 4;
-  int64_t mend = (m1 + kTokenPad - 1) / kTokenPad * kTokenPad;
   for (int64_t m = m0; m < mend; ++m)
     for (int64_t q = 0; q < nq; ++q)
       for (int j = 0; j < 4; ++j) {
@@ -81,6 +80,19 @@ void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int6
         uint8_t v = (kk < k && m < m1) ? (uint8_t)xq[m * ldx + kk] : 0;
         xt[(q * mp + m) * 4 + j] = v ^ flip;
       }
+}
+
+void pack_cols_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                      uint8_t* xk, int64_t mp) {
+  for (int64_t kk = 0; kk < k; ++kk)
+    for (int64_t m = m0; m < mend; ++m) xk[kk * mp + m] = (m < m1 ? (uint8_t)xq[m * ldx + kk] : 0) ^ flip;
+}
+
+// byte j of quad p for token m, in either layout kind
+static inline int32_t act_byte(const QuadWeight& w, const PackedActs& a, int32_t p, int j, int64_t m) {
+  int64_t idx = w.gather ? (int64_t)w.quad_k[4 * (int64_t)p + j] * a.mp + m
+                         : ((int64_t)w.quad_k[p] * a.mp + m) * 4 + j;
+  return (int32_t)(int8_t)(a.xt[idx] ^ a.flip);
 }
 
 void spmm_scalar(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
@@ -94,10 +106,9 @@ void spmm_scalar(const QuadWeight& w, const PackedActs& a, const Epilogue& e, in
       for (int32_t p = w.row_ptr[n]; p < w.row_ptr[n + 1]; ++p) {
         int8_t wb[4];
         std::memcpy(wb, &w.quad_w[p], 4);
-        const uint8_t* xs = a.xt + ((int64_t)w.quad_k[p] * a.mp + m0) * 4;
         for (int64_t i = 0; i < mt; ++i) {
           int32_t s = 0;
-          for (int j = 0; j < 4; ++j) s += (int32_t)(int8_t)(xs[4 * i + j] ^ a.flip) * wb[j];
+          for (int j = 0; j < 4; ++j) s += act_byte(w, a, p, j, m0 + i) * wb[j];
           acc[i] += s;  // |acc| <= K * 128 * 127 < 2^31: no overflow
         }
       }

@@ -30,18 +30,27 @@ namespace sparse_ofa_cpu {
 enum Isa : int { kScalar = 0, kAvx2 = 1, kAvxVnni = 2, kAvx512Vnni = 3 };
 enum OutKind : int { kOutInt32 = 0, kOutFloat = 1, kOutBFloat16 = 2 };
 
-constexpr int kTokenPad = 16;     // mp is M rounded up to this
+constexpr int kTokenPad = 16;     // mp is M rounded up to this (layout kind 0)
+constexpr int kColPad = 64;       // and to this for layout kind 1
 constexpr int kRowGroup = 64;     // output channels per task (4 transposes wide: the output rows
                                   // are then written 256 contiguous bytes at a time)
 constexpr int kTokenBlock = 128;  // tokens per task (8 zmm accumulators)
 
 struct QuadWeight {
   const int32_t* quad_w;
-  const int32_t* quad_k;
+  const int32_t* quad_k;   // kind 0: q per quad; kind 1: 4 input channels per quad
   const int32_t* row_ptr;
   const int32_t* rowsum;
   int64_t n, k;
+  int gather;              // layout kind: 0 aligned quads, 1 gathered quads (see below)
 };
+
+// Layout kind 1, "gathered quads" (unstructured / 2:4 weights): the kept weights of row n, in
+// ascending k, are cut into groups of 4 ANY input channels (the last group padded with weight 0 and
+// a repeated channel): quad_w as above, quad_k[4p + j] = input channel of byte j. No zeros are
+// multiplied except the padding, at the price of an in-register interleave of 4 activation rows
+// (8 unpacks per 64 tokens) instead of one aligned load. Its activation layout is plain columns:
+//     xk[k * mp + m] = x_q[m, k] ^ flip                          (mp = M rounded up to 64)
 
 struct PackedActs {
   const uint8_t* xt;      // see layout above
@@ -71,11 +80,18 @@ inline int64_t task_count(int64_t m, int64_t n) {
 }
 
 // ---- per-ISA entry points (each processes a sub-range, the caller parallelises) ----------------
-// x_q rows [m0, m1) (row stride ldx, column stride 1) -> xt, with padding tokens/channels zeroed.
-void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
+// x_q rows [m0, m1) (row stride ldx, column stride 1) -> xt; token blocks of 16 from m0 up to mend
+// (a multiple of 16, >= m1) are written, rows past m1 and channels past K as 0 ^ flip.
+void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xt, int64_t mp);
-void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, uint8_t flip,
+void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xt, int64_t mp);
+
+// x_q rows [m0, m1) -> xk columns (layout kind 1), padding tokens up to the next multiple of 16.
+void pack_cols_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                      uint8_t* xk, int64_t mp);
+void pack_cols_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                      uint8_t* xk, int64_t mp);
 
 // Quantize float rows [m0, m1) of x (row stride ldx) into xq [M, ldq] int8 and x_scale [M].
 void quantize_rows_scalar(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,

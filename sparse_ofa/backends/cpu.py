@@ -1,10 +1,14 @@
 """The `cpu` backend: sparse-INT8 kernels in C++ (csrc/cpu/), exposed as torch.ops.sparse_ofa.cpu_*.
 
-prepare() derives the kernel layout "quads v1" from packed format v1, once per module:
-each output row keeps the aligned input-channel quads (k = 4q..4q+3) that hold a non-zero weight,
-as one int32 of 4 int8 weights plus the quad index (see csrc/cpu/sparse_cpu.h). For "1x4" weights
-the kept quads are exactly the kept blocks; for "unstructured"/"2:4" weights a quad with any
-non-zero weight is kept, with zeros inside (VNNI does 4 products per lane regardless).
+prepare() derives the kernel layouts from packed format v1, once per module (csrc/cpu/sparse_cpu.h):
+- kind 0, aligned quads: each output row keeps the aligned input-channel quads (k = 4q..4q+3) that
+  hold a non-zero weight, as one int32 of 4 int8 weights plus the quad index. For "1x4" weights the
+  kept quads are exactly the kept blocks; for unstructured weights a quad with any non-zero weight
+  is kept, zeros inside (at 90 % sparsity ~34 % of the quads, 3.4x the useful work).
+- kind 1, gathered quads (unstructured / 2:4 only): a row's non-zero weights in groups of 4
+  arbitrary input channels; the kernel interleaves 4 activation rows in registers. No padding
+  work, ~1.5x the cost per quad: 2-3x faster than kind 0 at 80-90 % unstructured.
+Each call picks the cheaper one for its token count (`choose`).
 
 The fused linear quantizes activations per token (or with the static QAT scale) exactly as
 sparse_ofa/quant.py does, multiplies with vpdpbusd (AVX-512 VNNI / AVX-VNNI) or an exact vpmaddwd
@@ -100,7 +104,7 @@ def _register_fakes() -> None:
 
 
 def derive_quads(packed: PackedWeight) -> dict[str, torch.Tensor]:
-    """Layout "quads v1" (csrc/cpu/sparse_cpu.h) from packed format v1."""
+    """Layout kind 0, aligned quads (csrc/cpu/sparse_cpu.h), from packed format v1."""
     packed.validate()
     w = unpack_int8(packed).cpu()
     n, k = w.shape
@@ -115,13 +119,44 @@ def derive_quads(packed: PackedWeight) -> dict[str, torch.Tensor]:
         "quad_k": rows_quads[:, 1].to(torch.int32).contiguous(),
         "row_ptr": row_ptr.to(torch.int32),
         "rowsum": w.sum(1, dtype=torch.int32),
-        "layout": torch.tensor([LAYOUT_VERSION, n, k, quad_w.numel()], dtype=torch.int32),
+        "layout": torch.tensor([LAYOUT_VERSION, n, k, quad_w.numel(), 0], dtype=torch.int32),
+    }
+
+
+def derive_gathered(packed: PackedWeight) -> dict[str, torch.Tensor]:
+    """Layout kind 1, gathered quads: each row's non-zero weights, ascending k, in groups of 4
+    arbitrary input channels; the last group of a row padded with weight 0 on its first channel."""
+    packed.validate()
+    w = unpack_int8(packed).cpu()
+    n, k = w.shape
+    nonzero = w != 0
+    rows, cols = nonzero.nonzero(as_tuple=True)
+    counts = nonzero.sum(1)
+    quads_per_row = (counts + 3) // 4
+    row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+    row_ptr[1:] = quads_per_row.cumsum(0)
+    first_nz = torch.zeros(n + 1, dtype=torch.int64)
+    first_nz[1:] = counts.cumsum(0)
+    slot = row_ptr[rows] * 4 + (torch.arange(rows.numel()) - first_nz[rows])
+    nq = int(row_ptr[-1])
+    quad_k = torch.full((nq * 4,), -1, dtype=torch.int64)
+    quad_k[slot] = cols
+    values = torch.zeros(nq * 4, dtype=torch.int8)
+    values[slot] = w[rows, cols]
+    quad_k = quad_k.view(nq, 4)
+    quad_k = torch.where(quad_k < 0, quad_k[:, :1].expand_as(quad_k), quad_k)  # padding: a real row
+    return {
+        "quad_w": values.view(nq, 4).view(torch.int32).reshape(-1).contiguous(),
+        "quad_k": quad_k.reshape(-1).to(torch.int32).contiguous(),
+        "row_ptr": row_ptr.to(torch.int32),
+        "rowsum": w.sum(1, dtype=torch.int32),
+        "layout": torch.tensor([LAYOUT_VERSION, n, k, nq, 1], dtype=torch.int32),
     }
 
 
 def quad_density(info: LayerInfo) -> float:
-    """Expected fraction of kept quads (the VNNI work left) for a layer of this pattern/density:
-    exact for 1x4; for unstructured, quads kept if any of 4 independent weights is (1 - (1-d)^4)."""
+    """Expected fraction of kept aligned quads for a layer of this pattern/density: exact for 1x4;
+    for unstructured, a quad is kept if any of its 4 (about independent) weights is: 1 - (1-d)^4."""
     if info.pattern == "1x4":
         return info.density
     if info.pattern == "2:4":
@@ -129,11 +164,35 @@ def quad_density(info: LayerInfo) -> float:
     return 1.0 - (1.0 - info.density) ** 4
 
 
-# Dispatch thresholds measured with bench/test_layers_cpu.py (see docs/cpu_kernels.md): sparse is
-# chosen when the kept-quad fraction is below this, as a function of the token count.
-_MAX_QUAD_DENSITY_SMALL_M = 0.75   # M <= 16: dense INT8 is memory/latency bound, sparse wins wide
-_MAX_QUAD_DENSITY = 0.5            # M up to ~1024
-_MAX_QUAD_DENSITY_LARGE_M = 0.4    # M > 1024: dense INT8 gets closer to peak
+# Cost of one gathered quad against one aligned quad, per 16 tokens (4 loads + 8 unpacks + 4
+# vpdpbusd per 64 tokens against 4 loads + 4 vpdpbusd): measured 1.4-1.6 on Zen 5 (docs/cpu_kernels.md).
+GATHER_COST = 1.5
+
+
+def layout_costs(m: int, n_quads: int, n_gathered: int | None) -> tuple[float, float]:
+    """(aligned, gathered) cost in aligned-quad x 16-token units for m tokens."""
+    aligned = n_quads * -(-m // 16)
+    if n_gathered is None:
+        return aligned, float("inf")
+    return aligned, GATHER_COST * n_gathered * 4 * -(-m // 64)  # gathered works on 64 tokens
+
+
+def work_fraction(m: int, info: LayerInfo) -> float:
+    """Sparse VNNI work relative to dense INT8 for m tokens (the better of the two layouts)."""
+    per_row = -(-info.in_features // 4)
+    quads = quad_density(info) * per_row
+    gathered = None if info.pattern == "1x4" else -(-info.density * info.in_features // 4)
+    aligned, gath = layout_costs(m, quads, gathered)
+    return min(aligned, gath) / (per_row * -(-m // 16))
+
+
+# Dispatch thresholds on work_fraction, from bench/test_layers_cpu.py on a 2-core Zen 5 (see
+# docs/cpu_kernels.md): the product alone runs at ~0.37 of dense INT8's speed per unit of work
+# (1x4 90 %: 3.7x at 0.10 of the work; unstructured 90 %: 2.6x at 0.15; 80 %: 1.5x at 0.30).
+# Sparse is chosen below the break-even with a margin; at M <= 16 dense INT8 is bound by reading the
+# whole int8 weight, which favours sparse further.
+_MAX_WORK_SMALL_M = 0.6
+_MAX_WORK = 0.35
 
 
 class CpuBackend(Backend):
@@ -151,23 +210,32 @@ class CpuBackend(Backend):
         return device.type == "cpu"
 
     def prefers(self, m: int, info: LayerInfo) -> bool:
-        qd = quad_density(info)
-        if m <= 16:
-            return qd <= _MAX_QUAD_DENSITY_SMALL_M
-        if m <= 1024:
-            return qd <= _MAX_QUAD_DENSITY
-        return qd <= _MAX_QUAD_DENSITY_LARGE_M
+        return work_fraction(m, info) <= (_MAX_WORK_SMALL_M if m <= 16 else _MAX_WORK)
 
     def prepare(self, packed: PackedWeight) -> dict[str, torch.Tensor]:
-        return derive_quads(packed)
+        """Aligned quads always; gathered quads too for unstructured / 2:4 weights (chosen per call)."""
+        prepared = {"q_" + key: t for key, t in derive_quads(packed).items()}
+        if packed.pattern != "1x4":
+            prepared.update({"g_" + key: t for key, t in derive_gathered(packed).items()})
+        return prepared
+
+    @staticmethod
+    def choose(m: int, prepared: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """The op arguments of the cheaper layout for m tokens."""
+        n_quads = prepared["q_quad_w"].numel()
+        n_gathered = prepared["g_quad_w"].numel() if "g_quad_w" in prepared else None
+        aligned, gathered = layout_costs(m, n_quads, n_gathered)
+        p = "g_" if gathered < aligned else "q_"
+        return tuple(prepared[p + key] for key in ("quad_w", "quad_k", "row_ptr", "rowsum", "layout"))
 
     @staticmethod
     def _args(prepared):
+        """Op arguments of a layout dict from derive_quads / derive_gathered."""
         return (prepared["quad_w"], prepared["quad_k"], prepared["row_ptr"], prepared["rowsum"],
                 prepared["layout"])
 
     def int_mm(self, x_q: torch.Tensor, prepared: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.ops.sparse_ofa.cpu_int_mm(x_q, *self._args(prepared), isa_code())
+        return torch.ops.sparse_ofa.cpu_int_mm(x_q, *self.choose(x_q.shape[0], prepared), isa_code())
 
     def linear(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], w_scale: torch.Tensor,
                bias: torch.Tensor | None, act: ActQuant, out_dtype: torch.dtype) -> torch.Tensor:
@@ -175,5 +243,5 @@ class CpuBackend(Backend):
             q = (float(act.scale), act.inv_scale, act.zero_point, act.qmin, act.qmax)
         else:
             q = (0.0, 0.0, 0, -127, 127)
-        return torch.ops.sparse_ofa.cpu_linear(x, *self._args(prepared), w_scale, bias, *q, out_dtype,
-                                               isa_code())
+        return torch.ops.sparse_ofa.cpu_linear(x, *self.choose(x.shape[0], prepared), w_scale, bias, *q,
+                                               out_dtype, isa_code())
