@@ -179,6 +179,7 @@ def layout_costs(m: int, n_quads: int, n_gathered: int | None) -> tuple[float, f
 
 def work_fraction(m: int, info: LayerInfo) -> float:
     """Sparse VNNI work relative to dense INT8 for m tokens (the better of the two layouts)."""
+    m = max(m, 1)
     per_row = -(-info.in_features // 4)
     quads = quad_density(info) * per_row
     gathered = None if info.pattern == "1x4" else -(-info.density * info.in_features // 4)
