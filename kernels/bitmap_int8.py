@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .epilogue import NO_FP_FUSION, store_result
+from .epilogue import NO_FP_FUSION, interpreting, store_result
 
 
 @triton.jit
@@ -102,6 +102,9 @@ def bitmap_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, x_scale=N
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning (the interpreter
     and tests use it); `split_k` None picks one that gives ~2 programs per SM."""
     _check_x(x_q, k)
+    if config is None and interpreting():
+        bm, bn, warps, stages = _CONFIGS[0]
+        config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
     m = x_q.shape[0]
     bits = layout["bits"]
     kt, block_k = bits.shape[0], bits.shape[2] * 8

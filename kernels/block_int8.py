@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .epilogue import NO_FP_FUSION, store_result
+from .epilogue import NO_FP_FUSION, interpreting, store_result
 
 
 @triton.jit
@@ -93,6 +93,9 @@ def block_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, block_n: i
     if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != k or x_q.stride(1) != 1:
         raise ValueError(f"expected K-contiguous int8 activations [M, {k}], got {x_q.dtype} "
                          f"{tuple(x_q.shape)}")
+    if config is None and interpreting():
+        bm, warps, stages = _CONFIGS[0]
+        config = {"BLOCK_M": bm, "num_warps": warps, "num_stages": stages}
     m = x_q.shape[0]
     epilogue = x_scale is not None
     out_dtype = out_dtype or torch.float32

@@ -4,12 +4,19 @@
 or, with EPILOGUE False, the exact int32 acc itself; with ATOMIC True (split-K) acc is atomically
 added into a zeroed int32 buffer (integer addition is associative, so the sum stays exact).
 """
+import os
+
 import triton
 import triton.language as tl
 
 # Launch option: no mul+add -> FMA contraction, so the float epilogue rounds exactly like torch's
 # separate ops in dequantize (bit-identical outputs, not merely close).
 NO_FP_FUSION = {"enable_fp_fusion": False}
+
+
+def interpreting() -> bool:
+    """Under TRITON_INTERPRET=1 the autotuner cannot time configs: wrappers use their first one."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

@@ -189,6 +189,19 @@ def test_bitmap_split_k_epilogue_matches_dequantize():
 
 
 @needs_kernels
+def test_bitmap_kernel_default_config_path_exact():
+    # No explicit config: autotuned on a GPU, the first config under the interpreter.
+    packed = _packed(96, 256, 0.9)
+    x_q = _x(300, 256)
+    out = bitmap_int8.bitmap_int8_mm(x_q, layouts.bitmap_layout(packed, 128), 96, 256)
+    assert torch.equal(out, _reference(x_q, packed))
+    packed_block = pack(_block_pruned(128, 192, 64, 0.4)).to(DEVICE)
+    out = block_int8.block_int8_mm(x_q[:, :192].contiguous(), layouts.block_layout(packed_block, 64, 64),
+                                   128, 192, block_n=64, block_k=64)
+    assert torch.equal(out, _reference(x_q[:, :192].contiguous(), packed_block))
+
+
+@needs_kernels
 def test_bitmap_kernel_zero_tokens():
     packed = _packed(32, 64, 0.5)
     out = bitmap_int8.bitmap_int8_mm(_x(0, 64), layouts.bitmap_layout(packed, 64), 32, 64,
