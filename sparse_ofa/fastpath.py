@@ -49,10 +49,16 @@ def concat_packed(parts: list[PackedWeight]) -> PackedWeight:
                         meta=meta)
 
 
-def _qkv_signature(module: nn.Module) -> tuple:
-    """What the fused weight was built from. Holding the tensors keeps their ids from being reused."""
-    parts = (module.query, module.key, module.value)
-    return tuple((m.weight_values, m.weight_values._version, m.bias, m.backend, m.act) for m in parts)
+def _qkv_signature(module: nn.Module) -> tuple | None:
+    """What the fused weight is built from (None if q/k/v are not all SparseInt8Linear). Reads
+    _modules/_buffers directly: this runs every forward and nn.Module.__getattr__ is slow. Holding
+    the tensors keeps their ids from being reused."""
+    mods = module._modules
+    parts = (mods.get("query"), mods.get("key"), mods.get("value"))
+    if not all(isinstance(m, SparseInt8Linear) for m in parts):
+        return None
+    return tuple((m._buffers["weight_values"], m._buffers["weight_values"]._version,
+                  m._buffers["bias"], m.backend, m.act) for m in parts)
 
 
 def _signature_matches(old: tuple, new: tuple) -> bool:
@@ -68,11 +74,16 @@ def _build_fused_qkv(module: nn.Module) -> SparseInt8Linear:
                                         act=parts[0].act)
 
 
-def fused_qkv(module: nn.Module) -> SparseInt8Linear:
-    """The module's fused QKV layer, rebuilt if its q/k/v changed since the last call."""
+def fused_qkv(module: nn.Module) -> SparseInt8Linear | None:
+    """The module's fused QKV layer (rebuilt if q/k/v changed since the last call), or None when
+    q/k/v cannot be fused (not all sparse, or different patterns/backends/quantization/devices)."""
     signature = _qkv_signature(module)
+    if signature is None:
+        return None
     cached = module.__dict__.get("_sparse_ofa_qkv")
     if cached is None or not _signature_matches(cached[0], signature):
+        if not _fusable(module):
+            return None
         cached = (signature, _build_fused_qkv(module))
         # plain __dict__ entry, not a submodule: stays out of state_dict, named_modules and .to()
         module.__dict__["_sparse_ofa_qkv"] = cached
@@ -94,34 +105,57 @@ def _uses_cache(args, kwargs) -> bool:
     return any(kwargs.get(key) is not None for key in cache_keys) or any(a is not None for a in args)
 
 
-def _restore_fast(base_cls: type, state: dict) -> nn.Module:
+def _restore_fast(base_cls: type, mixin: type, state: dict) -> nn.Module:
     """Unpickle a fast-path module: rebuild it as base_cls, then give it the fast class again."""
     module = base_cls.__new__(base_cls)
     module.__setstate__(state)
-    module.__class__ = _fast_class(base_cls)
+    module.__class__ = fast_class(base_cls, mixin)
     return module
 
 
-class FastSelfAttentionMixin:
+class FastMixin:
+    """Base of the fast-path mixins: pickles (torch.save(model), deepcopy) by the model's own
+    class, which any process can import, instead of the class generated here; derived caches
+    (keys in _DERIVED) are dropped and rebuilt on the next forward."""
+
+    _DERIVED = ("_sparse_ofa_qkv", "_sparse_ofa_layer_mode")
+
+    def __reduce_ex__(self, protocol):
+        state = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
+        return _restore_fast, (base_class(self), type(self).__mro__[1], state)
+
+
+def fast_class(cls: type, mixin: type) -> type:
+    """`cls` with `mixin` in front (cached), named after it, for a module's __class__ swap."""
+    if (cls, mixin) not in _FAST_CLASSES:
+        fast = type(f"SparseOFAFast{cls.__name__}", (mixin, cls), {})
+        fast.__module__ = mixin.__module__
+        _FAST_CLASSES[(cls, mixin)] = fast
+    return _FAST_CLASSES[(cls, mixin)]
+
+
+def base_class(module: nn.Module) -> type:
+    """The model's own class of a fast-path module."""
+    fast = type(module)
+    return fast.__mro__[len(fast.__mro__[1].__mro__)]
+
+
+class FastSelfAttentionMixin(FastMixin):
     """Mixed in front of a BERT-style SelfAttention class (see apply_fastpath)."""
 
     _sparse_ofa_attention = "fp32"
 
-    def __reduce_ex__(self, protocol):
-        # Pickle (torch.save(model), deepcopy) by the model's own class, which any process can
-        # import, instead of the class generated here; the fused weight is derived, so dropped.
-        state = {k: v for k, v in self.__dict__.items() if k != "_sparse_ofa_qkv"}
-        return _restore_fast, (type(self).__mro__[2], state)
-
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if (self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or kwargs.get("output_attentions") or _uses_cache(args, kwargs)
-                or getattr(self.config, "_attn_implementation", None) != "sdpa"
-                or not _fusable(self)):
+                or getattr(self.config, "_attn_implementation", None) != "sdpa"):
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        fused = fused_qkv(self)
+        if fused is None:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
         input_shape = hidden_states.shape[:-1]
         head_shape = (*input_shape, -1, self.attention_head_size)
-        qkv = fused_qkv(self)(hidden_states)
+        qkv = fused(hidden_states)
         q, k, v = (t.view(head_shape).transpose(-3, -2) for t in qkv.split(self.all_head_size, -1))
         scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
         if self._sparse_ofa_attention == "bf16" and q.device.type == "cpu":
@@ -149,19 +183,15 @@ def _is_self_attention(module: nn.Module) -> bool:
             and not getattr(module, "is_decoder", False) and not getattr(module, "is_causal", False))
 
 
-def _fast_class(cls: type) -> type:
-    if cls not in _FAST_CLASSES:
-        fast = type(f"SparseOFAFast{cls.__name__}", (FastSelfAttentionMixin, cls), {})
-        fast.__module__ = __name__
-        _FAST_CLASSES[cls] = fast
-    return _FAST_CLASSES[cls]
-
-
 def apply_fastpath(model: nn.Module, *, attention: str = "fp32") -> list[str]:
-    """Give every fusable self-attention module of `model` the fast forward; return their names.
+    """Give `model` the fast path; return the names of the modules that got it.
 
-    attention: "fp32" (default, the plain path's numerics) or "bf16" (faster attention products on
-    CPU, slightly different numerics)."""
+    Every fusable self-attention gets fused QKV + direct SDPA; every BERT-style layer around one
+    gets the lean layer forward (sparse_ofa/fastpath_layer.py). attention: "fp32" (default, the
+    plain path's numerics) or "bf16" (faster attention products on CPU, slightly different
+    numerics)."""
+    from .fastpath_layer import FastLayerMixin, is_lean_layer
+
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     changed = []
@@ -170,8 +200,12 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32") -> list[str]:
             if not _fusable(module):
                 continue
             if not isinstance(module, FastSelfAttentionMixin):
-                module.__class__ = _fast_class(type(module))
+                module.__class__ = fast_class(type(module), FastSelfAttentionMixin)
             module._sparse_ofa_attention = attention
+            changed.append(name)
+    for name, module in model.named_modules():  # after the attentions: a lean layer needs one
+        if not isinstance(module, FastLayerMixin) and is_lean_layer(module):
+            module.__class__ = fast_class(type(module), FastLayerMixin)
             changed.append(name)
     return changed
 
@@ -180,9 +214,9 @@ def remove_fastpath(model: nn.Module) -> int:
     """Undo apply_fastpath: back to the model's own classes; returns how many modules changed."""
     count = 0
     for module in model.modules():
-        if isinstance(module, FastSelfAttentionMixin):
-            module.__class__ = type(module).__mro__[2]
-            module.__dict__.pop("_sparse_ofa_qkv", None)
-            module.__dict__.pop("_sparse_ofa_attention", None)
+        if isinstance(module, FastMixin):
+            module.__class__ = base_class(module)
+            for key in FastMixin._DERIVED + ("_sparse_ofa_attention",):
+                module.__dict__.pop(key, None)
             count += 1
     return count

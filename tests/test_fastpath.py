@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from sparse_ofa import magnitude_prune_, sparsify, unpack_int8
-from sparse_ofa.fastpath import FastSelfAttentionMixin, apply_fastpath, concat_packed, remove_fastpath
+from sparse_ofa.fastpath import (FastMixin, FastSelfAttentionMixin, apply_fastpath, concat_packed,
+                                 remove_fastpath)
+from sparse_ofa.fastpath_layer import FastLayerMixin
 from sparse_ofa.formats import pack
 from sparse_ofa.modules import SparseInt8Linear
 
@@ -53,10 +55,16 @@ def test_fast_path_equals_plain_path(arch):
     fast = sparsify(copy.deepcopy(fp32))
     swapped = [m for m in fast.modules() if isinstance(m, FastSelfAttentionMixin)]
     assert len(swapped) == 2 and not any(isinstance(m, FastSelfAttentionMixin) for m in plain.modules())
+    layers = [m for m in fast.modules() if isinstance(m, FastLayerMixin)]
+    assert len(layers) == 2
     inputs = _inputs()
-    want, got = _hidden(plain, inputs), _hidden(fast, inputs)
+    want = _hidden(plain, inputs)
+    first = _hidden(fast, inputs)  # the layers' first call checks the lean forward against theirs
+    assert all(m.__dict__["_sparse_ofa_layer_mode"] == "tensor" for m in layers)
+    second = _hidden(fast, inputs)  # lean layers from here on
     # same int32 products and epilogue; only the attention kernel's reading order may differ
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-5)
     assert set(fast.state_dict()) == set(plain.state_dict())
 
 
@@ -104,8 +112,9 @@ def test_training_mode_and_remove_use_the_model_forward():
     torch.manual_seed(3)
     b = plain(**inputs).last_hidden_state
     torch.testing.assert_close(a, b)  # same dropout draws only if the same code path ran
-    assert remove_fastpath(fast) == 2
-    assert not any(isinstance(m, FastSelfAttentionMixin) for m in fast.modules())
+    assert remove_fastpath(fast) == 4  # 2 attentions + 2 layers
+    assert not any(isinstance(m, FastMixin) for m in fast.modules())
+    assert type(fast.encoder.layer[0]).__name__ == "BertLayer"
 
 
 def test_bf16_attention_is_close_and_opt_in():
@@ -113,7 +122,7 @@ def test_bf16_attention_is_close_and_opt_in():
     plain = sparsify(copy.deepcopy(fp32), fastpath=False)
     fast = sparsify(copy.deepcopy(fp32))
     assert apply_fastpath(fast, attention="bf16") == ["encoder.layer.0.attention.self",
-                                                      "encoder.layer.1.attention.self"]
+                                                      "encoder.layer.1.attention.self"]  # layers already fast
     inputs = _inputs()
     want, got = _hidden(plain, inputs), _hidden(fast, inputs)
     assert not torch.equal(want, got)  # it really ran a different attention
