@@ -236,6 +236,7 @@ def test_auto_dispatch_prefers_sparse_only_where_it_wins():
         sparse.weight.mul_(make_weight(256, 256, 0.9, "1x4", 4) != 0)
     mod = SparseInt8Linear.from_linear(sparse, backend="auto")
     assert mod.dispatch(128) == "cpu"
+    assert mod.dispatch(1) == "dense"  # one token: dense INT8 reads the cache-hot weight faster
     lin = torch.nn.Linear(256, 256)
     dense = SparseInt8Linear.from_linear(lin, backend="auto")
     assert dense.dispatch(128) == "dense"  # 0 % sparse: dense INT8 wins, the layer is never slower

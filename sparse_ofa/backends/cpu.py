@@ -187,13 +187,14 @@ def work_fraction(m: int, info: LayerInfo) -> float:
     return min(aligned, gath) / (per_row * -(-m // 16))
 
 
-# Dispatch thresholds on work_fraction, from bench/test_layers_cpu.py on a 2-core Zen 5 (see
-# docs/cpu_kernels.md): the product alone runs at ~0.37 of dense INT8's speed per unit of work
-# (1x4 90 %: 3.7x at 0.10 of the work; unstructured 90 %: 2.6x at 0.15; 80 %: 1.5x at 0.30).
-# Sparse is chosen below the break-even with a margin; at M <= 16 dense INT8 is bound by reading the
-# whole int8 weight, which favours sparse further.
-_MAX_WORK_SMALL_M = 0.6
-_MAX_WORK = 0.35
+# Dispatch thresholds on work_fraction, measured with bench/test_layers_cpu.py and the same shapes on a
+# 2-core Zen 5 (docs/cpu_kernels.md), one thread, hot caches, product alone against torch._int_mm:
+#   M = 128:  1x4 90 % (work 0.10) 3.1-3.9x; unstructured 90 % (0.16) 2.4-2.7x; 80 % (0.31) 1.4-1.5x
+#   M = 1024: 1x4 90 % 2.2-3.7x; unstructured 90 % 1.4-2.8x; 80 % 0.5-1.0x
+#   M = 16:   1x4 90 % 2.8-3.7x; unstructured 90 % (aligned quads, 0.34) 1.1-1.3x; 80 % 0.7-1.0x
+#   M = 1:    dense INT8 reads a cache-hot weight in ~5 us; sparse loses (0.5x) except on 3072x768 1x4
+# so sparse is chosen where it won with a margin, else dense INT8 (never slower than dense).
+_THRESHOLDS = ((4, 0.05), (32, 0.2), (256, 0.35), (None, 0.2))  # (max M, max work fraction)
 
 
 class CpuBackend(Backend):
@@ -211,7 +212,8 @@ class CpuBackend(Backend):
         return device.type == "cpu"
 
     def prefers(self, m: int, info: LayerInfo) -> bool:
-        return work_fraction(m, info) <= (_MAX_WORK_SMALL_M if m <= 16 else _MAX_WORK)
+        limit = next(t for max_m, t in _THRESHOLDS if max_m is None or m <= max_m)
+        return work_fraction(m, info) <= limit
 
     def prepare(self, packed: PackedWeight) -> dict[str, torch.Tensor]:
         """Aligned quads always; gathered quads too for unstructured / 2:4 weights (chosen per call)."""
