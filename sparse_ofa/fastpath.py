@@ -90,14 +90,14 @@ def fused_qkv(module: nn.Module) -> SparseInt8Linear | None:
     return cached[1]
 
 
-def _bf16_attention(q, k, v, mask, scale):
+def _bf16_attention(q, k, v, mask, scale, out_dtype):
     """softmax(q k^T * scale + mask) v with both products in bfloat16, softmax in float32."""
-    scores = torch.matmul(q.to(torch.bfloat16), k.to(torch.bfloat16).transpose(-1, -2)).float()
-    scores = scores * scale
+    bf16 = torch.bfloat16
+    scores = torch.matmul(q.to(bf16), k.to(bf16).transpose(-1, -2)).float().mul_(scale)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = scores.softmax(-1)
-    return torch.matmul(probs.to(torch.bfloat16), v.to(torch.bfloat16)).to(q.dtype)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
+    probs = scores.softmax(-1).to(bf16)
+    return torch.matmul(probs, v.to(bf16)).to(out_dtype)
 
 
 def _uses_cache(args, kwargs) -> bool:
@@ -156,10 +156,13 @@ class FastSelfAttentionMixin(FastMixin):
         input_shape = hidden_states.shape[:-1]
         head_shape = (*input_shape, -1, self.attention_head_size)
         qkv = fused(hidden_states)
+        bf16 = self._sparse_ofa_attention == "bf16" and qkv.device.type == "cpu"
+        if bf16:
+            qkv = qkv.to(torch.bfloat16)  # one cast for q, k and v
         q, k, v = (t.view(head_shape).transpose(-3, -2) for t in qkv.split(self.all_head_size, -1))
         scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
-        if self._sparse_ofa_attention == "bf16" and q.device.type == "cpu":
-            out = _bf16_attention(q, k, v, attention_mask, scale)
+        if bf16:
+            out = _bf16_attention(q, k, v, attention_mask, scale, hidden_states.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale)
         return out.transpose(-3, -2).reshape(*input_shape, -1), None
