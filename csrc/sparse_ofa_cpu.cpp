@@ -73,10 +73,12 @@ void check_out(const at::Tensor& out, int64_t m, int64_t n) {
   TORCH_CHECK(out.stride(1) == 1 || n <= 1, "sparse_ofa cpu: out rows must be contiguous");
 }
 
-// Per-thread growing scratch (a fresh multi-100 KB malloc per call would be an mmap + page faults).
+// Per-thread growing scratch (a fresh multi-100 KB malloc per call would be an mmap + page faults),
+// 64-byte aligned: a zmm load that straddles two cache lines costs two.
 uint8_t* scratch(std::vector<uint8_t>& buf, size_t bytes) {
-  if (buf.size() < bytes) buf.resize(bytes);
-  return buf.data();
+  if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
+  return buf.data() + ((64 - p % 64) % 64);
 }
 
 void pack_acts(int isa, bool gather, const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
