@@ -75,8 +75,8 @@ class DemoConfig:
 
 def quick_config(**overrides) -> DemoConfig:
     """A < 60 s smoke run: same pipeline, tiny numbers (quality is not meaningful)."""
-    base = dict(steps=12, update_every=2, qat_steps=4, batch_size=8, n_train=96, n_heldout=48,
-                speed_batch=8, speed_repeats=3, max_length=48, quick=True)
+    base = dict(steps=8, update_every=2, qat_steps=3, batch_size=8, n_train=64, n_heldout=32,
+                speed_batch=8, speed_repeats=2, max_length=32, quick=True)
     base.update(overrides)
     return DemoConfig(**base)
 
@@ -96,13 +96,17 @@ def _batches(sentences: list[str], batch_size: int, seed: int):
             yield from batches
 
 
-def distill_loss(student_out, teacher_out, attention_mask: torch.Tensor, hidden_weight: float) -> torch.Tensor:
+def distill_loss(student_out, teacher_out, attention_mask: torch.Tensor, hidden_weight: float,
+                 parts: dict | None = None) -> torch.Tensor:
     """1 - cos(pooled student, pooled teacher) + hidden_weight * mean over layers of the token MSE
-    normalised by the teacher layer's mean square (scale-free across layers)."""
+    normalised by the teacher layer's mean square (scale-free across layers). `parts`, if given,
+    receives the batch's mean embedding cosine (for the progress bar and the report)."""
     from .distill import embedding_distill_loss
 
     loss = embedding_distill_loss(student_out.last_hidden_state, teacher_out.last_hidden_state,
                                   attention_mask, kind="cosine", pooled=True)
+    if parts is not None:
+        parts["cosine"] = 1.0 - float(loss.detach())
     if hidden_weight > 0:
         keep = attention_mask.unsqueeze(-1).to(torch.float32)
         per_layer = []
@@ -143,7 +147,8 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
         with torch.no_grad():
             teacher_out = teacher(**batch, output_hidden_states=True)
         student_out = student(**batch, output_hidden_states=True)
-        loss = distill_loss(student_out, teacher_out, batch["attention_mask"], cfg.hidden_weight)
+        parts: dict = {}
+        loss = distill_loss(student_out, teacher_out, batch["attention_mask"], cfg.hidden_weight, parts)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -151,8 +156,10 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
         masker()
         sparsity = pruner.current_sparsity if pruner is not None else cfg.sparsity
         if history is not None:
-            history.append({"phase": phase, "step": step, "loss": float(loss.detach()), "sparsity": sparsity})
-        progress.set_postfix_str(f"{phase} sparsity {sparsity:.0%} loss {float(loss.detach()):.4f}")
+            history.append({"phase": phase, "step": step, "loss": float(loss.detach()), "sparsity": sparsity,
+                            "batch_cosine": parts["cosine"]})
+        progress.set_postfix_str(f"{phase} sparsity {sparsity:.0%} loss {float(loss.detach()):.4f} "
+                                 f"cosine {parts['cosine']:.4f}")
         progress.update(1)
 
 

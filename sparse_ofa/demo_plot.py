@@ -25,10 +25,11 @@ def plot_report(report: dict, path: str | Path) -> Path:
     # training: loss and sparsity over the global step, QAT shaded
     hist = report["history"]
     steps = list(range(len(hist)))
-    ax_train.plot(steps, [h["loss"] for h in hist], color="tab:blue", lw=1, label="distillation loss")
-    ax_train.set_yscale("log")
+    cos = [h["batch_cosine"] for h in hist]
+    ax_train.plot(steps, cos, color="tab:blue", lw=1, label="embedding cosine (training batch)")
+    ax_train.set_ylim(max(0.0, min(cos) - 0.05) if cos else 0.0, 1.0)
     ax_train.set_xlabel("optimizer step")
-    ax_train.set_ylabel("loss (log)", color="tab:blue")
+    ax_train.set_ylabel("cosine to the teacher", color="tab:blue")
     qat = [i for i, h in enumerate(hist) if h["phase"] == "qat"]
     if qat:
         ax_train.axvspan(qat[0], qat[-1] + 1, color="tab:orange", alpha=0.15, label="QAT (lock + KD)")
@@ -38,7 +39,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
     ax_sp.set_ylim(0, 100)
     lines = ax_train.get_legend_handles_labels()
     more = ax_sp.get_legend_handles_labels()
-    ax_train.legend(lines[0] + more[0], lines[1] + more[1], loc="center right", fontsize=8)
+    ax_train.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left", fontsize=8)
     ax_train.set_title("GMP + distillation, then QAT")
 
     # quality: grouped bars
@@ -67,7 +68,7 @@ def plot_report(report: dict, path: str | Path) -> Path:
     ms = [s["median_ms"][k] for k, _ in names]
     bars = ax_speed.bar(range(3), ms, color=["tab:gray", "tab:blue", "tab:green"])
     for i, (bar, v) in enumerate(zip(bars, ms)):
-        ax_speed.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f} ms\n{ms[0] / v:.1f}x",
+        ax_speed.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f} ms\n{ms[0] / v:.1f}x vs fp32",
                       ha="center", va="bottom", fontsize=9)
     ax_speed.set_xticks(range(3))
     ax_speed.set_xticklabels([n for _, n in names], fontsize=9)

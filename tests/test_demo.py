@@ -1,0 +1,64 @@
+"""`sparse-ofa demo --quick`: the whole pipeline on the real all-MiniLM-L6-v2 with tiny numbers. Checks
+that the report is complete and internally consistent (not the quality goal: that needs the full run)."""
+import json
+
+import pytest
+
+from sparse_ofa.cli import main
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--quick", "--output", str(out)]) == 0
+    return json.loads((out / "report.json").read_text()), out
+
+
+def test_report_is_complete_and_consistent(report):
+    rep, out = report
+    cfg = rep["config"]
+    assert cfg["quick"] and cfg["sparsity"] == 0.9 and cfg["pattern"] == "unstructured"
+    assert rep["corpus"]["train"] == cfg["n_train"] and rep["corpus"]["heldout"] == cfg["n_heldout"]
+
+    # the history covers every step; GMP reaches the target inside the prune phase and QAT keeps it
+    hist = rep["history"]
+    assert [h["phase"] for h in hist] == ["prune"] * cfg["steps"] + ["qat"] * cfg["qat_steps"]
+    sparsities = [h["sparsity"] for h in hist]
+    assert sparsities == sorted(sparsities) and sparsities[0] == 0.0
+    assert sparsities[cfg["steps"] - 1] == pytest.approx(0.9)
+    assert all(-1.0 <= h["batch_cosine"] <= 1.0 + 1e-5 for h in hist)
+
+    # every swapped layer runs at the target sparsity (INT8 rounding may only add zeros)
+    sp = rep["sparsity"]
+    assert len(sp["layers"]) == 36  # 6 layers x (q, k, v, attention output, intermediate, output)
+    assert all(0.9 - 1e-6 <= s < 0.93 for s in sp["layers"].values())
+    assert sp["pattern_lock_held_through_qat"] is True
+
+    q = rep["quality_vs_teacher"]
+    assert set(q) == {"prune_ofa_fp32", "prune_ofa_sparse_int8", "oneshot_fp32", "oneshot_sparse_int8", "dense_int8"}
+    for name, row in q.items():
+        assert -1.0 <= row["min_cosine"] <= row["p05_cosine"] <= row["mean_cosine"] <= 1.0, name
+        assert 0.0 <= row["top1"] <= 1.0 and 0.0 <= row["top5_overlap"] <= 1.0, name
+    # INT8 of the same sparse weights stays close to its fp32 model; dense INT8 is near the teacher
+    assert abs(q["oneshot_sparse_int8"]["mean_cosine"] - q["oneshot_fp32"]["mean_cosine"]) < 0.1
+    assert q["dense_int8"]["mean_cosine"] > 0.85
+    assert rep["goal"]["met"] == (q["prune_ofa_sparse_int8"]["mean_cosine"] >= 0.95)
+
+    s = rep["speed"]
+    ms = s["median_ms"]
+    assert set(ms) == {"dense_fp32", "dense_int8", "sparse_int8"} and all(v > 0 for v in ms.values())
+    assert s["speedup_sparse_int8_vs_dense_fp32"] == pytest.approx(ms["dense_fp32"] / ms["sparse_int8"])
+    assert s["speedup_sparse_int8_vs_dense_int8"] == pytest.approx(ms["dense_int8"] / ms["sparse_int8"])
+    assert 1 <= s["seq"] <= 128 and s["batch"] == cfg["speed_batch"]
+    assert rep["timings_s"]["total"] >= rep["timings_s"]["prune_ofa"] > 0
+
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+
+
+def test_bad_demo_arguments_are_named(tmp_path, capsys):
+    assert main(["demo", "--quick", "--sparsity", "1.0", "--output", str(tmp_path)]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--steps", "0", "--output", str(tmp_path)]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()
