@@ -213,7 +213,7 @@ class CpuBackend(Backend):
 
     def prefers(self, m: int, info: LayerInfo) -> bool:
         limit = next(t for max_m, t in _THRESHOLDS if max_m is None or m <= max_m)
-        return work_fraction(m, info) <= limit
+        return work_fraction(m, info) <= limit + 1e-9  # (a 1x4 layer at exactly 80 % is 0.2000...04)
 
     def prepare(self, packed: PackedWeight) -> dict[str, torch.Tensor]:
         """Aligned quads always; gathered quads too for unstructured / 2:4 weights (chosen per call)."""
