@@ -77,6 +77,12 @@ def isa_code(name: str | None = None) -> int:
     return ISAS[name]
 
 
+def effective_isa() -> int:
+    """The ISA code the ops will run: $SPARSE_OFA_CPU_ISA if set, else the CPU's best."""
+    code = isa_code()
+    return ISAS[best_isa()] if code < 0 else code
+
+
 def _register_fakes() -> None:
     lib = "sparse_ofa::"
 
@@ -224,9 +230,12 @@ class CpuBackend(Backend):
 
     @staticmethod
     def choose(m: int, prepared: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """The op arguments of the cheaper layout for m tokens."""
+        """The op arguments of the cheaper layout for m tokens (gathered quads only have an
+        AVX-512 kernel; the other ISAs run them with the scalar loop, so they keep aligned quads)."""
         n_quads = prepared["q_quad_w"].numel()
         n_gathered = prepared["g_quad_w"].numel() if "g_quad_w" in prepared else None
+        if n_gathered is not None and effective_isa() != ISAS["avx512vnni"]:
+            n_gathered = None
         aligned, gathered = layout_costs(m, n_quads, n_gathered)
         p = "g_" if gathered < aligned else "q_"
         return tuple(prepared[p + key] for key in ("quad_w", "quad_k", "row_ptr", "rowsum", "layout"))
