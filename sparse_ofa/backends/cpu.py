@@ -188,7 +188,9 @@ def work_fraction(m: int, info: LayerInfo) -> float:
     m = max(m, 1)
     per_row = -(-info.in_features // 4)
     quads = quad_density(info) * per_row
-    gathered = None if info.pattern == "1x4" else -(-info.density * info.in_features // 4)
+    gathered = None
+    if info.pattern != "1x4" and effective_isa() == ISAS["avx512vnni"]:
+        gathered = -(-info.density * info.in_features // 4)
     aligned, gath = layout_costs(m, quads, gathered)
     return min(aligned, gath) / (per_row * -(-m // 16))
 
