@@ -12,6 +12,8 @@ Split-K (grid axis 2) gives small-M problems enough programs to fill the GPU; pa
 atomically added in int32 and the float epilogue runs afterwards (see sparse_ofa.quant.dequantize).
 Layout: kernels/layouts.py:bitmap_layout, derived from the packed weight.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -113,8 +115,7 @@ def bitmap_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, x_scale=N
     if m == 0:
         return torch.empty(0, n, dtype=out_dtype if epilogue else torch.int32, device=x_q.device)
     if split_k is None:
-        sms = (torch.cuda.get_device_properties(x_q.device).multi_processor_count
-               if x_q.is_cuda else 4)
+        sms = _sm_count(x_q.device.index or 0) if x_q.is_cuda else 4
         bm, bn = (config or {}).get("BLOCK_M", 16), (config or {}).get("BLOCK_N", 64)
         split_k = _split_k_for(m, n, kt, bm, bn, 2 * sms)
     atomic = split_k > 1
@@ -142,6 +143,11 @@ def bitmap_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, x_scale=N
         from sparse_ofa.quant import dequantize
         return dequantize(out, x_scale, w_scale, bias, out_dtype)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _check_x(x_q: torch.Tensor, k: int) -> None:
