@@ -140,7 +140,7 @@ def bitmap_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, x_scale=N
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), split_k)
         _autotuned()[grid](*args, triton.next_power_of_2(m), **flags, **NO_FP_FUSION)
     if epilogue and atomic:
-        from sparse_ofa.quant import dequantize
+        from .dequantize import dequantize  # one launch for the split-K epilogue
         return dequantize(out, x_scale, w_scale, bias, out_dtype)
     return out
 

@@ -96,6 +96,17 @@ def test_triton_quantize_bit_identical_on_device(dtype, m, k):
     assert torch.equal(x_scale.nan_to_num(), ref_scale.nan_to_num())
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_dequantize_bit_identical_on_device(out_dtype):
+    from sparse_ofa.kernels.dequantize import dequantize as one_launch
+
+    acc = torch.randint(-2**24, 2**24, (300, 3072), dtype=torch.int32, device=DEV)
+    x_scale, w_scale = torch.rand(300, device=DEV) / 1e3, torch.rand(3072, device=DEV) / 1e2
+    bias = torch.randn(3072, device=DEV)
+    assert torch.equal(one_launch(acc, x_scale, w_scale, bias, out_dtype),
+                       dequantize(acc, x_scale, w_scale, bias, out_dtype))
+
+
 # ------------------------------------------------------------------------------------------ CUDA 2:4
 @pytest.fixture(scope="module")
 def cuda24():

@@ -24,6 +24,7 @@ from triton.compiler import ASTSource
 from sparse_ofa.kernels.bitmap_int8 import bitmap_int8_kernel
 from sparse_ofa.kernels.block_int8 import block_int8_kernel
 from sparse_ofa.kernels.quantize import quantize_rows_kernel
+from sparse_ofa.kernels.dequantize import dequantize_kernel
 
 common = {"x_ptr": "*i8", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32", "M": "i32",
           "N": "i32", "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
@@ -45,6 +46,11 @@ kernels = {
     "quantize": (quantize_rows_kernel,
                  {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
                   "stride_qm": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}),
+    "dequantize": (dequantize_kernel,
+                   {"acc_ptr": "*i32", "xs_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*fp32",
+                    "out_ptr": "*bf16", "M": "i32", "N": "i32", "HAS_BIAS": "constexpr",
+                    "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"},
+                   {"HAS_BIAS": True, "BLOCK_M": 16, "BLOCK_N": 128}),
 }
 results = []
 for job in json.loads(sys.argv[1]):
@@ -86,6 +92,11 @@ def test_kernels_lower_to_int8_tensor_cores_without_fma():
         assert (HOPPER if job["capability"] == 90 else AMPERE) in found["ops"], (job, found)
         # The epilogue must not contract mul + add into an FMA (bit-exactness with torch).
         assert found["fma"] == 0, (job, found)
+
+
+def test_dequantize_kernel_has_no_fma():
+    for found in _compile([{"kernel": "dequantize", "capability": cap} for cap in (90, 80)]):
+        assert found["fma"] == 0, found
 
 
 def test_quantize_kernel_keeps_ieee_division_and_rounding():

@@ -28,6 +28,7 @@ needs_kernels = pytest.mark.skipif(not RUN_KERNELS_HERE,
                                    reason="run by test_kernels_under_the_interpreter (child pytest)")
 if RUN_KERNELS_HERE:
     from sparse_ofa.kernels import bitmap_int8, block_int8, quantize
+    from sparse_ofa.kernels import dequantize as one_launch_dequantize
 
 
 @pytest.mark.skipif(RUN_KERNELS_HERE, reason="kernels run in this process")
@@ -291,3 +292,28 @@ def test_quantize_kernel_rejects_bad_input():
         quantize.quantize_per_token(torch.zeros(2, 4, dtype=torch.int32, device=DEVICE))
     with pytest.raises(ValueError, match="2-D"):
         quantize.quantize_per_token(torch.zeros(4, device=DEVICE))
+
+
+# ------------------------------------------------------------------------------------------ dequantize
+@needs_kernels
+@pytest.mark.parametrize("out_dtype,with_bias", [(torch.float32, True), (torch.float16, False),
+                                                 (torch.float32, False)])
+def test_dequantize_kernel_bit_identical_to_torch(out_dtype, with_bias):
+    gen = torch.Generator().manual_seed(5)
+    acc = torch.randint(-2**24, 2**24, (37, 200), generator=gen, dtype=torch.int32).to(DEVICE)
+    x_scale = (torch.rand(37, generator=gen) / 1000).to(DEVICE)
+    x_scale[4] = float("nan")
+    w_scale = (torch.rand(200, generator=gen) / 100).to(DEVICE)
+    bias = torch.randn(200, generator=gen).to(DEVICE) if with_bias else None
+    y = one_launch_dequantize.dequantize(acc, x_scale, w_scale, bias, out_dtype)
+    expected = dequantize(acc, x_scale, w_scale, bias, out_dtype)
+    assert y.dtype == out_dtype
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+
+
+@needs_kernels
+def test_dequantize_kernel_rejects_float_products():
+    with pytest.raises(ValueError, match="int32"):
+        one_launch_dequantize.dequantize(torch.zeros(2, 3, device=DEVICE), torch.ones(2, device=DEVICE),
+                              torch.ones(3, device=DEVICE), None, torch.float32)
