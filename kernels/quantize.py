@@ -15,8 +15,6 @@ import triton.language as tl
 
 from .epilogue import NO_FP_FUSION
 
-_ROUND = 12582912.0  # 1.5 * 2**23
-
 
 @triton.jit
 def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
