@@ -109,16 +109,47 @@ void quantize_rows(int isa, const float* x, int64_t ldx, int64_t k, int64_t m0, 
   else quantize_rows_scalar(x, ldx, k, m0, m1, qp, xq, ldq, x_scale);
 }
 
-void spmm(int isa, const QuadWeight& w, const PackedActs& a, const Epilogue& e) {
-  const int64_t tasks = task_count(a.m, w.n);
-  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    switch (isa) {
-      case kAvx512Vnni: return spmm_avx512(w, a, e, t0, t1);
-      case kAvxVnni: return w.gather ? spmm_scalar(w, a, e, t0, t1) : spmm_avxvnni(w, a, e, t0, t1);
-      case kAvx2: return w.gather ? spmm_scalar(w, a, e, t0, t1) : spmm_avx2(w, a, e, t0, t1);
-      default: return spmm_scalar(w, a, e, t0, t1);
-    }
-  });
+void spmm_tasks(int isa, const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
+  switch (isa) {
+    case kAvx512Vnni: return spmm_avx512(w, a, e, t0, t1);
+    case kAvxVnni: return w.gather ? spmm_scalar(w, a, e, t0, t1) : spmm_avxvnni(w, a, e, t0, t1);
+    case kAvx2: return w.gather ? spmm_scalar(w, a, e, t0, t1) : spmm_avx2(w, a, e, t0, t1);
+    default: return spmm_scalar(w, a, e, t0, t1);
+  }
+}
+
+// Pack the activations (pack_blocks(b0, b1) writes 16-token blocks [b0, b1) of xt, padding included)
+// and run the product. With enough tokens each thread takes its own token range (a multiple of 64)
+// and packs and multiplies it in ONE parallel region: no barrier between packing and the product
+// (OpenMP barriers are costly on a loaded machine) and each thread's activation block is smaller.
+// Otherwise: pack in parallel, then split the product by output channels.
+template <class PackBlocks>
+void pack_and_multiply(int isa, const QuadWeight& w, const PackedActs& a, const Epilogue& e,
+                       const PackBlocks& pack_blocks) {
+  const int64_t nblocks = a.mp / kTokenPad;
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && a.m >= 64 * threads) {
+    const int64_t chunk = ((a.m + threads - 1) / threads + 63) / 64 * 64;
+    const int64_t nchunks = (a.m + chunk - 1) / chunk;
+    const size_t out_elem = e.kind == kOutBFloat16 ? 2 : 4;
+    at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t ms = c * chunk, me = std::min(a.m, ms + chunk);
+        pack_blocks(ms / kTokenPad, c == nchunks - 1 ? nblocks : me / kTokenPad);
+        PackedActs sub = a;
+        sub.xt = a.xt + (w.gather ? ms : ms * 4);
+        sub.m = me - ms;
+        sub.x_scale = a.x_scale ? a.x_scale + ms : nullptr;
+        Epilogue sub_e = e;
+        sub_e.out = (char*)e.out + ms * e.ldo * out_elem;
+        spmm_tasks(isa, w, sub, sub_e, 0, task_count(sub.m, w.n));
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) { pack_blocks(b0, b1); });
+  at::parallel_for(0, task_count(a.m, w.n), 1,
+                   [&](int64_t t0, int64_t t1) { spmm_tasks(isa, w, a, e, t0, t1); });
 }
 
 uint8_t flip_of(int isa) { return (isa == kAvx512Vnni || isa == kAvxVnni) ? 0x80 : 0; }
@@ -176,14 +207,13 @@ void cpu_int_mm_out(const at::Tensor& x_q, const at::Tensor& quad_w, const at::T
   const uint8_t flip = flip_of(is);
   const int8_t* xp = xq.data_ptr<int8_t>();
   const int64_t ldx = xq.stride(0);
-  at::parallel_for(0, mp / kTokenPad, 1, [&](int64_t b0, int64_t b1) {
+  const PackedActs a{xt, m, mp, nq, flip, nullptr};
+  const Epilogue e{kOutInt32, nullptr, nullptr, out.data_ptr(), out.stride(0)};
+  pack_and_multiply(is, w, a, e, [&](int64_t b0, int64_t b1) {
     // blocks past M (up to mp) are written as padding
     pack_acts(is, w.gather, xp, ldx, w.k, b0 * kTokenPad, std::min(m, b1 * kTokenPad), b1 * kTokenPad, flip,
               xt, mp);
   });
-  const PackedActs a{xt, m, mp, nq, flip, nullptr};
-  const Epilogue e{kOutInt32, nullptr, nullptr, out.data_ptr(), out.stride(0)};
-  spmm(is, w, a, e);
 }
 
 at::Tensor cpu_int_mm(const at::Tensor& x_q, const at::Tensor& quad_w, const at::Tensor& quad_k,
@@ -222,8 +252,11 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
   const uint8_t flip = flip_of(is);
   const float* xp = xf.data_ptr<float>();
   const int64_t ldx = xf.stride(0);
+  const PackedActs a{xt, m, mp, nq, flip, xs};
+  const Epilogue e{out.scalar_type() == at::kFloat ? kOutFloat : kOutBFloat16, w_scale.data_ptr<float>(), bp,
+                   out.data_ptr(), out.stride(0)};
   // fused per-token quantization: 16 tokens at a time into an L1-sized block, then into xt
-  at::parallel_for(0, mp / kTokenPad, 1, [&](int64_t b0, int64_t b1) {
+  pack_and_multiply(is, w, a, e, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<uint8_t> block_buf;
     int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * k + 64));
     for (int64_t b = b0; b < b1; ++b) {
@@ -234,10 +267,6 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
                 xt + (w.gather ? m0 : m0 * 4), mp);
     }
   });
-  const PackedActs a{xt, m, mp, nq, flip, xs};
-  const Epilogue e{out.scalar_type() == at::kFloat ? kOutFloat : kOutBFloat16, w_scale.data_ptr<float>(), bp,
-                   out.data_ptr(), out.stride(0)};
-  spmm(is, w, a, e);
 }
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& quad_w, const at::Tensor& quad_k,

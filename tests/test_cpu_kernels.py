@@ -122,6 +122,26 @@ def test_int_mm_transposed_input_and_large_k():
             assert torch.equal(got, ref_int_mm(x_q, packed)), (layout, isa)
 
 
+@pytest.mark.parametrize("m", [128, 200, 300])
+@pytest.mark.parametrize("layout", ["quads", "gathered"])
+def test_token_split_across_threads(m, layout):
+    # M >= 64 x threads: each thread packs and multiplies its own token range (one parallel region)
+    packed = pack(make_weight(70, 52, 0.8, "unstructured", m), "unstructured")
+    prepared = derive(packed, layout)
+    x = torch.randn(m, 52)
+    x_q, x_scale = quantize_activations(x, ActQuant())
+    want = dequantize(ref_int_mm(x_q, packed), x_scale, packed.scale, None, torch.bfloat16)
+    for isa in ISAS:
+        with threads(2):
+            out = torch.full((m, 70), POISON_INT, dtype=torch.int32)
+            torch.ops.sparse_ofa.cpu_int_mm_out(x_q, *args_of(prepared), out, isa)
+            y = torch.full((m, 70), float("nan"), dtype=torch.bfloat16)
+            torch.ops.sparse_ofa.cpu_linear_out(x, *args_of(prepared), packed.scale, None, 0.0, 0.0, 0, -127, 127,
+                                                y, isa)
+        assert torch.equal(out, ref_int_mm(x_q, packed)), isa
+        assert torch.equal(y, want), isa
+
+
 def test_layout_of_1x4_keeps_exactly_the_blocks():
     packed = pack(make_weight(64, 128, 0.9, "1x4", 5), "1x4")
     prepared = cpu_backend.derive_quads(packed)
