@@ -16,7 +16,7 @@ import torch
 
 from sparse_ofa.backends.cuda import META_MODES, prepare_sp24
 from sparse_ofa.formats import pack, unpack_int8
-from tests.conftest import sparse_weight
+from conftest import sparse_weight
 
 ROWS, TOKENS, KSTAGE, A_STRIDE, B_STRIDE = 128, 64, 64, 48, 80  # csrc/cuda/sp24_int8.cu constants
 

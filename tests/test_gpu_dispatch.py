@@ -8,7 +8,7 @@ from sparse_ofa.backends import triton as triton_backend
 from sparse_ofa.backends.base import LayerInfo
 from sparse_ofa.formats import pack, unpack_int8
 from sparse_ofa.kernels.layouts import sp24_to_dense
-from tests.conftest import sparse_weight
+from conftest import sparse_weight
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU answer")

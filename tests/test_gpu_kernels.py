@@ -8,7 +8,7 @@ from torch import nn
 from sparse_ofa import SparseInt8Linear, backends
 from sparse_ofa.formats import pack, unpack_int8
 from sparse_ofa.quant import dequantize, quantize_per_token
-from tests.conftest import sparse_weight
+from conftest import sparse_weight
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

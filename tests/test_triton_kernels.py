@@ -19,7 +19,7 @@ import torch
 from sparse_ofa.formats import kept_mask, pack, unpack_int8
 from sparse_ofa.kernels import layouts
 from sparse_ofa.quant import dequantize, quantize_per_token
-from tests.conftest import sparse_weight
+from conftest import sparse_weight
 
 ON_GPU = torch.cuda.is_available()
 RUN_KERNELS_HERE = ON_GPU or os.environ.get("TRITON_INTERPRET") == "1"
