@@ -39,7 +39,7 @@ install_package() {
     return 0
   fi
   # Fallback: a shadow tree with the package layout setuptools would install.
-  local shim="$OUT/.shim"
+  local shim="${TMPDIR:-/tmp}/sparse_ofa_shim"
   rm -rf "$shim" && mkdir -p "$shim"
   cp -r sparse_ofa "$shim/sparse_ofa" && cp -r kernels "$shim/sparse_ofa/kernels" && cp -r csrc "$shim/sparse_ofa/csrc"
   export PYTHONPATH="$shim:$REPO${PYTHONPATH:+:$PYTHONPATH}"
