@@ -179,3 +179,14 @@ def test_whole_model_pickle_round_trip_in_a_fresh_process(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_from_pretrained_gets_the_fast_path(tmp_path):
+    from sparse_ofa import from_pretrained, save_pretrained
+
+    fast = sparsify(_tiny("bert"))
+    save_pretrained(fast, tmp_path / "m")
+    loaded = from_pretrained(tmp_path / "m")
+    assert sum(isinstance(m, FastMixin) for m in loaded.modules()) == 4
+    inputs = _inputs()
+    torch.testing.assert_close(_hidden(loaded, inputs), _hidden(fast, inputs))
