@@ -184,7 +184,11 @@ def test_whole_model_pickle_round_trip_in_a_fresh_process(tmp_path):
 def test_from_pretrained_gets_the_fast_path(tmp_path):
     from sparse_ofa import from_pretrained, save_pretrained
 
-    fast = sparsify(_tiny("bert"))
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(**TINY)).eval()  # with its pooler, as AutoModel rebuilds it
+    magnitude_prune_(model, 0.7)
+    fast = sparsify(model)
     save_pretrained(fast, tmp_path / "m")
     loaded = from_pretrained(tmp_path / "m")
     assert sum(isinstance(m, FastMixin) for m in loaded.modules()) == 4
