@@ -103,7 +103,7 @@ def bitmap_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, x_scale=N
 
     `config` ({"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}) skips autotuning (the interpreter
     and tests use it); `split_k` None picks one that gives ~2 programs per SM."""
-    _check_x(x_q, k)
+    _check_x(x_q, k, n)
     if config is None and interpreting():
         bm, bn, warps, stages = _CONFIGS[0]
         config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
@@ -150,8 +150,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _check_x(x_q: torch.Tensor, k: int) -> None:
+def _check_x(x_q: torch.Tensor, k: int, n: int) -> None:
     if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != k:
         raise ValueError(f"expected int8 activations [M, {k}], got {x_q.dtype} {tuple(x_q.shape)}")
     if x_q.stride(1) != 1:
         raise ValueError("int8 activations must be contiguous along K (stride(1) == 1)")
+    check_int32_indexing(x_q.shape[0], k, n)
+
+
+def check_int32_indexing(m: int, k: int, n: int) -> None:
+    """The kernels index with int32 offsets: x [M, K] and the output [M, N] must stay below 2^31."""
+    if m * max(k, n) >= 2**31:
+        raise ValueError(f"{m} tokens x {max(k, n)} features exceeds the kernels' 32-bit indexing; "
+                         "split the batch")

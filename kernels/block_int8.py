@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .bitmap_int8 import check_int32_indexing
 from .epilogue import NO_FP_FUSION, interpreting, store_result
 
 
@@ -93,6 +94,7 @@ def block_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, block_n: i
     if x_q.dtype != torch.int8 or x_q.dim() != 2 or x_q.shape[1] != k or x_q.stride(1) != 1:
         raise ValueError(f"expected K-contiguous int8 activations [M, {k}], got {x_q.dtype} "
                          f"{tuple(x_q.shape)}")
+    check_int32_indexing(x_q.shape[0], k, n)
     if config is None and interpreting():
         bm, warps, stages = _CONFIGS[0]
         config = {"BLOCK_M": bm, "num_warps": warps, "num_stages": stages}

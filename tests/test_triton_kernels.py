@@ -210,6 +210,14 @@ def test_bitmap_kernel_zero_tokens():
     assert out.shape == (0, 32)
 
 
+def test_kernels_refuse_problems_past_32_bit_indexing():
+    from sparse_ofa.kernels.bitmap_int8 import check_int32_indexing
+
+    check_int32_indexing(4096, 4096, 1024)
+    with pytest.raises(ValueError, match="32-bit indexing"):
+        check_int32_indexing(2**20, 4096, 1024)
+
+
 @needs_kernels
 @pytest.mark.parametrize("bad,match", [(torch.zeros(2, 64), "int8"), (torch.zeros(2, 32, dtype=torch.int8), r"\[M, 64\]")])
 def test_bitmap_kernel_rejects_bad_activations(bad, match):
