@@ -96,11 +96,12 @@ def format_table(rows: list[dict]) -> str:
                  _fmt(e["median_ms"], ".3f")]
         cells += [_fmt(e[f"x_{c}"], ".2f") for c in columns]
         lines.append("| " + " | ".join(cells) + " |")
-    cosines = [e for e in entries if e.get("cosine_vs_fp32") is not None]
+    cosines = [r for r in rows if r["extra_info"].get("cosine_vs_fp32") is not None]
     if cosines:
         lines.append("")
-        lines.append("Embedding cosine vs fp32 (mean over the batch):")
-        lines.extend(f"- {e['name']}: {e['cosine_vs_fp32']:.6f}" for e in cosines)
+        lines.append("Embedding cosine vs fp32 (mean over the batch), baselines and sparse_ofa:")
+        lines.extend(f"- {r['name']} ({r['extra_info'].get('impl')}): "
+                     f"{r['extra_info']['cosine_vs_fp32']:.6f}" for r in cosines)
     return "\n".join(lines)
 
 
