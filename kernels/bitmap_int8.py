@@ -119,10 +119,10 @@ def bitmap_int8_mm(x_q: torch.Tensor, layout: dict, n: int, k: int, *, x_scale=N
         bm, bn = (config or {}).get("BLOCK_M", 16), (config or {}).get("BLOCK_N", 64)
         split_k = _split_k_for(m, n, kt, bm, bn, 2 * sms)
     atomic = split_k > 1
-    if atomic or not epilogue:
+    if atomic:  # partial sums are added into it
         out = torch.zeros(m, n, dtype=torch.int32, device=x_q.device)
     else:
-        out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+        out = torch.empty(m, n, dtype=out_dtype if epilogue else torch.int32, device=x_q.device)
     fused = epilogue and not atomic
     dummy = out  # pointer arguments a constexpr-disabled branch never reads
     args = (x_q, bits, layout["values"], layout["offsets"], out,
