@@ -22,14 +22,14 @@ SPARSE_VARIANTS = {"": dict(fastpath=True), ":plain": dict(fastpath=False),
 _cache: dict = {}
 
 
-def _rounds(fn, budget_s: float = 2.0) -> int:
-    """Rounds that fit in ~budget_s after one warm-up call, between 5 and 50."""
+def _rounds(fn, budget_s: float = 1.5) -> int:
+    """Rounds that fit in ~budget_s after one warm-up call, between 3 and 40."""
     import time
 
     fn()
     start = time.perf_counter()
     fn()
-    return int(min(50, max(5, budget_s / max(time.perf_counter() - start, 1e-6))))
+    return int(min(40, max(3, budget_s / max(time.perf_counter() - start, 1e-6))))
 
 
 def _run(benchmark, fn, group: str, **info):
