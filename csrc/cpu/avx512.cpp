@@ -104,13 +104,15 @@ inline void row_product(const int32_t* qw, const int32_t* qk, int32_t p0, int32_
 //     q_j = unpack{lo,hi}_epi16(ab, cd)                                 (quads per token)
 // q_j holds, in 128-bit lane L, tokens 16L + 4j .. 16L + 4j + 3; the accumulators keep that order
 // and one 4x4 transpose of 128-bit lanes per 64 tokens restores it at the end.
-template <int H>
+template <int H, int U>
 inline void row_gather(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t p1, const uint8_t* base,
                        int64_t mp, __m512i* out) {
-  __m512i c[H][4];
-  for (int h = 0; h < H; ++h)
-    for (int j = 0; j < 4; ++j) c[h][j] = _mm512_setzero_si512();
-  for (int32_t p = p0; p < p1; ++p) {
+  __m512i acc[U][H][4];
+  for (int u = 0; u < U; ++u)
+    for (int h = 0; h < H; ++h)
+      for (int j = 0; j < 4; ++j) acc[u][h][j] = _mm512_setzero_si512();
+  // U quads in flight (independent accumulators) so that H = 1 still has 8 vpdpbusd chains
+  auto step = [&](int u, int32_t p) {
     const __m512i w = _mm512_set1_epi32(qw[p]);
     const int32_t* ks = qk + 4 * (int64_t)p;
     const uint8_t *ra = base + ks[0] * mp, *rb = base + ks[1] * mp, *rc = base + ks[2] * mp,
@@ -120,12 +122,22 @@ inline void row_gather(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t
       const __m512i xc = _mm512_loadu_si512(rc + 64 * h), xd = _mm512_loadu_si512(rd + 64 * h);
       const __m512i ab_lo = _mm512_unpacklo_epi8(xa, xb), ab_hi = _mm512_unpackhi_epi8(xa, xb);
       const __m512i cd_lo = _mm512_unpacklo_epi8(xc, xd), cd_hi = _mm512_unpackhi_epi8(xc, xd);
-      c[h][0] = dpbusd(c[h][0], _mm512_unpacklo_epi16(ab_lo, cd_lo), w);
-      c[h][1] = dpbusd(c[h][1], _mm512_unpackhi_epi16(ab_lo, cd_lo), w);
-      c[h][2] = dpbusd(c[h][2], _mm512_unpacklo_epi16(ab_hi, cd_hi), w);
-      c[h][3] = dpbusd(c[h][3], _mm512_unpackhi_epi16(ab_hi, cd_hi), w);
+      acc[u][h][0] = dpbusd(acc[u][h][0], _mm512_unpacklo_epi16(ab_lo, cd_lo), w);
+      acc[u][h][1] = dpbusd(acc[u][h][1], _mm512_unpackhi_epi16(ab_lo, cd_lo), w);
+      acc[u][h][2] = dpbusd(acc[u][h][2], _mm512_unpacklo_epi16(ab_hi, cd_hi), w);
+      acc[u][h][3] = dpbusd(acc[u][h][3], _mm512_unpackhi_epi16(ab_hi, cd_hi), w);
     }
-  }
+  };
+  int32_t p = p0;
+  for (; p + U <= p1; p += U)
+    for (int u = 0; u < U; ++u) step(u, p + u);
+  for (; p < p1; ++p) step(0, p);
+  __m512i c[H][4];
+  for (int h = 0; h < H; ++h)
+    for (int j = 0; j < 4; ++j) {
+      c[h][j] = acc[0][h][j];
+      for (int u = 1; u < U; ++u) c[h][j] = _mm512_add_epi32(c[h][j], acc[u][h][j]);
+    }
   for (int h = 0; h < H; ++h) {  // c[h][j] lane L -> out[4h + L] lane j
     const __m512i t0 = _mm512_shuffle_i32x4(c[h][0], c[h][1], 0x44), t1 = _mm512_shuffle_i32x4(c[h][2], c[h][3], 0x44);
     const __m512i t2 = _mm512_shuffle_i32x4(c[h][0], c[h][1], 0xEE), t3 = _mm512_shuffle_i32x4(c[h][2], c[h][3], 0xEE);
@@ -267,7 +279,7 @@ void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int6
   for (int64_t r = 0; r < nr; ++r) {
     const int64_t n = n0 + r;
     __m512i acc[T];
-    if constexpr (Gather) row_gather<T / 4>(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + m0, a.mp, acc);
+    if constexpr (Gather) row_gather<T / 4, U>(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + m0, a.mp, acc);
     else row_product<T, U>(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], base, qstride, acc);
     // undo the +128 offset: acc = dot_u8s8 - 128 * rowsum  (mod 2^32, exact)
     const __m512i corr = _mm512_set1_epi32((int32_t)((uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u)));
@@ -322,7 +334,7 @@ void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, in
     const int64_t nr = w.n - n0 < kRowGroup ? w.n - n0 : kRowGroup;
     if (w.gather) {  // 64-token groups (xk is padded to a multiple of 64 tokens)
       if (mt > 64) spmm_task<8, 1, true>(w, a, e, m0, mt, n0, nr, tile);
-      else spmm_task<4, 1, true>(w, a, e, m0, mt, n0, nr, tile);
+      else spmm_task<4, 2, true>(w, a, e, m0, mt, n0, nr, tile);  // 2 quads in flight: 8 chains
       continue;
     }
     // U quads in flight so that short T still has U * T independent vpdpbusd chains
