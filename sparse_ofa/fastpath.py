@@ -90,14 +90,26 @@ def fused_qkv(module: nn.Module) -> SparseInt8Linear | None:
     return cached[1]
 
 
-def _bf16_attention(q, k, v, mask, scale, out_dtype):
-    """softmax(q k^T * scale + mask) v with both products in bfloat16, softmax in float32."""
-    bf16 = torch.bfloat16
-    scores = torch.matmul(q.to(bf16), k.to(bf16).transpose(-1, -2)).float().mul_(scale)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores.add_(mask)
-    probs = scores.softmax(-1).to(bf16)
-    return torch.matmul(probs, v.to(bf16)).to(out_dtype)
+def _bf16_attention(qkv: torch.Tensor, heads: int, mask) -> torch.Tensor:
+    """Attention of a fused fp32 qkv [B, S, 3H] (q already scaled) with both products in bf16
+    (AVX-512 BF16) and the softmax accumulated in fp32; returns fp32 [B, S, H].
+
+    One copy casts and lays q, k, v out as contiguous [B, heads, S, D] (matmul on the strided
+    views copies anyway, three times); an additive mask is added in fp32 so it stays finite."""
+    b, s, three_h = qkv.shape
+    d = three_h // (3 * heads)
+    split = qkv.view(b, s, 3, heads, d).permute(2, 0, 3, 1, 4)
+    q, k, v = torch.empty(split.shape, dtype=torch.bfloat16, device=qkv.device).copy_(split).unbind(0)
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    if mask is not None and mask.dtype != torch.bool:
+        probs = scores.float().add_(mask).softmax(-1)
+    else:
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        probs = torch.softmax(scores, -1, dtype=torch.float32)
+    out = torch.matmul(probs.to(torch.bfloat16), v)  # [B, heads, S, D]
+    merged = torch.empty(b, s, heads, d, dtype=qkv.dtype, device=qkv.device).copy_(out.transpose(1, 2))
+    return merged.view(b, s, heads * d)
 
 
 def _uses_cache(args, kwargs) -> bool:
@@ -156,15 +168,13 @@ class FastSelfAttentionMixin(FastMixin):
         input_shape = hidden_states.shape[:-1]
         head_shape = (*input_shape, -1, self.attention_head_size)
         qkv = fused(hidden_states)
-        bf16 = self._sparse_ofa_attention == "bf16" and qkv.device.type == "cpu"
-        if bf16:
-            qkv = qkv.to(torch.bfloat16)  # one cast for q, k and v
-        q, k, v = (t.view(head_shape).transpose(-3, -2) for t in qkv.split(self.all_head_size, -1))
         scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
-        if bf16:
-            out = _bf16_attention(q, k, v, attention_mask, scale, hidden_states.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale)
+        if (self._sparse_ofa_attention == "bf16" and qkv.device.type == "cpu" and qkv.dim() == 3
+                and qkv.dtype == torch.float32):
+            qkv[..., :self.all_head_size].mul_(scale)  # qkv is ours: fold the scale into q
+            return _bf16_attention(qkv, self.num_attention_heads, attention_mask), None
+        q, k, v = (t.view(head_shape).transpose(-3, -2) for t in qkv.split(self.all_head_size, -1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale)
         return out.transpose(-3, -2).reshape(*input_shape, -1), None
 
 

@@ -123,11 +123,13 @@ def test_bf16_attention_is_close_and_opt_in():
     fast = sparsify(copy.deepcopy(fp32))
     assert apply_fastpath(fast, attention="bf16") == ["encoder.layer.0.attention.self",
                                                       "encoder.layer.1.attention.self"]  # layers already fast
-    inputs = _inputs()
-    want, got = _hidden(plain, inputs), _hidden(fast, inputs)
-    assert not torch.equal(want, got)  # it really ran a different attention
-    cos = torch.nn.functional.cosine_similarity(want.flatten(1), got.flatten(1)).min()
-    assert cos > 0.999
+    padded = _inputs()
+    unpadded = {"input_ids": padded["input_ids"], "attention_mask": torch.ones_like(padded["input_ids"])}
+    for inputs in (padded, unpadded):  # with an additive mask, and with none (all tokens real)
+        want, got = _hidden(plain, inputs), _hidden(fast, inputs)
+        assert not torch.equal(want, got)  # it really ran a different attention
+        cos = torch.nn.functional.cosine_similarity(want.flatten(1), got.flatten(1)).min()
+        assert cos > 0.999
     with pytest.raises(ValueError, match="attention must be one of"):
         apply_fastpath(fast, attention="int4")
 
