@@ -28,12 +28,21 @@ def store_result(acc, out_ptr, xs_ptr, ws_ptr, bias_ptr, rm, rn, M, N, stride_om
         tl.atomic_add(ptrs, acc, mask=in_bounds)
     elif EPILOGUE:
         x_scale = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
-        w_scale = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
-        y = acc.to(tl.float32) * x_scale[:, None]
-        y = y * w_scale[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
-            y = y + bias[None, :]
-        tl.store(ptrs, y.to(out_ptr.dtype.element_ty), mask=in_bounds)
+        store_scaled(acc, x_scale, out_ptr, ws_ptr, bias_ptr, rm, rn, M, N, stride_om, HAS_BIAS)
     else:
         tl.store(ptrs, acc, mask=in_bounds)
+
+
+@triton.jit
+def store_scaled(acc, x_scale, out_ptr, ws_ptr, bias_ptr, rm, rn, M, N, stride_om,
+                 HAS_BIAS: tl.constexpr):
+    """The float epilogue with x_scale [BLOCK_M] already in registers."""
+    w_scale = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+    y = acc.to(tl.float32) * x_scale[:, None]
+    y = y * w_scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0)
+        y = y + bias[None, :]
+    in_bounds = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=in_bounds)

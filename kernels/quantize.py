@@ -17,6 +17,24 @@ from .epilogue import NO_FP_FUSION
 
 
 @triton.jit
+def scales_from_amax(amax, has_nan):
+    """(x_scale, inv) from a row's amax (elementwise, any shape); NaN rows get a NaN scale."""
+    amax = tl.where(has_nan, float("nan"), amax)
+    x_scale = tl.fdiv(amax, 127.0, ieee_rounding=True)
+    inv = tl.where(amax != 0.0, tl.fdiv(127.0, amax, ieee_rounding=True), 0.0)
+    return x_scale, inv
+
+
+@triton.jit
+def int8_codes(v):
+    """clamp(round_half_even(v), -127, 127) as int8, NaN -> 0 (elementwise, any shape)."""
+    r = (v + 12582912.0) - 12582912.0
+    r = tl.where(r != r, 0.0, r)
+    r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+    return r.to(tl.int8)
+
+
+@triton.jit
 def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
@@ -26,17 +44,25 @@ def quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
         nans += (x != x).to(tl.int32)
-    row_amax = tl.max(amax, axis=0)
-    row_amax = tl.where(tl.sum(nans, axis=0) > 0, float("nan"), row_amax)
-    tl.store(s_ptr + row, tl.fdiv(row_amax, 127.0, ieee_rounding=True))
-    inv = tl.where(row_amax != 0.0, tl.fdiv(127.0, row_amax, ieee_rounding=True), 0.0)
+    x_scale, inv = scales_from_amax(tl.max(amax, axis=0), tl.sum(nans, axis=0) > 0)
+    tl.store(s_ptr + row, x_scale)
     for k0 in range(0, K, BLOCK):
         x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < K, other=0.0).to(tl.float32)
-        v = x * inv
-        r = (v + 12582912.0) - 12582912.0
-        r = tl.where(r != r, 0.0, r)
-        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
-        tl.store(q_ptr + row * stride_qm + k0 + offs, r.to(tl.int8), mask=k0 + offs < K)
+        tl.store(q_ptr + row * stride_qm + k0 + offs, int8_codes(x * inv), mask=k0 + offs < K)
+
+
+@triton.jit
+def row_scales(x_ptr, rm, M, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(x_scale, inv) [BLOCK_M] for rows rm of float x [M, K]: a matmul prologue's first pass."""
+    rk = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    nans = tl.zeros((BLOCK_M,), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
+                    mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        nans += tl.sum((x != x).to(tl.int32), axis=1)
+    return scales_from_amax(amax, nans > 0)
 
 
 def quantize_per_token(x: torch.Tensor, block: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,6 +45,21 @@ def test_triton_bitmap_autotuned_exact(m, n, k):
     assert torch.equal(out, _reference(x_q, packed))
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 16, 200])
+def test_triton_bitmap_linear_quantizing_inside_is_bit_identical(out_dtype, m):
+    from sparse_ofa.kernels.bitmap_int8 import bitmap_int8_linear
+    from sparse_ofa.kernels.layouts import bitmap_layout
+
+    packed = pack(sparse_weight(768, 768, 0.9)).to(DEV)
+    x = (torch.randn(m, 768, device=DEV) * 3).to(out_dtype)
+    bias = torch.randn(768, device=DEV)
+    y = bitmap_int8_linear(x, bitmap_layout(packed, 128), 768, 768, w_scale=packed.scale, bias=bias,
+                           out_dtype=out_dtype)
+    x_q, x_scale = quantize_per_token(x)
+    assert torch.equal(y, dequantize(_reference(x_q, packed), x_scale, packed.scale, bias, out_dtype))
+
+
 @pytest.mark.parametrize("m", [64, 1000])
 def test_triton_block_autotuned_exact(m):
     from sparse_ofa.kernels.block_int8 import block_int8_mm

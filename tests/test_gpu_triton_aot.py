@@ -33,9 +33,9 @@ kernels = {
                {**common, "bits_ptr": "*u8", "vals_ptr": "*i8", "offs_ptr": "*i32", "out_ptr": "*fp16",
                 "KT": "i32", "SPLIT_K": "i32", "EPILOGUE": "constexpr", "HAS_BIAS": "constexpr",
                 "ATOMIC": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
-                "BLOCK_K": "constexpr"},
+                "BLOCK_K": "constexpr", "QUANT_X": "constexpr"},
                {"EPILOGUE": True, "HAS_BIAS": True, "ATOMIC": False, "BLOCK_M": 64, "BLOCK_N": 64,
-                "BLOCK_K": 128}),
+                "BLOCK_K": 128, "QUANT_X": False}),
     "block": (block_int8_kernel,
               {**common, "w_ptr": "*i8", "tile_ptr": "*i32", "tile_k": "*i32", "out_ptr": "*fp16",
                "stride_wn": "i32", "EPILOGUE": "constexpr", "HAS_BIAS": "constexpr",
@@ -43,6 +43,13 @@ kernels = {
                "GROUP_M": "constexpr"},
               {"EPILOGUE": True, "HAS_BIAS": True, "BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64,
                "GROUP_M": 8}),
+    "bitmap_quant": (bitmap_int8_kernel,
+                     {**common, "x_ptr": "*fp16", "bits_ptr": "*u8", "vals_ptr": "*i8", "offs_ptr": "*i32",
+                      "out_ptr": "*fp16", "KT": "i32", "SPLIT_K": "i32", "EPILOGUE": "constexpr",
+                      "HAS_BIAS": "constexpr", "ATOMIC": "constexpr", "BLOCK_M": "constexpr",
+                      "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "QUANT_X": "constexpr"},
+                     {"EPILOGUE": True, "HAS_BIAS": True, "ATOMIC": False, "BLOCK_M": 64, "BLOCK_N": 64,
+                      "BLOCK_K": 128, "QUANT_X": True}),
     "quantize": (quantize_rows_kernel,
                  {"x_ptr": "*fp16", "q_ptr": "*i8", "s_ptr": "*fp32", "K": "i32", "stride_xm": "i32",
                   "stride_qm": "i32", "BLOCK": "constexpr"}, {"BLOCK": 1024}),
@@ -86,12 +93,14 @@ def _compile(jobs: list[dict]) -> list[dict]:
 
 
 def test_kernels_lower_to_int8_tensor_cores_without_fma():
-    jobs = [{"kernel": k, "capability": cap, "num_warps": 4 if k == "bitmap" else 8}
-            for k in ("bitmap", "block") for cap in (90, 80)]
+    jobs = [{"kernel": k, "capability": cap, "num_warps": 8 if k == "block" else 4}
+            for k in ("bitmap", "bitmap_quant", "block") for cap in (90, 80)]
     for job, found in zip(jobs, _compile(jobs)):
         assert (HOPPER if job["capability"] == 90 else AMPERE) in found["ops"], (job, found)
         # The epilogue must not contract mul + add into an FMA (bit-exactness with torch).
         assert found["fma"] == 0, (job, found)
+        if job["kernel"] == "bitmap_quant":  # the in-kernel quantizer keeps IEEE division/rounding
+            assert found["divs"] == ["div.rn.f32"] and found["rounding"] == [True, True], found
 
 
 def test_dequantize_kernel_has_no_fma():
@@ -117,8 +126,9 @@ def test_autotune_configs_compile_for_hopper_without_spills(tmp_path):
     dump = _cuobjdump()
     if dump is None:
         pytest.skip("no cuobjdump to read register/stack usage")
-    jobs = [{"kernel": "bitmap", "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn}, "num_warps": w,
-             "num_stages": st} for bm, bn, w, st in bitmap_int8._CONFIGS]
+    jobs = [{"kernel": kernel, "constexprs": {"BLOCK_M": bm, "BLOCK_N": bn}, "num_warps": w,
+             "num_stages": st} for bm, bn, w, st in bitmap_int8._CONFIGS
+            for kernel in ("bitmap", "bitmap_quant")]
     jobs += [{"kernel": "block", "constexprs": {"BLOCK_M": bm}, "num_warps": w, "num_stages": st}
              for bm, w, st in block_int8._CONFIGS]
     for i, job in enumerate(jobs):

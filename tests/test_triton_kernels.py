@@ -190,6 +190,37 @@ def test_bitmap_split_k_epilogue_matches_dequantize():
 
 
 @needs_kernels
+@pytest.mark.parametrize("in_dtype,out_dtype,with_bias,split_k", [
+    (torch.float32, torch.float32, True, 1), (torch.float16, torch.float16, False, 1),
+    (torch.float32, torch.float32, True, 3), (torch.float16, torch.float32, True, 2)])
+def test_bitmap_linear_quantizes_inside_and_matches_the_three_step_path(in_dtype, out_dtype, with_bias,
+                                                                        split_k):
+    n, k, m = 40, 192, 7
+    packed = _packed(n, k, 0.85)
+    x = (torch.randn(m, k) * 4).to(in_dtype).to(DEVICE)
+    x[1] = 0.0
+    x[3, 5] = float("nan")
+    x[4] = (torch.arange(k) - 95.5).to(in_dtype)  # exact .5 ties
+    bias = torch.randn(n, device=DEVICE) if with_bias else None
+    y = bitmap_int8.bitmap_int8_linear(x, layouts.bitmap_layout(packed, 64), n, k, w_scale=packed.scale,
+                                       bias=bias, out_dtype=out_dtype, config=BITMAP_CFG,
+                                       split_k=split_k)
+    x_q, x_scale = quantize_per_token(x)
+    expected = dequantize(_reference(x_q, packed), x_scale, packed.scale, bias, out_dtype)
+    assert y.dtype == out_dtype
+    assert torch.equal(y.isnan(), expected.isnan())
+    assert torch.equal(y.nan_to_num(), expected.nan_to_num())
+
+
+@needs_kernels
+def test_bitmap_linear_rejects_int8_input():
+    packed = _packed(32, 64, 0.5)
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        bitmap_int8.bitmap_int8_linear(_x(2, 64), layouts.bitmap_layout(packed, 64), 32, 64,
+                                       w_scale=packed.scale)
+
+
+@needs_kernels
 def test_bitmap_kernel_default_config_path_exact():
     # No explicit config: autotuned on a GPU, the first config under the interpreter.
     packed = _packed(96, 256, 0.9)

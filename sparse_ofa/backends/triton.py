@@ -2,7 +2,8 @@
 
 Dispatch inside the backend, per forward of M tokens (the weight's facts are fixed at prepare time):
     M <= SMALL_M                      bitmap "load as sparse" kernel: memory-bound, moves ~0.26 B per
-                                      weight at 90 % sparsity instead of 1 B (kernels/bitmap_int8.py)
+                                      weight at 90 % sparsity instead of 1 B (kernels/bitmap_int8.py);
+                                      dynamic activation quantization runs inside it (one launch)
     M >  SMALL_M, tile density <= T   block-sparse kernel skipping empty 64x64 tiles (block_int8.py)
     M >  SMALL_M otherwise            dense INT8 (torch._int_mm, cuBLASLt) on the dense copy the block
                                       layout keeps anyway: unstructured sparsity cannot skip tensor-core
@@ -106,6 +107,14 @@ class TritonBackend(Backend):
         return self._run(x_q.contiguous(), prepared)
 
     def linear(self, x, prepared, w_scale, bias, act, out_dtype):
+        bias = None if bias is None else bias.to(torch.float32)
+        if not act.is_static and self._route(x.shape[0], prepared) == "bitmap":
+            # Few tokens: quantization runs inside the bitmap kernel, the layer is one launch.
+            bitmap_int8, _, _ = _kernels()
+            n, k = prepared["block_dense"].shape
+            layout = {key[7:]: v for key, v in prepared.items() if key.startswith("bitmap_")}
+            return bitmap_int8.bitmap_int8_linear(x, layout, n, k, w_scale=w_scale, bias=bias,
+                                                  out_dtype=out_dtype)
         x_q, x_scale = quantize_input(x, act)
-        return self._run(x_q, prepared, x_scale=x_scale, w_scale=w_scale,
-                         bias=None if bias is None else bias.to(torch.float32), out_dtype=out_dtype)
+        return self._run(x_q, prepared, x_scale=x_scale, w_scale=w_scale, bias=bias,
+                         out_dtype=out_dtype)
