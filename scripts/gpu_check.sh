@@ -97,6 +97,7 @@ import sys, torch
 from sparse_ofa import backends
 from sparse_ofa.formats import pack, unpack_int8
 from sparse_ofa.masks import magnitude_mask
+from sparse_ofa.quant import ActQuant
 which = sys.argv[1]
 torch.manual_seed(0)
 ok = True
@@ -106,9 +107,15 @@ for m, n, k in [(1, 200, 128), (77, 384, 768), (300, 768, 3072)]:
     w = w * magnitude_mask(w, 0.5 if which == "cuda" else 0.9, pattern)
     packed = pack(w, pattern).cuda()
     be = backends.get_backend(which)
+    prepared = be.prepare(packed)
     x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
-    got = be.int_mm(x_q, be.prepare(packed))
+    got = be.int_mm(x_q, prepared)
     ok &= torch.equal(got, (x_q.double() @ unpack_int8(packed).double().T).int())
+    # the whole layer too: quantizer (in-kernel for the bitmap route), product, fused epilogue
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    ref = backends.get_backend("reference")
+    y = be.linear(x, prepared, packed.scale, None, ActQuant(), torch.float16)
+    ok &= torch.equal(y, ref.linear(x, ref.prepare(packed), packed.scale, None, ActQuant(), torch.float16))
 torch.cuda.synchronize()
 print("exact", ok)
 sys.exit(0 if ok else 1)
