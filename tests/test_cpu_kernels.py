@@ -277,6 +277,17 @@ def test_layout_choice_by_token_count(monkeypatch):
     assert "g_quad_w" not in blocks  # 1x4 quads are already full
 
 
+def test_dispatch_without_avx512(monkeypatch):
+    from sparse_ofa.backends.base import LayerInfo
+
+    info = LayerInfo(768, 768, "1x4", 0.1)
+    backend = cpu_backend.CpuBackend()
+    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")
+    assert not backend.prefers(128, info)  # the portable loop: always dense INT8
+    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "avx2")
+    assert backend.prefers(128, info) and not backend.prefers(128, LayerInfo(768, 768, "1x4", 0.2))
+
+
 def test_isa_override(monkeypatch):
     monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")
     assert cpu_backend.isa_code() == 0

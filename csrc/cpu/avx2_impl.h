@@ -77,8 +77,24 @@ void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e
                              _mm256_sub_epi32(acc[t], _mm256_set1_epi32((int32_t)corr)));
       }
     }
-    for (int64_t i = 0; i < mt; ++i)
-      for (int64_t r = 0; r < nr; ++r) store_epilogue_scalar(e, a.x_scale, m0 + i, n0 + r, (uint32_t)tile[r][i]);
+    // tile[channel][token] -> out[token][channel]; the epilogue inline (a call per element was
+    // most of this path's time)
+    for (int64_t i = 0; i < mt; ++i) {
+      const int64_t m = m0 + i;
+      if (e.kind == kOutInt32) {
+        int32_t* o = (int32_t*)e.out + m * e.ldo + n0;
+        for (int64_t r = 0; r < nr; ++r) o[r] = tile[r][i];
+        continue;
+      }
+      const float xs = a.x_scale[m];
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t n = n0 + r;
+        float y = ((float)tile[r][i] * xs) * e.w_scale[n];
+        if (e.bias) y = y + e.bias[n];
+        if (e.kind == kOutFloat) ((float*)e.out)[m * e.ldo + n] = y;
+        else ((uint16_t*)e.out)[m * e.ldo + n] = float_to_bf16(y);
+      }
+    }
   }
 }
 
