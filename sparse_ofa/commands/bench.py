@@ -4,7 +4,7 @@ Per-layer rows: BERT-base linear shapes at M tokens, 90 % sparse (unstructured a
 available sparse_ofa backend against fp32 F.linear, torch._int_mm (dense INT8) and torch.ao
 quantize_dynamic. End-to-end rows: a BERT-base-shape encoder (random weights, magnitude-pruned),
 batch 1, seq 128: fp32 eager, quantize_dynamic and sparsify(). Writes speedup.md, rows.json and a
-PNG to --output. --quick: one small shape and a 2-layer encoder, seconds not minutes.
+PNG to --output. --quick: one small shape and a 1-layer encoder, seconds not minutes.
 """
 from __future__ import annotations
 
@@ -47,26 +47,25 @@ def _row(name: str, median: float, **info) -> dict:
             "median": median, "extra_info": info}
 
 
-def _sparse_backends(device: torch.device, linear: nn.Linear) -> list[str]:
+def _sparse_layers(linear: nn.Linear) -> dict[str, nn.Module]:
+    """{backend name: SparseInt8Linear} for every available backend that runs this weight here."""
     from ..backends import list_backends
     from ..modules import SparseInt8Linear
 
-    names = []
+    layers = {}
     for name, ok, _ in list_backends():
         if not ok or name == "reference":  # the oracle is float64 and slow: not a contender
             continue
         try:
-            SparseInt8Linear.from_linear(linear, backend=name)
+            layers[name] = SparseInt8Linear.from_linear(linear, backend=name)
         except (ValueError, RuntimeError):
             continue  # does not run this pattern on this device
-        names.append(name)
-    return names
+    return layers
 
 
 @torch.inference_mode()
 def layer_rows(device: torch.device, shapes, m: int, sparsity: float, patterns, measure) -> list[dict]:
     from ..masks import magnitude_mask
-    from ..modules import SparseInt8Linear
 
     rows = []
     for k, n in shapes:
@@ -94,19 +93,19 @@ def layer_rows(device: torch.device, shapes, m: int, sparsity: float, patterns, 
             linear = nn.Linear(k, n).to(device)
             linear.weight.data = w * magnitude_mask(w, sparsity, pattern)
             linear.bias.data = bias
-            for name in _sparse_backends(device, linear):
-                layer = SparseInt8Linear.from_linear(linear, backend=name)
+            for name, layer in _sparse_layers(linear).items():
                 rows.append(_row(f"sparse_ofa:{name} {pattern} {shape}", measure(lambda: layer(x)),
                                  **base, pattern=pattern, impl=f"sparse_ofa:{name}"))
     return rows
 
 
-def e2e_rows(device: torch.device, sparsity: float, num_layers: int, measure) -> list[dict]:
+def e2e_rows(device: torch.device, sparsity: float, num_layers: int, measure,
+             vocab_size: int = 30522) -> list[dict]:
     from .. import bench_e2e as e2e
 
-    fp32 = e2e.bert_base_pruned(sparsity, num_layers=num_layers).to(device)
+    fp32 = e2e.bert_base_pruned(sparsity, num_layers=num_layers, vocab_size=vocab_size).to(device)
     shape = "bert-base" if num_layers == 12 else f"bert-base-{num_layers}l"
-    inputs = {k: v.to(device) for k, v in e2e.random_inputs(1, 128).items()}
+    inputs = {k: v.to(device) for k, v in e2e.random_inputs(1, 128, vocab=vocab_size).items()}
     models = {"fp32_model": fp32, "sparse_ofa": e2e.sparse_ofa_model(fp32)}
     if device.type == "cpu":
         models["quantize_dynamic"] = e2e.quantize_dynamic(fp32)
@@ -135,7 +134,8 @@ def run(args) -> int:
     m = 16 if args.quick else args.m
     rows = layer_rows(device, shapes, m, args.sparsity, ("unstructured", "1x4"), measure)
     if not args.no_e2e:
-        rows += e2e_rows(device, args.sparsity, 2 if args.quick else 12, measure)
+        rows += (e2e_rows(device, args.sparsity, 1, measure, vocab_size=1000) if args.quick
+                 else e2e_rows(device, args.sparsity, 12, measure))
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads")
     print(format_table(rows))
     for what, path in write_report(rows, args.output).items():
