@@ -122,7 +122,7 @@ def test_int_mm_transposed_input_and_large_k():
             assert torch.equal(got, ref_int_mm(x_q, packed)), (layout, isa)
 
 
-@pytest.mark.parametrize("m", [128, 200, 300])
+@pytest.mark.parametrize("m", [128, 200, 300, 4096])
 @pytest.mark.parametrize("layout", ["quads", "gathered"])
 def test_token_split_across_threads(m, layout):
     # M >= 64 x threads: each thread packs and multiplies its own token range (one parallel region)
