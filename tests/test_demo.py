@@ -31,7 +31,7 @@ def test_report_is_complete_and_consistent(report):
     # every swapped layer runs at the target sparsity (INT8 rounding may only add zeros)
     sp = rep["sparsity"]
     assert len(sp["layers"]) == 36  # 6 layers x (q, k, v, attention output, intermediate, output)
-    assert all(0.9 - 1e-6 <= s < 0.93 for s in sp["layers"].values())
+    assert all(0.9 - 1e-4 <= s < 0.93 for s in sp["layers"].values())  # round(0.9 * n) pruned
     assert sp["pattern_lock_held_through_qat"] is True
 
     q = rep["quality_vs_teacher"]

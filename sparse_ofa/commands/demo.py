@@ -33,8 +33,8 @@ def run(args) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
-    if args.steps is not None and "update_every" not in overrides:
-        overrides["update_every"] = max(1, round(DemoConfig.ramp_fraction * args.steps / 20))
+    if args.steps is not None and not args.quick:
+        overrides["update_every"] = max(1, round(args.steps / 80))  # the default's 48 mask updates
     cfg = quick_config(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(cfg, args.output)
     return 0
