@@ -196,3 +196,23 @@ def test_from_pretrained_gets_the_fast_path(tmp_path):
     assert sum(isinstance(m, FastMixin) for m in loaded.modules()) == 4
     inputs = _inputs()
     torch.testing.assert_close(_hidden(loaded, inputs), _hidden(fast, inputs))
+
+
+def test_lean_layer_turns_itself_off_when_the_model_forward_differs():
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    class DoubledLayer(BertLayer):  # a user's subclass that does more than the standard layer
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs) * 2
+
+    fp32 = _tiny("bert")
+    for layer in fp32.encoder.layer:
+        layer.__class__ = DoubledLayer
+    plain = sparsify(copy.deepcopy(fp32), fastpath=False)
+    fast = sparsify(copy.deepcopy(fp32))
+    inputs = _inputs()
+    want = _hidden(plain, inputs)
+    for _ in range(2):  # the first call checks, the second runs whatever the check decided
+        torch.testing.assert_close(_hidden(fast, inputs), want, rtol=1e-5, atol=1e-5)
+    modes = [m.__dict__.get("_sparse_ofa_layer_mode") for m in fast.modules() if isinstance(m, FastLayerMixin)]
+    assert modes == ["off", "off"]
