@@ -93,14 +93,35 @@ void pack_acts(int isa, bool gather, const int8_t* xq, int64_t ldx, int64_t k, i
   }
 }
 
-// Padded token count and bytes of the activation layout for a weight layout kind.
-int64_t padded_tokens(const QuadWeight& w, int64_t m) {
+// Token tiles of the activation layout. The AVX-512 path packs 64-token tiles one after another
+// (tile t holds tokens [64t, 64t + 64) with mp = 64, contiguous): a tile is 48 KB at K = 768, every
+// L1 set in use, and the product runs all output rows of a thread against one tile. (A 64-token
+// slice of a 128-token layout touched 256 B of every 512 B: only half the L1 sets.) The other paths,
+// and M <= 64, keep one tile of all tokens (mp = M padded).
+struct Tiles {
+  int64_t tok;    // tokens per tile
+  int64_t mp;     // padded tokens of a tile (the kernels' mp)
+  int64_t bytes;  // bytes per tile
+  int64_t count;  // tiles
+};
+
+Tiles tiles_of(int isa, const QuadWeight& w, int64_t m) {
   const int64_t pad = w.gather ? kColPad : kTokenPad;
-  return (m + pad - 1) / pad * pad;
+  const int64_t nq = (w.k + 3) / 4;
+  Tiles t;
+  if (isa == kAvx512Vnni && m > kTileTokens) {
+    t.tok = t.mp = kTileTokens;
+    t.count = (m + kTileTokens - 1) / kTileTokens;
+  } else {
+    t.tok = t.mp = (m + pad - 1) / pad * pad;
+    t.count = 1;
+  }
+  t.bytes = (w.gather ? w.k * t.mp : nq * t.mp * 4 + 0);
+  t.bytes = (t.bytes + 63) / 64 * 64;
+  return t;
 }
-size_t act_bytes(const QuadWeight& w, int64_t mp) {
-  return (size_t)(w.gather ? w.k * mp : (w.k + 3) / 4 * mp * 4) + 64;
-}
+
+size_t act_bytes(const Tiles& t) { return (size_t)(t.bytes * t.count) + 64; }
 
 void quantize_rows(int isa, const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
                    const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
@@ -118,38 +139,72 @@ void spmm_tasks(int isa, const QuadWeight& w, const PackedActs& a, const Epilogu
   }
 }
 
-// Pack the activations (pack_blocks(b0, b1) writes 16-token blocks [b0, b1) of xt, padding included)
-// and run the product. With enough tokens each thread takes its own token range (a multiple of 64)
-// and packs and multiplies it in ONE parallel region: no barrier between packing and the product
-// (OpenMP barriers are costly on a loaded machine) and each thread's activation block is smaller.
-// Otherwise: pack in parallel, then split the product by output channels.
+// The activations of tokens [ms, me), inside one tile (or anywhere in a single-tile layout), and the
+// matching output rows.
+PackedActs acts_of(const PackedActs& a, const Tiles& t, bool gather, int64_t ms, int64_t me) {
+  PackedActs sub = a;
+  const int64_t tile = ms / t.tok, local = ms % t.tok;
+  sub.xt = a.xt + tile * t.bytes + (gather ? local : local * 4);
+  sub.m = me - ms;
+  sub.mp = t.mp;
+  sub.x_scale = a.x_scale ? a.x_scale + ms : nullptr;
+  return sub;
+}
+
+Epilogue epilogue_of(const Epilogue& e, int64_t ms) {
+  Epilogue sub = e;
+  sub.out = (char*)e.out + ms * e.ldo * (e.kind == kOutBFloat16 ? 2 : 4);
+  return sub;
+}
+
+// Pack the activations (pack_blocks(b0, b1) writes 16-token blocks [b0, b1) of the tiles, padding
+// included) and run the product, tile by tile (all output rows against one resident tile). With
+// enough tokens each thread takes its own token range (a multiple of 64) and packs and multiplies it
+// in ONE parallel region: no barrier between packing and the product (OpenMP barriers are costly on
+// a loaded machine). Otherwise: pack in parallel, then split the product by (tile, output channels).
 template <class PackBlocks>
-void pack_and_multiply(int isa, const QuadWeight& w, const PackedActs& a, const Epilogue& e,
+void pack_and_multiply(int isa, const QuadWeight& w, const PackedActs& a, const Tiles& t, const Epilogue& e,
                        const PackBlocks& pack_blocks) {
-  const int64_t nblocks = a.mp / kTokenPad;
+  const int64_t nblocks = t.count * t.tok / kTokenPad;
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && a.m >= 64 * threads) {
     const int64_t chunk = ((a.m + threads - 1) / threads + 63) / 64 * 64;
     const int64_t nchunks = (a.m + chunk - 1) / chunk;
-    const size_t out_elem = e.kind == kOutBFloat16 ? 2 : 4;
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         const int64_t ms = c * chunk, me = std::min(a.m, ms + chunk);
         pack_blocks(ms / kTokenPad, c == nchunks - 1 ? nblocks : me / kTokenPad);
-        PackedActs sub = a;
-        sub.xt = a.xt + (w.gather ? ms : ms * 4);
-        sub.m = me - ms;
-        sub.x_scale = a.x_scale ? a.x_scale + ms : nullptr;
-        Epilogue sub_e = e;
-        sub_e.out = (char*)e.out + ms * e.ldo * out_elem;
-        spmm_tasks(isa, w, sub, sub_e, 0, task_count(sub.m, w.n));
+        for (int64_t s = ms; s < me;) {
+          const int64_t next = std::min(me, (s / t.tok + 1) * t.tok);
+          const PackedActs sub = acts_of(a, t, w.gather, s, next);
+          spmm_tasks(isa, w, sub, epilogue_of(e, s), 0, task_count(sub.m, w.n));
+          s = next;
+        }
       }
     });
     return;
   }
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) { pack_blocks(b0, b1); });
-  at::parallel_for(0, task_count(a.m, w.n), 1,
-                   [&](int64_t t0, int64_t t1) { spmm_tasks(isa, w, a, e, t0, t1); });
+  const int64_t per_tile = task_count(std::min(t.tok, a.m), w.n);
+  at::parallel_for(0, t.count * per_tile, 1, [&](int64_t t0, int64_t t1) {
+    while (t0 < t1) {
+      const int64_t tile = t0 / per_tile, end = std::min(t1, (tile + 1) * per_tile);
+      const int64_t ms = tile * t.tok, me = std::min(a.m, ms + t.tok);
+      spmm_tasks(isa, w, acts_of(a, t, w.gather, ms, me), epilogue_of(e, ms), t0 - tile * per_tile,
+                 end - tile * per_tile);
+      t0 = end;
+    }
+  });
+}
+
+// Packs 16-token block b (tokens [16b, 16b + 16), rows past M as padding); xb = x_q row 16b
+// (row stride ldx; not read when the block is all padding).
+void pack_block(int isa, const QuadWeight& w, const Tiles& t, const int8_t* xb, int64_t ldx, int64_t m, int64_t b,
+                uint8_t flip, uint8_t* xt) {
+  const int64_t g = b * kTokenPad, tile = g / t.tok, local = g % t.tok;
+  const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(kTokenPad, m - g));
+  pack_acts(isa, w.gather, xb, ldx, w.k, 0, rows, kTokenPad, flip,
+            xt + tile * t.bytes + (w.gather ? local : local * 4), t.mp);
 }
 
 uint8_t flip_of(int isa) { return (isa == kAvx512Vnni || isa == kAvxVnni) ? 0x80 : 0; }
@@ -201,18 +256,18 @@ void cpu_int_mm_out(const at::Tensor& x_q, const at::Tensor& quad_w, const at::T
   const int64_t m = xq.size(0);
   check_out(out, m, w.n);
   if (m == 0 || w.n == 0) return;
-  const int64_t mp = padded_tokens(w, m), nq = (w.k + 3) / 4;
+  const Tiles t = tiles_of(is, w, m);
+  const int64_t nq = (w.k + 3) / 4;
   thread_local std::vector<uint8_t> xt_buf;
-  uint8_t* xt = scratch(xt_buf, act_bytes(w, mp));
+  uint8_t* xt = scratch(xt_buf, act_bytes(t));
   const uint8_t flip = flip_of(is);
   const int8_t* xp = xq.data_ptr<int8_t>();
   const int64_t ldx = xq.stride(0);
-  const PackedActs a{xt, m, mp, nq, flip, nullptr};
+  const PackedActs a{xt, m, t.mp, nq, flip, nullptr};
   const Epilogue e{kOutInt32, nullptr, nullptr, out.data_ptr(), out.stride(0)};
-  pack_and_multiply(is, w, a, e, [&](int64_t b0, int64_t b1) {
-    // blocks past M (up to mp) are written as padding
-    pack_acts(is, w.gather, xp, ldx, w.k, b0 * kTokenPad, std::min(m, b1 * kTokenPad), b1 * kTokenPad, flip,
-              xt, mp);
+  pack_and_multiply(is, w, a, t, e, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      pack_block(is, w, t, b * kTokenPad < m ? xp + b * kTokenPad * ldx : xp, ldx, m, b, flip, xt);
   });
 }
 
@@ -245,26 +300,26 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
   const int64_t m = xf.size(0), k = w.k;
   check_out(out, m, w.n);
   if (m == 0 || w.n == 0) return;
-  const int64_t mp = padded_tokens(w, m), nq = (k + 3) / 4;
+  const Tiles t = tiles_of(is, w, m);
+  const int64_t nq = (k + 3) / 4;
   thread_local std::vector<uint8_t> xt_buf, xs_buf;
-  uint8_t* xt = scratch(xt_buf, act_bytes(w, mp));
+  uint8_t* xt = scratch(xt_buf, act_bytes(t));
   float* xs = (float*)scratch(xs_buf, (size_t)(m * sizeof(float)));
   const uint8_t flip = flip_of(is);
   const float* xp = xf.data_ptr<float>();
   const int64_t ldx = xf.stride(0);
-  const PackedActs a{xt, m, mp, nq, flip, xs};
+  const PackedActs a{xt, m, t.mp, nq, flip, xs};
   const Epilogue e{out.scalar_type() == at::kFloat ? kOutFloat : kOutBFloat16, w_scale.data_ptr<float>(), bp,
                    out.data_ptr(), out.stride(0)};
   // fused per-token quantization: 16 tokens at a time into an L1-sized block, then into xt
-  pack_and_multiply(is, w, a, e, [&](int64_t b0, int64_t b1) {
+  pack_and_multiply(is, w, a, t, e, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<uint8_t> block_buf;
     int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * k + 64));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t m0 = b * kTokenPad, m1 = std::min(m, m0 + kTokenPad);
       if (m1 > m0) quantize_rows(is, xp + m0 * ldx, ldx, k, 0, m1 - m0, qp, block, k, xs + m0);
       // (a block past M only writes padding)
-      pack_acts(is, w.gather, block, k, k, 0, std::max<int64_t>(m1 - m0, 0), kTokenPad, flip,
-                xt + (w.gather ? m0 : m0 * 4), mp);
+      pack_block(is, w, t, block, k, m, b, flip, xt);
     }
   });
 }

@@ -86,10 +86,12 @@ inline void row_product(const int32_t* qw, const int32_t* qk, int32_t p0, int32_
         c[u][t] = dpbusd(c[u][t], _mm512_loadu_si512(src + 64 * t), w);
     }
   }
-  for (; p < p1; ++p) {
-    const __m512i w = _mm512_set1_epi32(qw[p]);
-    const uint8_t* src = base + (int64_t)qk[p] * qstride;
-    for (int t = 0; t < T; ++t) c[0][t] = dpbusd(c[0][t], _mm512_loadu_si512(src + 64 * t), w);
+  // the < U tail quads go to different accumulator sets (no serial latency chain at the row end)
+  for (int u = 0; u < U - 1; ++u) {
+    if (p + u >= p1) break;
+    const __m512i w = _mm512_set1_epi32(qw[p + u]);
+    const uint8_t* src = base + (int64_t)qk[p + u] * qstride;
+    for (int t = 0; t < T; ++t) c[u][t] = dpbusd(c[u][t], _mm512_loadu_si512(src + 64 * t), w);
   }
   for (int t = 0; t < T; ++t) {
     __m512i s = c[0][t];
@@ -131,7 +133,10 @@ inline void row_gather(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t
   int32_t p = p0;
   for (; p + U <= p1; p += U)
     for (int u = 0; u < U; ++u) step(u, p + u);
-  for (; p < p1; ++p) step(0, p);
+  for (int u = 0; u < U - 1; ++u) {  // tail quads on different accumulator sets
+    if (p + u >= p1) break;
+    step(u, p + u);
+  }
   __m512i c[H][4];
   for (int h = 0; h < H; ++h)
     for (int j = 0; j < 4; ++j) {
@@ -269,10 +274,12 @@ namespace {
 // then out[token][channel] through 16x16 transposes held in registers.
 template <int T, int U, bool Gather>
 void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t m0, int64_t mt,
-               int64_t n0, int64_t nr, int32_t (*tile)[kTokenBlock]) {
+               int64_t n0, int64_t nr, int32_t (*tile_buf)[kTokenBlock]) {
+  // rows of 16 * T tokens, contiguous (a 64-token task's tile is 16 KB, not 256 B used of every 512 B)
+  int32_t (*tile)[16 * T] = reinterpret_cast<int32_t (*)[16 * T]>(&tile_buf[0][0]);
   const int64_t qstride = a.mp * 4;
   const uint8_t* base = a.xt + m0 * 4;
-  if (nr % 16) std::memset(tile, 0, sizeof(int32_t) * kRowGroup * kTokenBlock);  // whole 16-row groups are read
+  if (nr % 16) std::memset(tile, 0, sizeof(int32_t) * kRowGroup * 16 * T);  // whole 16-row groups are read
   __m512 xs[T];
   if (e.kind != kOutInt32)
     for (int t = 0; t < T; ++t) xs[t] = _mm512_maskz_loadu_ps(first_n(mt - 16 * t), a.x_scale + m0 + 16 * t);

@@ -35,6 +35,7 @@ constexpr int kColPad = 64;       // and to this for layout kind 1
 constexpr int kRowGroup = 64;     // output channels per task (4 transposes wide: the output rows
                                   // are then written 256 contiguous bytes at a time)
 constexpr int kTokenBlock = 128;  // tokens per task (8 zmm accumulators)
+constexpr int kTileTokens = 64;   // tokens per packed activation tile on the AVX-512 path
 
 struct QuadWeight {
   const int32_t* quad_w;
