@@ -341,7 +341,7 @@ void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, in
     const int64_t nr = w.n - n0 < kRowGroup ? w.n - n0 : kRowGroup;
     if (w.gather) {  // 64-token groups (xk is padded to a multiple of 64 tokens)
       if (mt > 64) spmm_task<8, 1, true>(w, a, e, m0, mt, n0, nr, tile);
-      else spmm_task<4, 2, true>(w, a, e, m0, mt, n0, nr, tile);  // 2 quads in flight: 8 chains
+      else spmm_task<4, 4, true>(w, a, e, m0, mt, n0, nr, tile);  // 4 quads in flight: 16 chains
       continue;
     }
     // U quads in flight so that short T still has U * T independent vpdpbusd chains
