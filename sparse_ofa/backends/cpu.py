@@ -63,8 +63,11 @@ def load() -> None:
 
 
 def best_isa() -> str:
-    load()
-    return ISA_NAMES[int(torch.ops.sparse_ofa.cpu_isa())]
+    """The CPU's best ISA path (cpuid, constant per process: cached, this is on every call's path)."""
+    if "best_isa" not in _state:
+        load()
+        _state["best_isa"] = ISA_NAMES[int(torch.ops.sparse_ofa.cpu_isa())]
+    return _state["best_isa"]
 
 
 def isa_code(name: str | None = None) -> int:
@@ -239,13 +242,16 @@ class CpuBackend(Backend):
         return prepared
 
     @staticmethod
-    def choose(m: int, prepared: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def choose(m: int, prepared: dict[str, torch.Tensor], isa: int | None = None) -> tuple[torch.Tensor, ...]:
         """The op arguments of the cheaper layout for m tokens (gathered quads only have an
-        AVX-512 kernel; the other ISAs run them with the scalar loop, so they keep aligned quads)."""
+        AVX-512 kernel; the other ISAs run them with the scalar loop, so they keep aligned quads).
+        isa: the op's ISA code if the caller has it (-1 = best), else read like effective_isa()."""
         n_quads = prepared["q_quad_w"].numel()
         n_gathered = prepared["g_quad_w"].numel() if "g_quad_w" in prepared else None
-        if n_gathered is not None and effective_isa() != ISAS["avx512vnni"]:
-            n_gathered = None
+        if n_gathered is not None:
+            eff = effective_isa() if isa is None else (ISAS[best_isa()] if isa < 0 else isa)
+            if eff != ISAS["avx512vnni"]:
+                n_gathered = None
         aligned, gathered = layout_costs(m, n_quads, n_gathered)
         p = "g_" if gathered < aligned else "q_"
         return tuple(prepared[p + key] for key in ("quad_w", "quad_k", "row_ptr", "rowsum", "layout"))
@@ -257,7 +263,8 @@ class CpuBackend(Backend):
                 prepared["layout"])
 
     def int_mm(self, x_q: torch.Tensor, prepared: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.ops.sparse_ofa.cpu_int_mm(x_q, *self.choose(x_q.shape[0], prepared), isa_code())
+        isa = isa_code()
+        return torch.ops.sparse_ofa.cpu_int_mm(x_q, *self.choose(x_q.shape[0], prepared, isa), isa)
 
     def linear(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], w_scale: torch.Tensor,
                bias: torch.Tensor | None, act: ActQuant, out_dtype: torch.dtype) -> torch.Tensor:
@@ -265,5 +272,6 @@ class CpuBackend(Backend):
             q = (float(act.scale), act.inv_scale, act.zero_point, act.qmin, act.qmax)
         else:
             q = (0.0, 0.0, 0, -127, 127)
-        return torch.ops.sparse_ofa.cpu_linear(x, *self.choose(x.shape[0], prepared), w_scale, bias, *q,
-                                               out_dtype, isa_code())
+        isa = isa_code()
+        return torch.ops.sparse_ofa.cpu_linear(x, *self.choose(x.shape[0], prepared, isa), w_scale, bias, *q,
+                                               out_dtype, isa)
