@@ -7,7 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import PackedWeight, unpack_int8
+from ..quant import ActQuant, dequantize
 from .base import Backend
+
+
+def _cpu_quantizer_ready() -> bool:
+    """The C++ quantizer of the cpu backend, when its extension builds here (bit-identical to quant.py)."""
+    from . import availability
+
+    return availability("cpu")[0]
 
 
 class DenseInt8Backend(Backend):
@@ -30,3 +38,13 @@ class DenseInt8Backend(Backend):
         if m <= 16:  # cuBLASLt int8 needs M > 16
             x_q = F.pad(x_q, (0, 0, 0, 17 - m))
         return torch._int_mm(x_q, w_t)[:m, :n]
+
+    def linear(self, x, prepared, w_scale, bias, act: ActQuant, out_dtype):
+        if x.device.type != "cpu" or not _cpu_quantizer_ready():
+            return super().linear(x, prepared, w_scale, bias, act, out_dtype)
+        # One fused C++ pass instead of ~10 torch ops: what made dense layers slower than
+        # torch's quantize_dynamic (bench/NOTES.md "End to end").
+        q = ((float(act.scale), act.inv_scale, act.zero_point, act.qmin, act.qmax) if act.is_static
+             else (0.0, 0.0, 0, -127, 127))
+        x_q, x_scale = torch.ops.sparse_ofa.cpu_quantize(x, *q)
+        return dequantize(self.int_mm(x_q, prepared), x_scale, w_scale, bias, out_dtype)
