@@ -47,6 +47,13 @@ class ActQuant:
         """1 / scale rounded to float32: the multiplier every backend uses."""
         return float(torch.tensor(1.0 / self.scale, dtype=torch.float32))
 
+    def kernel_args(self) -> tuple[float, float, int, int, int]:
+        """(static_scale, inv_scale, zero_point, qmin, qmax) as the C++ quantizer takes them;
+        a zero scale means dynamic per-token quantization."""
+        if not self.is_static:
+            return (0.0, 0.0, 0, -127, 127)
+        return (self.scale, self.inv_scale, self.zero_point, self.qmin, self.qmax)
+
     @property
     def is_static(self) -> bool:
         return self.scale is not None

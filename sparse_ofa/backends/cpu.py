@@ -268,10 +268,6 @@ class CpuBackend(Backend):
 
     def linear(self, x: torch.Tensor, prepared: dict[str, torch.Tensor], w_scale: torch.Tensor,
                bias: torch.Tensor | None, act: ActQuant, out_dtype: torch.dtype) -> torch.Tensor:
-        if act.is_static:
-            q = (float(act.scale), act.inv_scale, act.zero_point, act.qmin, act.qmax)
-        else:
-            q = (0.0, 0.0, 0, -127, 127)
         isa = isa_code()
-        return torch.ops.sparse_ofa.cpu_linear(x, *self.choose(x.shape[0], prepared, isa), w_scale, bias, *q,
-                                               out_dtype, isa)
+        return torch.ops.sparse_ofa.cpu_linear(x, *self.choose(x.shape[0], prepared, isa), w_scale, bias,
+                                               *act.kernel_args(), out_dtype, isa)

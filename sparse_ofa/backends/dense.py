@@ -44,7 +44,5 @@ class DenseInt8Backend(Backend):
             return super().linear(x, prepared, w_scale, bias, act, out_dtype)
         # One fused C++ pass instead of ~10 torch ops: what made dense layers slower than
         # torch's quantize_dynamic (bench/NOTES.md "End to end").
-        q = ((float(act.scale), act.inv_scale, act.zero_point, act.qmin, act.qmax) if act.is_static
-             else (0.0, 0.0, 0, -127, 127))
-        x_q, x_scale = torch.ops.sparse_ofa.cpu_quantize(x, *q)
+        x_q, x_scale = torch.ops.sparse_ofa.cpu_quantize(x, *act.kernel_args())
         return dequantize(self.int_mm(x_q, prepared), x_scale, w_scale, bias, out_dtype)
