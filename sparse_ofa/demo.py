@@ -42,9 +42,10 @@ from torch import nn
 class DemoConfig:
     sparsity: float = 0.9
     pattern: str = "unstructured"
-    steps: int = 600              # Prune OFA optimizer steps (GMP ramp + recovery at the final masks)
+    steps: int = 1200             # Prune OFA optimizer steps (GMP ramp + recovery at the final masks);
+                                  # 6.0 min end to end on 2 quiet cores, 0.876 held-out cosine (600: 3.4 min, 0.832)
     ramp_fraction: float = 0.6    # the cubic ramp covers this share of `steps`
-    update_every: int = 10        # GMP mask recomputation interval
+    update_every: int = 15        # GMP mask recomputation interval (80 updates over `steps`)
     qat_steps: int = 60
     batch_size: int = 16
     lr: float = 2e-3              # AdamW, linear warm-up over the first 10 steps, decay after the ramp

@@ -34,7 +34,7 @@ def run(args) -> int:
         if value is not None:
             overrides[name] = value
     if args.steps is not None and not args.quick:
-        overrides["update_every"] = max(1, round(args.steps / 80))  # the default's 48 mask updates
+        overrides["update_every"] = max(1, round(args.steps / 80))  # the default's 80 mask updates
     cfg = quick_config(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(cfg, args.output)
     return 0
