@@ -155,6 +155,17 @@ inline void row_gather(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t
 
 }  // namespace
 
+// r[j] = quad q0 + j (4 input channels) of tokens mb .. mb + 15, one dword per token, each byte
+// ^ flip (s8 -> u8 for vpdpbusd); tokens past `rows` and channels past k read as 0 ^ flip.
+static inline void load_quads_transposed(const int8_t* xq, int64_t ldx, int64_t k, int64_t mb, int64_t rows,
+                                         int64_t q0, __m512i flipv, __m512i r[16]) {
+  const int64_t kb = k - 4 * q0;  // bytes of a token row left from quad q0
+  const __mmask64 live = kb >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << kb) - 1);
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(live, xq + (mb + i) * ldx + 4 * q0), flipv) : flipv;
+  transpose16x16(r);
+}
+
 // xk[kk * mp + m] = x_q[m, kk] ^ flip: 16 tokens x 16 quads -> dword transpose (one quad of 16
 // tokens per register) -> bytes regrouped per input channel (vpshufb in lanes, vpermd across).
 void pack_cols_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
@@ -168,13 +179,8 @@ void pack_cols_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int6
   for (int64_t mb = m0; mb < mend; mb += 16) {
     const int64_t rows = m1 - mb < 16 ? (m1 - mb > 0 ? m1 - mb : 0) : 16;
     for (int64_t q0 = 0; q0 < nq; q0 += 16) {
-      const int64_t kb = k - 4 * q0;
-      const __mmask64 live = kb >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << kb) - 1);
       __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = i < rows ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(live, xq + (mb + i) * ldx + 4 * q0), flipv)
-                        : flipv;
-      transpose16x16(r);
+      load_quads_transposed(xq, ldx, k, mb, rows, q0, flipv, r);
       for (int j = 0; j < 16 && q0 + j < nq; ++j) {
         const __m512i v = _mm512_permutexvar_epi32(dwords_t, _mm512_shuffle_epi8(r[j], bytes_t));
         const int64_t kk = 4 * (q0 + j);
@@ -194,13 +200,8 @@ void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int6
   for (int64_t mb = m0; mb < mend; mb += 16) {
     const int64_t rows = m1 - mb < 16 ? (m1 - mb > 0 ? m1 - mb : 0) : 16;
     for (int64_t q0 = 0; q0 < nq; q0 += 16) {
-      const int64_t kb = k - 4 * q0;  // bytes of a token row left from quad q0
-      const __mmask64 live = kb >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << kb) - 1);
       __m512i r[16];
-      for (int i = 0; i < 16; ++i)
-        r[i] = i < rows ? _mm512_xor_si512(_mm512_maskz_loadu_epi8(live, xq + (mb + i) * ldx + 4 * q0), flipv)
-                        : flipv;
-      transpose16x16(r);
+      load_quads_transposed(xq, ldx, k, mb, rows, q0, flipv, r);
       for (int j = 0; j < 16 && q0 + j < nq; ++j) _mm512_storeu_si512(xt + ((q0 + j) * mp + mb) * 4, r[j]);
     }
   }
