@@ -90,6 +90,19 @@ def optimizer_and_schedule(model: nn.Module, args):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def run_training(args, output: Path, description: str, student, teacher, loader, **loop_kwargs):
+    """train_prune_ofa with the optimizer and the checkpoint / resume / progress flags that
+    add_common_training_args defines; loop_kwargs carry the pruner or lock, distill, loss_fn."""
+    from ..train import train_prune_ofa
+
+    optimizer, scheduler = optimizer_and_schedule(student, args)
+    checkpoints = output / "checkpoints" if (args.checkpoint_every or args.resume) else None
+    return train_prune_ofa(student, teacher, loader, optimizer=optimizer, scheduler=scheduler, steps=args.steps,
+                           checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every,
+                           resume=args.resume, progress=not args.no_progress, description=description,
+                           **loop_kwargs)
+
+
 def batches(features: list[dict], collate, batch_size: int, seed: int):
     """A re-iterable, seeded-shuffle DataLoader (train.py replays it exactly on resume)."""
     from torch.utils.data import DataLoader

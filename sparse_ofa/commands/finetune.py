@@ -64,7 +64,6 @@ def train_task(args, command: str, qat_config=None) -> dict:
 
     from ..distill import DistillLoss, check_teacher_student
     from ..lock import PatternLock
-    from ..train import train_prune_ofa
 
     _shared.check_training_args(args)
     model_dir = _shared.model_dir(args.model, "model")
@@ -87,18 +86,13 @@ def train_task(args, command: str, qat_config=None) -> dict:
         prepare_qat(student, qat_config)
     features = _shared.task_features(args.task, train, tokenizer, args.max_length, train=True)
     loader = _shared.batches(features, _shared.task_collator(tokenizer), args.batch_size, args.seed)
-    optimizer, scheduler = _shared.optimizer_and_schedule(student, args)
     distill = DistillLoss(args.w_hard, args.w_soft, args.temperature) if teacher is not None else None
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     print(f"{command}: {args.task}, {len(train)} training examples ({len(features)} features), "
           f"{len(lock.layers)} locked layers at {_shared.mask_sparsity(masks_at_load):.1%} sparsity, "
           f"{'KD from ' + str(teacher_dir) if teacher is not None else 'no teacher: task loss only'}")
-    result = train_prune_ofa(student, teacher, loader, optimizer=optimizer, scheduler=scheduler, lock=lock,
-                             distill=distill, steps=args.steps,
-                             checkpoint_dir=output / "checkpoints" if (args.checkpoint_every or args.resume) else None,
-                             checkpoint_every=args.checkpoint_every, resume=args.resume,
-                             progress=not args.no_progress, description=command)
+    result = _shared.run_training(args, output, command, student, teacher, loader, lock=lock, distill=distill)
     lock.remove_hooks()
     revived = [n for n, m in masks_at_load.items() if bool((lock.layers[n].weight.detach()[~m] != 0).any())]
     if revived:

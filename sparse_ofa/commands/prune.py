@@ -70,7 +70,6 @@ def run(args) -> int:
     from ..distill import DistillLoss, check_teacher_student
     from ..pruning import Pruner, weight_sparsity
     from ..lock import format_report
-    from ..train import train_prune_ofa
 
     # everything that can be wrong is checked before the first step
     _shared.check_training_args(args)
@@ -102,17 +101,13 @@ def run(args) -> int:
                                           for f in feats]))  # noqa: E731
         distill, loss_fn = None, _embedding_loss
     loader = _shared.batches(features, collate, args.batch_size, args.seed)
-    optimizer, scheduler = _shared.optimizer_and_schedule(student, args)
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     print(f"prune: {len(texts)} documents, objective {objective}, {len(pruner.layers)} layers -> "
           f"{args.sparsity:.0%} {args.pattern} over steps {schedule.start_step}..{schedule.ramp_end} "
           f"(masks every {schedule.update_every})")
-    result = train_prune_ofa(student, teacher, loader, optimizer=optimizer, scheduler=scheduler, pruner=pruner,
-                             distill=distill, loss_fn=loss_fn, steps=args.steps,
-                             checkpoint_dir=output / "checkpoints" if (args.checkpoint_every or args.resume) else None,
-                             checkpoint_every=args.checkpoint_every, resume=args.resume,
-                             progress=not args.no_progress, description="prune")
+    result = _shared.run_training(args, output, "prune", student, teacher, loader, pruner=pruner,
+                                  distill=distill, loss_fn=loss_fn)
     pruner.remove_hooks()
     student.save_pretrained(output)
     tokenizer.save_pretrained(output)
