@@ -3,7 +3,7 @@
 Math, per row m of x [M, K] (sparse_ofa/quant.py:quantize_per_token, bit for bit):
     amax       = max_k |x[m, k]|          (NaN if any x[m, k] is NaN: torch.amax propagates it)
     x_scale[m] = amax / 127               (IEEE division, div.rn)
-    inv        = 127 / amax, 0 if amax == 0
+    inv        = fp32(1 / amax) * 127, 0 if amax == 0   (two roundings, as torch's `127.0 / amax`)
     x_q[m, k]  = clamp(round_half_even(x[m, k] * inv), -127, 127), NaN -> 0
 round_half_even(v) = (v + 1.5 * 2^23) - 1.5 * 2^23, exact for |v| < 2^22 (here |v| <= 127) as long as
 the compiler keeps both IEEE additions (no fast-math in Triton); it also works in the interpreter.
@@ -20,8 +20,12 @@ from .epilogue import NO_FP_FUSION
 def scales_from_amax(amax, has_nan):
     """(x_scale, inv) from a row's amax (elementwise, any shape); NaN rows get a NaN scale."""
     amax = tl.where(has_nan, float("nan"), amax)
-    x_scale = tl.fdiv(amax, 127.0, ieee_rounding=True)
-    inv = tl.where(amax != 0.0, tl.fdiv(127.0, amax, ieee_rounding=True), 0.0)
+    # div_rn: IEEE round-to-nearest division on every Triton version (tl.fdiv's ieee_rounding flag
+    # is ignored by Triton 3.6, which emits the approximate div.full.f32 for it)
+    x_scale = tl.math.div_rn(amax, 127.0)
+    # reciprocal then multiply, not 127 / amax: ties (x = amax * j.5 / 127, common in fp16 inputs)
+    # round differently otherwise
+    inv = tl.where(amax != 0.0, tl.math.div_rn(1.0, amax) * 127.0, 0.0)
     return x_scale, inv
 
 

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .quant import ieee_div
+
 FORMAT_VERSION = 1
 PATTERNS = ("unstructured", "1x4", "2:4")
 _PATTERN_CODE = {p: i for i, p in enumerate(PATTERNS)}
@@ -174,7 +176,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: returns (w_q int8 [N, K], scale float32 [N])."""
     w = weight.detach().to(torch.float32)
     amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale = torch.where(amax > 0, ieee_div(amax, 127.0), torch.ones_like(amax))
     w_q = torch.clamp(torch.round(w / scale[:, None]), -127, 127).to(torch.int8)
     return w_q, scale
 

@@ -31,7 +31,7 @@ from torch import nn
 
 from .ddp import unwrap
 from .lock import FilterFn, select_linears
-from .quant import ActQuant
+from .quant import ActQuant, ieee_div
 
 _WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 _ACTIVATIONS = ("uint8_asymmetric", "int8_symmetric")
@@ -60,7 +60,7 @@ def fake_quant_weight(weight: torch.Tensor, granularity: str = "per_channel") ->
         amax = w.abs().amax(dim=1, keepdim=True)
     else:
         amax = w.abs().amax().reshape(1, 1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale = torch.where(amax > 0, ieee_div(amax, 127.0), torch.ones_like(amax))
     w_fq = torch.clamp(torch.round(w / scale), -127, 127) * scale
     return weight + (w_fq.to(weight.dtype) - weight).detach()
 
@@ -110,11 +110,11 @@ class FakeQuantLinear(nn.Linear):
         lo = torch.clamp(self.act_min.float(), max=0.0)
         hi = torch.clamp(self.act_max.float(), min=0.0)
         if self.qat_config.activation == "uint8_asymmetric":
-            scale = (hi - lo) / 255.0
+            scale = ieee_div(hi - lo, 255.0)
             scale = torch.where(scale > 0, scale, torch.ones_like(scale))
             zero_point = torch.clamp(torch.round(-lo / scale), 0, 255) - 128
             return scale, zero_point, -128, 127
-        scale = torch.maximum(-lo, hi) / 127.0
+        scale = ieee_div(torch.maximum(-lo, hi), 127.0)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         return scale, torch.zeros_like(scale), -127, 127
 

@@ -2,8 +2,8 @@
 
 Dynamic (default), per token (row m of x [M, K]), symmetric int8, computed in float32:
     amax[m]      = max_k |x[m, k]|
-    x_scale[m]   = amax[m] / 127                       (0 where amax == 0)
-    inv_scale[m] = 127 / amax[m]                       (0 where amax == 0)
+    x_scale[m]   = amax[m] / 127                       (IEEE division; 0 where amax == 0)
+    inv_scale[m] = fp32(1 / amax[m]) * 127             (two roundings; 0 where amax == 0)
     x_q[m, k]    = clamp(round_half_even(x[m, k] * inv_scale[m]), -127, 127)
 Static (from QAT), one scale s and zero point z for the whole tensor, range [qmin, qmax] in int8:
     x_q[m, k]    = clamp(round_half_even(x[m, k] * fp32(1 / s)) + z, qmin, qmax),   x_scale[m] = s
@@ -73,13 +73,22 @@ class ActQuant:
         return (torch.zeros_like(w_scale) if bias is None else bias.to(torch.float32)) - corr
 
 
+def ieee_div(t: torch.Tensor, divisor: float) -> torch.Tensor:
+    """t / divisor, one IEEE rounding on every device. A plain `t / 127.0` is a true division on
+    CPU but t * fp32(1 / 127) on CUDA (a scalar divisor becomes a multiplication there), which
+    differs in the last bit now and then; a 0-dim tensor divisor on t's device is divided on both.
+    torch.full fills it on the device (no host copy), so CUDA graphs can capture this."""
+    return t / torch.full((), divisor, dtype=t.dtype, device=t.device)
+
+
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] float -> (x_q int8 [M, K], x_scale float32 [M]); dynamic symmetric, see module doc."""
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=-1) if xf.shape[-1] else xf.new_zeros(xf.shape[:-1])
     nonzero = amax != 0
-    inv_scale = torch.where(nonzero, 127.0 / amax, torch.zeros_like(amax))
-    x_scale = torch.where(nonzero, amax / 127.0, torch.zeros_like(amax))
+    # torch evaluates `127.0 / t` as t.reciprocal() * 127 on every device: spelled out here
+    inv_scale = torch.where(nonzero, amax.reciprocal() * 127.0, torch.zeros_like(amax))
+    x_scale = torch.where(nonzero, ieee_div(amax, 127.0), torch.zeros_like(amax))
     x_q = torch.clamp(torch.round(xf * inv_scale[:, None]), -127, 127)
     # NaN would make the int8 cast undefined; its row's x_scale is already NaN.
     x_q = torch.nan_to_num(x_q, nan=0.0).to(torch.int8)

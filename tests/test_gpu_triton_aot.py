@@ -72,7 +72,7 @@ for job in json.loads(sys.argv[1]):
     results.append({
         "ops": sorted(set(re.findall(r"(wgmma\.mma_async[a-z_.0-9]*|mma\.sync[a-z_.0-9]*)", ptx))),
         "fma": len(re.findall(r"\bfma\.rn\.f32", ptx)),
-        "divs": sorted(set(re.findall(r"\bdiv\.[a-z]+\.f32", ptx))),
+        "divs": sorted(set(re.findall(r"\b(?:div|rcp)\.[a-z]+(?:\.ftz)?\.f32", ptx))),
         "rounding": [bool(re.search(r"add\.rn\.f32.*0f4B400000", ptx)),
                      bool(re.search(r"add\.rn\.f32.*0fCB400000", ptx))],
     })
@@ -81,6 +81,8 @@ print(json.dumps(results))
 
 HOPPER = "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8"
 AMPERE = "mma.sync.aligned.m16n8k32.row.col.satfinite.s32.s8.s8.s32"
+# every division in the quantizer IEEE round-to-nearest (1 / amax may lower to rcp.rn)
+IEEE_DIV = ["div.rn.f32"]
 
 
 def _compile(jobs: list[dict]) -> list[dict]:
@@ -100,7 +102,7 @@ def test_kernels_lower_to_int8_tensor_cores_without_fma():
         # The epilogue must not contract mul + add into an FMA (bit-exactness with torch).
         assert found["fma"] == 0, (job, found)
         if job["kernel"] == "bitmap_quant":  # the in-kernel quantizer keeps IEEE division/rounding
-            assert found["divs"] == ["div.rn.f32"] and found["rounding"] == [True, True], found
+            assert found["divs"] == IEEE_DIV and found["rounding"] == [True, True], found
 
 
 def test_dequantize_kernel_has_no_fma():
@@ -110,7 +112,7 @@ def test_dequantize_kernel_has_no_fma():
 
 def test_quantize_kernel_keeps_ieee_division_and_rounding():
     for found in _compile([{"kernel": "quantize", "capability": cap} for cap in (90, 80)]):
-        assert found["divs"] == ["div.rn.f32"], found      # no approximate division
+        assert found["divs"] == IEEE_DIV, found           # no approximate division
         assert found["rounding"] == [True, True], found    # (v + 1.5*2^23) - 1.5*2^23 not folded
         assert found["fma"] == 0, found
 

@@ -325,6 +325,27 @@ def test_quantize_kernel_bit_identical_to_torch(dtype, block):
     assert torch.equal(x_scale.nan_to_num(), ref_scale.nan_to_num())
 
 
+def _tie_activations(rows=256, seed=0):
+    """Row r: x = fp16(a_r * (j + 0.5) / 127) for j < 127, then a_r (the amax). x * 127 / a_r lands
+    within an ulp or two of a .5 tie, so inv's last bit decides the rounding: fp32(1 / amax) * 127
+    and 127 / amax disagree on many rows. Values on the float16 grid: exact in both test dtypes."""
+    gen = torch.Generator().manual_seed(seed)
+    amax = (torch.rand(rows, 1, generator=gen) * 8 + 0.01).half().float()
+    x = (amax * torch.arange(127).add(0.5) / 127).half().float()
+    sign = torch.where(torch.rand(rows, 1, generator=gen) < 0.5, -1.0, 1.0)
+    return torch.cat([x, amax], dim=1) * sign
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_quantize_kernel_rounds_ties_like_torch(dtype):
+    x = _tie_activations().to(dtype).to(DEVICE)
+    x_q, x_scale = quantize.quantize_per_token(x)
+    ref_q, ref_scale = quantize_per_token(x)
+    assert torch.equal(x_q, ref_q)
+    assert torch.equal(x_scale, ref_scale)
+
+
 @needs_kernels
 def test_quantize_kernel_rejects_bad_input():
     with pytest.raises(ValueError, match="float32/float16/bfloat16"):
