@@ -7,16 +7,21 @@
 
 #include <vector>
 
+#include "check_format.h"  // numbers in messages: never streamed (see there why)
 #include "cpu/sparse_cpu.h"
 
 namespace sparse_ofa_cpu {
 namespace {
 
+using sparse_ofa::fmt_dims;
+using sparse_ofa::fmt_float;
+using sparse_ofa::fmt_num;
+
 constexpr int64_t kLayoutVersion = 1;  // "quads v1", see cpu/sparse_cpu.h
 
 int64_t resolve_isa(int64_t isa) {
   if (isa < 0) return best_isa();
-  TORCH_CHECK(isa <= kAvx512Vnni, "sparse_ofa cpu: unknown ISA code ", isa);
+  TORCH_CHECK(isa <= kAvx512Vnni, "sparse_ofa cpu: unknown ISA code ", fmt_num(isa));
   TORCH_CHECK(isa_supported((int)isa), "sparse_ofa cpu: this CPU does not run the ", isa_name((int)isa),
               " kernels");
   return isa;
@@ -31,7 +36,7 @@ void check_vec(const at::Tensor& t, const char* name, at::ScalarType dtype, int6
   TORCH_CHECK(t.scalar_type() == dtype, "sparse_ofa cpu: ", name, " must be ", dtype, ", got ",
               t.scalar_type());
   TORCH_CHECK(t.dim() == 1 && t.numel() == numel, "sparse_ofa cpu: ", name, " must have shape (",
-              numel, "), got ", t.sizes());
+              fmt_num(numel), "), got ", fmt_dims(t));
   TORCH_CHECK(t.is_contiguous(), "sparse_ofa cpu: ", name, " must be contiguous");
 }
 
@@ -41,27 +46,27 @@ QuadWeight weight_of(const at::Tensor& quad_w, const at::Tensor& quad_k, const a
   check_cpu(layout, "layout");
   TORCH_CHECK(layout.scalar_type() == at::kInt && layout.dim() == 1 && layout.numel() == 5,
               "sparse_ofa cpu: layout must be int32 [5] (version, N, K, quads, kind), got ",
-              layout.scalar_type(), " ", layout.sizes());
+              layout.scalar_type(), " ", fmt_dims(layout));
   const int32_t* l = layout.contiguous().data_ptr<int32_t>();
-  TORCH_CHECK(l[0] == kLayoutVersion, "sparse_ofa cpu: prepared weight has layout version ", l[0],
-              ", these kernels read version ", kLayoutVersion, " (prepare it again from the packed weight)");
+  TORCH_CHECK(l[0] == kLayoutVersion, "sparse_ofa cpu: prepared weight has layout version ", fmt_num(l[0]),
+              ", these kernels read version ", fmt_num(kLayoutVersion), " (prepare it again from the packed weight)");
   const int64_t n = l[1], k = l[2], nq = l[3], kind = l[4];
   TORCH_CHECK(n >= 0 && k >= 0 && nq >= 0, "sparse_ofa cpu: layout has negative sizes");
-  TORCH_CHECK(kind == 0 || kind == 1, "sparse_ofa cpu: unknown layout kind ", kind);
+  TORCH_CHECK(kind == 0 || kind == 1, "sparse_ofa cpu: unknown layout kind ", fmt_num(kind));
   check_vec(quad_w, "quad_w", at::kInt, nq);
   check_vec(quad_k, "quad_k", at::kInt, kind ? 4 * nq : nq);
   check_vec(row_ptr, "row_ptr", at::kInt, n + 1);
   check_vec(rowsum, "rowsum", at::kInt, n);
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
-  TORCH_CHECK(rp[0] == 0 && rp[n] == nq, "sparse_ofa cpu: row_ptr must run from 0 to ", nq);
+  TORCH_CHECK(rp[0] == 0 && rp[n] == nq, "sparse_ofa cpu: row_ptr must run from 0 to ", fmt_num(nq));
   return QuadWeight{quad_w.data_ptr<int32_t>(), quad_k.data_ptr<int32_t>(), rp, rowsum.data_ptr<int32_t>(),
                     n, k, (int)kind};
 }
 
 at::Tensor check_x(const at::Tensor& x, int64_t k, const char* name) {
   check_cpu(x, name);
-  TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: ", name, " must be 2-D [M, K], got ", x.sizes());
-  TORCH_CHECK(x.size(1) == k, "sparse_ofa cpu: ", name, " has ", x.size(1), " input features, the weight has ", k);
+  TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: ", name, " must be 2-D [M, K], got ", fmt_dims(x));
+  TORCH_CHECK(x.size(1) == k, "sparse_ofa cpu: ", name, " has ", fmt_num(x.size(1)), " input features, the weight has ", fmt_num(k));
   // rows may be strided; channels must be contiguous
   return x.stride(1) == 1 ? x : x.contiguous();
 }
@@ -69,7 +74,7 @@ at::Tensor check_x(const at::Tensor& x, int64_t k, const char* name) {
 void check_out(const at::Tensor& out, int64_t m, int64_t n) {
   check_cpu(out, "out");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n, "sparse_ofa cpu: out must have shape [",
-              m, ", ", n, "], got ", out.sizes());
+              fmt_num(m), ", ", fmt_num(n), "], got ", fmt_dims(out));
   TORCH_CHECK(out.stride(1) == 1 || n <= 1, "sparse_ofa cpu: out rows must be contiguous");
 }
 
@@ -210,7 +215,7 @@ void pack_block(int isa, const QuadWeight& w, const Tiles& t, const int8_t* xb, 
 uint8_t flip_of(int isa) { return (isa == kAvx512Vnni || isa == kAvxVnni) ? 0x80 : 0; }
 
 QuantParams quant_params(double static_scale, double inv_scale, int64_t zero_point, int64_t qmin, int64_t qmax) {
-  TORCH_CHECK(static_scale >= 0, "sparse_ofa cpu: static_scale must be >= 0 (0 = dynamic), got ", static_scale);
+  TORCH_CHECK(static_scale >= 0, "sparse_ofa cpu: static_scale must be >= 0 (0 = dynamic), got ", fmt_float(static_scale));
   TORCH_CHECK(-128 <= qmin && qmin <= zero_point && zero_point <= qmax && qmax <= 127,
               "sparse_ofa cpu: need -128 <= qmin <= zero_point <= qmax <= 127");
   return QuantParams{(float)static_scale, (float)inv_scale, (int)zero_point, (int)qmin, (int)qmax};
@@ -230,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> cpu_quantize(const at::Tensor& x, double stat
                                                 int64_t zero_point, int64_t qmin, int64_t qmax, int64_t isa) {
   const int is = (int)resolve_isa(isa);
   const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
-  TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: x must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: x must be 2-D [M, K], got ", fmt_dims(x));
   const at::Tensor xf = float_input(x, x.size(1));
   const int64_t m = xf.size(0), k = xf.size(1);
   at::Tensor xq = at::empty({m, k}, xf.options().dtype(at::kChar));
@@ -273,7 +278,7 @@ void cpu_int_mm_out(const at::Tensor& x_q, const at::Tensor& quad_w, const at::T
 
 at::Tensor cpu_int_mm(const at::Tensor& x_q, const at::Tensor& quad_w, const at::Tensor& quad_k,
                       const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout, int64_t isa) {
-  TORCH_CHECK(x_q.dim() == 2, "sparse_ofa cpu: x_q must be 2-D [M, K], got ", x_q.sizes());
+  TORCH_CHECK(x_q.dim() == 2, "sparse_ofa cpu: x_q must be 2-D [M, K], got ", fmt_dims(x_q));
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "sparse_ofa cpu: row_ptr must be 1-D [N + 1]");
   at::Tensor out = at::empty({x_q.size(0), row_ptr.numel() - 1}, x_q.options().dtype(at::kInt));
   cpu_int_mm_out(x_q, quad_w, quad_k, row_ptr, rowsum, layout, out, isa);
@@ -329,7 +334,7 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& quad_w, const at::T
                       const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, double static_scale,
                       double inv_scale, int64_t zero_point, int64_t qmin, int64_t qmax,
                       at::ScalarType out_dtype, int64_t isa) {
-  TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: x must be 2-D [M, K], got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: x must be 2-D [M, K], got ", fmt_dims(x));
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "sparse_ofa cpu: out_dtype must be float32/bfloat16/float16, got ", out_dtype);
   TORCH_CHECK(row_ptr.dim() == 1 && row_ptr.numel() >= 1, "sparse_ofa cpu: row_ptr must be 1-D [N + 1]");

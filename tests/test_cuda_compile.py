@@ -69,7 +69,7 @@ def _binding_flags(tmp_path):
     stub = tmp_path / "stub" / "c10" / "cuda" / "impl"
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
-    return ["-I", str(tmp_path / "stub"), "-I", str(torch_inc),
+    return ["-I", str(tmp_path / "stub"), "-I", str(BINDING.parent.parent), "-I", str(torch_inc),
             "-I", str(torch_inc / "torch" / "csrc" / "api" / "include"), "-I", str(cuda_inc),
             "-I", sysconfig.get_paths()["include"]]
 

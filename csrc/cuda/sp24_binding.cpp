@@ -8,9 +8,13 @@
 
 #include <cstdint>
 
+#include "check_format.h"  // numbers in messages: never streamed (see there why)
 #include "sp24_int8.h"
 
 namespace {
+
+using sparse_ofa::fmt_dims;
+using sparse_ofa::fmt_num;
 
 void check_operands(const at::Tensor& x_q, const at::Tensor& values, const at::Tensor& meta,
                     int64_t n, int64_t meta_mode) {
@@ -21,22 +25,23 @@ void check_operands(const at::Tensor& x_q, const at::Tensor& values, const at::T
               "sparse_ofa 2:4 kernel: tensors are on different devices");
   TORCH_CHECK(x_q.scalar_type() == at::kChar && x_q.dim() == 2,
               "sparse_ofa 2:4 kernel: x_q must be 2-D int8, got ", x_q.scalar_type(), " ",
-              x_q.sizes());
+              fmt_dims(x_q));
   TORCH_CHECK(values.scalar_type() == at::kChar && values.dim() == 2 && values.is_contiguous(),
               "sparse_ofa 2:4 kernel: values must be a contiguous 2-D int8 tensor");
   TORCH_CHECK(meta.scalar_type() == at::kInt && meta.dim() == 2 && meta.is_contiguous(),
               "sparse_ofa 2:4 kernel: meta must be a contiguous 2-D int32 tensor");
   const int64_t k = x_q.size(1);
-  TORCH_CHECK(k % sparse_ofa::kSp24TileK == 0, "sparse_ofa 2:4 kernel: in_features ", k,
-              " must be a multiple of ", sparse_ofa::kSp24TileK);
+  TORCH_CHECK(k % sparse_ofa::kSp24TileK == 0, "sparse_ofa 2:4 kernel: in_features ", fmt_num(k),
+              " must be a multiple of ", fmt_num(sparse_ofa::kSp24TileK));
   TORCH_CHECK(values.size(1) == k / 2 && meta.size(1) == k / 32 && meta.size(0) == values.size(0),
-              "sparse_ofa 2:4 kernel: values ", values.sizes(), " / meta ", meta.sizes(),
-              " do not match in_features ", k);
+              "sparse_ofa 2:4 kernel: values ", fmt_dims(values), " / meta ", fmt_dims(meta),
+              " do not match in_features ", fmt_num(k));
   TORCH_CHECK(values.size(0) % sparse_ofa::kSp24TileRows == 0 && n <= values.size(0) && n > 0,
-              "sparse_ofa 2:4 kernel: values rows ", values.size(0), " must be padded to a multiple of ",
-              sparse_ofa::kSp24TileRows, " and hold out_features ", n);
+              "sparse_ofa 2:4 kernel: values rows ", fmt_num(values.size(0)),
+              " must be padded to a multiple of ", fmt_num(sparse_ofa::kSp24TileRows),
+              " and hold out_features ", fmt_num(n));
   TORCH_CHECK(meta_mode == sparse_ofa::kMetaHalves || meta_mode == sparse_ofa::kMetaRows,
-              "sparse_ofa 2:4 kernel: unknown meta_mode ", meta_mode);
+              "sparse_ofa 2:4 kernel: unknown meta_mode ", fmt_num(meta_mode));
   TORCH_CHECK(x_q.size(0) < (int64_t{1} << 31) && k < (int64_t{1} << 31),
               "sparse_ofa 2:4 kernel: problem too large for 32-bit indexing");
 }
@@ -79,8 +84,8 @@ at::Tensor cuda_sp24_linear(const at::Tensor& x_q, const at::Tensor& values, con
   auto check_vec = [&](const at::Tensor& t, int64_t len, const char* name) {
     TORCH_CHECK(t.is_cuda() && t.device() == x_q.device() && t.scalar_type() == at::kFloat &&
                     t.dim() == 1 && t.size(0) == len && t.is_contiguous(),
-                "sparse_ofa 2:4 kernel: ", name, " must be a contiguous float32 [", len,
-                "] tensor on ", x_q.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ",
+                "sparse_ofa 2:4 kernel: ", name, " must be a contiguous float32 [", fmt_num(len),
+                "] tensor on ", x_q.device(), ", got ", t.scalar_type(), " ", fmt_dims(t), " on ",
                 t.device());
   };
   check_vec(x_scale, x_q.size(0), "x_scale");
