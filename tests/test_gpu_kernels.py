@@ -203,7 +203,7 @@ def test_auto_dispatch_by_tokens_and_pattern(cuda24):
         return SparseInt8Linear.from_linear(linear)
 
     two_four = module(sparse_weight(768, 768, 0.5, "2:4"))
-    assert two_four.dispatch(4096) == "cuda"
+    assert two_four.dispatch(4096) == "triton"  # Triton's dense/block routes beat the 2:4 kernel
     assert two_four.dispatch(16) == "triton"
     unstructured = module(sparse_weight(768, 768, 0.9))
     assert unstructured.dispatch(16) == "triton"

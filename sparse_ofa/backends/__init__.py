@@ -22,7 +22,10 @@ _FACTORIES: dict[str, str] = {
 }
 # Sparse backends tried first under backend="auto", per device type; "dense" and "reference" close
 # every chain.
-AUTO_ORDER: dict[str, list[str]] = {"cpu": ["cpu"], "cuda": ["cuda", "triton"]}
+# cuda: Triton first. Measured on an H200 (bench/NOTES.md), the 2:4 CUDA kernel is 1.0-2.2x slower
+# than cuBLASLt int8 (Triton's dense route) at every BERT-base shape and token count, so auto uses
+# it only where Triton is missing; backend="cuda" still selects it.
+AUTO_ORDER: dict[str, list[str]] = {"cpu": ["cpu"], "cuda": ["triton", "cuda"]}
 _FALLBACKS = ["dense", "reference"]
 _INSTANCES: dict[str, Backend] = {}
 

@@ -1,8 +1,9 @@
 """The CUDA backend: 2:4 sparse INT8 on sparse tensor cores (csrc/cuda/sp24_int8.cu, mma.sp, sm_80+).
 
 Serves "2:4" weights with in_features % 64 == 0 on CUDA devices of compute capability >= 8.0, for many
-tokens (M > MIN_M, the compute-bound regime where the halved tensor-core work pays); fewer tokens go
-to the Triton bitmap kernel or dense INT8 (backend="auto" order: cuda, triton, dense).
+tokens (M > MIN_M, the compute-bound regime where the halved tensor-core work should pay). Measured
+on an H200 it does not beat cuBLASLt int8 at BERT-base shapes (bench/NOTES.md "GPU kernels"), so
+backend="auto" (order: triton, cuda, dense) reaches it only where Triton is missing.
 
 The extension is compiled on first use (sparse_ofa/_ext.py) only where torch has CUDA and nvcc is
 found. Its ops are torch.ops.sparse_ofa.cuda_sp24_int_mm / cuda_sp24_linear, with fake (meta)

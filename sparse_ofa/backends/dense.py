@@ -40,9 +40,25 @@ class DenseInt8Backend(Backend):
         return torch._int_mm(x_q, w_t)[:m, :n]
 
     def linear(self, x, prepared, w_scale, bias, act: ActQuant, out_dtype):
-        if x.device.type != "cpu" or not _cpu_quantizer_ready():
+        if x.is_cuda:
+            return self._linear_cuda(x, prepared, w_scale, bias, act, out_dtype)
+        if not _cpu_quantizer_ready():
             return super().linear(x, prepared, w_scale, bias, act, out_dtype)
         # One fused C++ pass instead of ~10 torch ops: what made dense layers slower than
         # torch's quantize_dynamic (bench/NOTES.md "End to end").
         x_q, x_scale = torch.ops.sparse_ofa.cpu_quantize(x, *act.kernel_args())
         return dequantize(self.int_mm(x_q, prepared), x_scale, w_scale, bias, out_dtype)
+
+    def _linear_cuda(self, x, prepared, w_scale, bias, act, out_dtype):
+        # Triton's one-launch quantizer and dequantizer where Triton is installed (same bits as
+        # quant.py; torch's ops take ~13 launches for the two), torch's ops otherwise.
+        from .triton import quantize_input
+
+        x_q, x_scale = quantize_input(x, act)
+        acc = self.int_mm(x_q, prepared)
+        bias = None if bias is None else bias.to(torch.float32)
+        try:
+            from sparse_ofa.kernels.dequantize import dequantize as dequantize_one_launch
+        except ImportError:
+            return dequantize(acc, x_scale, w_scale, bias, out_dtype)
+        return dequantize_one_launch(acc, x_scale, w_scale, bias, out_dtype)

@@ -9,7 +9,8 @@ Dispatch inside the backend, per forward of M tokens (the weight's facts are fix
                                       layout keeps anyway: unstructured sparsity cannot skip tensor-core
                                       work, so dense is the fastest exact product there
 `prefers` (backend="auto") takes layers of density <= MAX_DENSITY; denser layers go to the dense
-backend. The thresholds are roofline predictions (bench/NOTES.md), to be re-tuned on the device.
+backend. SMALL_M was measured on an H200 (bench/NOTES.md "GPU kernels", BERT-base shapes): the
+bitmap kernel ties cuBLASLt int8 at 16 tokens and is 2-4x slower at 128, so it serves M <= 32 only.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from ..formats import PackedWeight
 from ..quant import dequantize, quantize_activations
 from .base import Backend, LayerInfo
 
-SMALL_M = 256
+SMALL_M = 32
 MAX_DENSITY = 0.5
 MAX_TILE_DENSITY = 0.6
 BITMAP_BLOCK_K = 128
