@@ -105,7 +105,7 @@ for m, n, k in [(1, 200, 128), (77, 384, 768), (300, 768, 3072)]:
     pattern = "2:4" if which == "cuda" else "unstructured"
     w = torch.randn(n, k)
     w = w * magnitude_mask(w, 0.5 if which == "cuda" else 0.9, pattern)
-    packed = pack(w, pattern).cuda()
+    packed = pack(w, pattern).to("cuda")
     be = backends.get_backend(which)
     prepared = be.prepare(packed)
     x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
