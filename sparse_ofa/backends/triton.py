@@ -9,8 +9,10 @@ Dispatch inside the backend, per forward of M tokens (the weight's facts are fix
                                       layout keeps anyway: unstructured sparsity cannot skip tensor-core
                                       work, so dense is the fastest exact product there
 `prefers` (backend="auto") takes layers of density <= MAX_DENSITY; denser layers go to the dense
-backend. SMALL_M was measured on an H200 (bench/NOTES.md "GPU kernels", BERT-base shapes): the
-bitmap kernel ties cuBLASLt int8 at 16 tokens and is 2-4x slower at 128, so it serves M <= 32 only.
+backend. SMALL_M from H200 measurements (bench/NOTES.md "GPU kernels", BERT-base/large shapes): the
+bitmap kernel is 2-4x slower than cuBLASLt int8 at 128 tokens and, as a whole layer, 10-45 % slower
+than the dense route at 16. Below 16 cuBLASLt pads to 17 rows (no cheaper) while the bitmap kernel's
+work shrinks, so it keeps M <= 8: a prediction, not yet measured (M grid of bench/test_layers_gpu.py).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from ..formats import PackedWeight
 from ..quant import dequantize, quantize_activations
 from .base import Backend, LayerInfo
 
-SMALL_M = 32
+SMALL_M = 8
 MAX_DENSITY = 0.5
 MAX_TILE_DENSITY = 0.6
 BITMAP_BLOCK_K = 128
