@@ -50,3 +50,42 @@ def test_bert_base_cuda(benchmark, batch, impl):
                                 impl=name, cosine_vs_fp32=cosine)
     fn = _synced(e2e.forward_fn(model, inputs))
     benchmark.pedantic(fn, rounds=20, warmup_rounds=3, iterations=1)
+
+
+def _graphed(fn):
+    """fn captured once in a CUDA graph; each call replays it and synchronizes. Shows the GPU-side
+    time with Python and launch overhead removed (the eager rows above are launch-bound at BERT-base
+    sizes: batch 1 and 8 take the same time)."""
+    fn()  # build, autotune and warm the allocator outside the capture
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+
+    def replay():
+        graph.replay()
+        torch.cuda.synchronize()
+    return replay, graph
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("impl", ["fp16_model", "sparse_ofa"])
+def test_bert_base_cuda_graph(benchmark, batch, impl):
+    model = _model(impl)
+    inputs = {k: v.cuda() for k, v in e2e.random_inputs(batch, SEQ).items()}
+    try:
+        replay, keep_alive = _graphed(e2e.forward_fn(model, inputs))
+    except Exception as exc:  # noqa: BLE001 - report why instead of timing something else
+        pytest.fail(f"{impl} forward could not be captured in a CUDA graph: {exc}")
+    name = f"sparse_ofa:{e2e.dispatched_backend(model, batch * SEQ)}" if impl == "sparse_ofa" else impl
+    benchmark.group = f"e2e-cuda-graph-bert-base-b{batch}"
+    benchmark.extra_info.update(kind="e2e-graph", device="cuda", shape="bert-base", batch=batch, seq=SEQ,
+                                sparsity=0.9, pattern="unstructured" if impl == "sparse_ofa" else "dense",
+                                impl=name, timing="cuda_graph")
+    benchmark.pedantic(replay, rounds=30, warmup_rounds=3, iterations=1)
+    del keep_alive

@@ -27,7 +27,7 @@ ROUNDS = int(os.environ.get("SPARSE_OFA_GPU_ROUNDS", "15"))
 SHAPES = [(768, 768), (768, 3072), (3072, 768)]  # (K, N): BERT-base q/k/v/o, intermediate, output
 if FULL:
     SHAPES += [(1024, 1024), (1024, 4096), (4096, 1024)]  # BERT-large
-M_VALUES = [16, 128, 1024, 4096]
+M_VALUES = [8, 16, 128, 1024, 4096]
 PATTERNS = {"unstructured": 0.9, "block": 0.9, "2:4": 0.5}
 DEV = "cuda"
 

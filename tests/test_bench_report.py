@@ -46,3 +46,13 @@ def test_table_and_files(tmp_path):
     assert json.loads(written["rows"].read_text()) == ROWS
     assert written["plot"].stat().st_size > 1000
     assert format_table([r for r in ROWS if not r["extra_info"]["impl"].startswith("sparse")]).startswith("(no")
+
+
+def test_graph_rows_report_one_call_of_the_repeat():
+    # GPU rounds replay a graph of `repeat` calls: the table shows one call, ratios are unchanged
+    rows = [_row("base", 0.050, kind="layer", device="cuda", shape="768x768", m=16, impl="int_mm", repeat=50),
+            _row("sp", 0.025, kind="layer", device="cuda", shape="768x768", m=16, sparsity=0.9,
+                 pattern="block", impl="sparse_ofa:triton", repeat=50)]
+    (entry,) = speedup_rows(rows)
+    assert abs(entry["median_ms"] - 0.5) < 1e-9 and abs(entry["x_int_mm"] - 2.0) < 1e-9
+    assert "median ms/call" in format_table(rows)

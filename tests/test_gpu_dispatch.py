@@ -45,8 +45,12 @@ def test_triton_routes_by_tokens_and_tile_density():
     tb = triton_backend.TritonBackend()
     block = tb.prepare(pack(_tile_pruned(256, 256, 10)))
     scattered = tb.prepare(pack(sparse_weight(256, 256, 0.9)))
-    assert tb._route(1, block) == tb._route(triton_backend.SMALL_M, block) == "bitmap"
-    assert tb._route(triton_backend.SMALL_M + 1, block) == "block"
+    # bitmap route off by default (H200: slower than dense/block at 8-128 tokens), block from 1 token
+    assert tb.bitmap_max_tokens == triton_backend.SMALL_M == 0
+    assert tb._route(1, block) == "block"
+    tb.bitmap_max_tokens = 16
+    assert tb._route(1, block) == tb._route(16, block) == "bitmap"
+    assert tb._route(17, block) == "block"
     # 90 % unstructured leaves no 64x64 tile empty: tensor cores must do all the work -> dense.
     assert tb._route(4096, scattered) == "dense"
     assert scattered["bitmap_values"].numel() == pack(sparse_weight(256, 256, 0.9)).nnz

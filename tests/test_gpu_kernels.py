@@ -213,3 +213,19 @@ def test_auto_dispatch_by_tokens_and_pattern(cuda24):
     ref = SparseInt8Linear.from_linear(nn.Linear(768, 768), backend="reference")
     ref.load_state_dict(two_four.state_dict())
     torch.testing.assert_close(two_four(x), ref.to(DEV)(x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ numerics
+def test_reference_quantizers_round_alike_on_cpu_and_cuda():
+    """quant.py / formats.py are the spec: the same bits on every device (CUDA turns `t / 127.0`
+    into t * fp32(1 / 127), which is why they divide by a device tensor)."""
+    from sparse_ofa.formats import quantize_weight
+    from test_triton_kernels import _tie_activations
+
+    for x in (_tie_activations(), torch.randn(300, 3072) * 5, (torch.randn(64, 768) * 3).half().float()):
+        q_cpu, s_cpu = quantize_per_token(x)
+        q_gpu, s_gpu = quantize_per_token(x.to(DEV))
+        assert torch.equal(q_gpu.cpu(), q_cpu) and torch.equal(s_gpu.cpu(), s_cpu)
+        w_cpu, ws_cpu = quantize_weight(x)
+        w_gpu, ws_gpu = quantize_weight(x.to(DEV))
+        assert torch.equal(w_gpu.cpu(), w_cpu) and torch.equal(ws_gpu.cpu(), ws_cpu)

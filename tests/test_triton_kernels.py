@@ -385,13 +385,13 @@ def test_dequantize_kernel_rejects_float_products():
                                             ("unstructured", 300, "dense")])
 def test_triton_backend_linear_every_route_matches_reference(weight, m, route):
     from sparse_ofa.backends.reference import ReferenceBackend
-    from sparse_ofa.backends.triton import SMALL_M, TritonBackend
+    from sparse_ofa.backends.triton import TritonBackend
     from sparse_ofa.quant import ActQuant
 
-    assert (m <= SMALL_M) == (route == "bitmap")
     w = _block_pruned(128, 192, 64, 0.3) if weight == "tiles" else sparse_weight(128, 192, 0.9)
     packed = pack(w).to(DEVICE)
     backend = TritonBackend()  # driven directly: its registry entry is CUDA-only
+    backend.bitmap_max_tokens = 8  # the bitmap route is off by default (measured slower); test it anyway
     prepared = backend.prepare(packed)
     assert backend._route(m, prepared) == route
     x = torch.randn(m, 192, device=DEVICE)

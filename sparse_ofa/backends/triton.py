@@ -1,18 +1,18 @@
 """The Triton backend (CUDA tensors): sparse INT8 matmuls from kernels/, chosen by token count.
 
 Dispatch inside the backend, per forward of M tokens (the weight's facts are fixed at prepare time):
-    M <= SMALL_M                      bitmap "load as sparse" kernel: memory-bound, moves ~0.26 B per
+    M <= bitmap_max_tokens            bitmap "load as sparse" kernel: memory-bound, moves ~0.26 B per
                                       weight at 90 % sparsity instead of 1 B (kernels/bitmap_int8.py);
                                       dynamic activation quantization runs inside it (one launch)
-    M >  SMALL_M, tile density <= T   block-sparse kernel skipping empty 64x64 tiles (block_int8.py)
-    M >  SMALL_M otherwise            dense INT8 (torch._int_mm, cuBLASLt) on the dense copy the block
+    tile density <= T                 block-sparse kernel skipping empty 64x64 tiles (block_int8.py)
+    otherwise                         dense INT8 (torch._int_mm, cuBLASLt) on the dense copy the block
                                       layout keeps anyway: unstructured sparsity cannot skip tensor-core
                                       work, so dense is the fastest exact product there
 `prefers` (backend="auto") takes layers of density <= MAX_DENSITY; denser layers go to the dense
-backend. SMALL_M from H200 measurements (bench/NOTES.md "GPU kernels", BERT-base/large shapes): the
-bitmap kernel is 2-4x slower than cuBLASLt int8 at 128 tokens and, as a whole layer, 10-45 % slower
-than the dense route at 16. Below 16 cuBLASLt pads to 17 rows (no cheaper) while the bitmap kernel's
-work shrinks, so it keeps M <= 8: a prediction, not yet measured (M grid of bench/test_layers_gpu.py).
+backend. bitmap_max_tokens defaults to SMALL_M = 0, i.e. the bitmap route is off: on an H200
+(bench/NOTES.md "GPU kernels", BERT-base/large shapes) the bitmap layer lost to the dense route at
+8, 16 and 128 tokens (10-90 % slower), and the block route won from 16 tokens on. Set
+`sparse_ofa.backends.get_backend("triton").bitmap_max_tokens = N` where a GPU measures otherwise.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ..formats import PackedWeight
 from ..quant import dequantize, quantize_activations
 from .base import Backend, LayerInfo
 
-SMALL_M = 8
+SMALL_M = 0  # default bitmap_max_tokens: measured, see the module docstring
 MAX_DENSITY = 0.5
 MAX_TILE_DENSITY = 0.6
 BITMAP_BLOCK_K = 128
@@ -51,6 +51,7 @@ def quantize_input(x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
 class TritonBackend(Backend):
     name = "triton"
     device_types = ("cuda",)
+    bitmap_max_tokens = SMALL_M
 
     def availability(self):
         if not torch.cuda.is_available():
@@ -80,7 +81,7 @@ class TritonBackend(Backend):
         return prepared
 
     def _route(self, m: int, prepared) -> str:
-        if m <= SMALL_M:
+        if m <= self.bitmap_max_tokens:
             return "bitmap"
         return "block" if bool(prepared["use_block"]) else "dense"
 
