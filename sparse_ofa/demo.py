@@ -48,7 +48,8 @@ class DemoConfig:
     update_every: int = 15        # GMP mask recomputation interval (80 updates over `steps`)
     qat_steps: int = 60
     batch_size: int = 16
-    lr: float = 2e-3              # AdamW, linear warm-up over the first 10 steps, decay after the ramp
+    lr: float = 2e-3              # AdamW, linear warm-up over `warmup_steps`, decay after the ramp
+    warmup_steps: int = 10
     qat_lr: float = 5e-5
     hidden_weight: float = 1.0    # weight of the per-layer hidden-state MSE next to the pooled cosine
     layerwise_weight: float = 0.0  # weight of the teacher-forced per-layer reconstruction loss (option)
@@ -174,7 +175,7 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
     # Real distillation gradients are 1e-5..1e-1, untouched by this eps.
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-6)
     ramp_end = pruner.schedule.ramp_end if pruner is not None else 0
-    warmup = min(10, max(1, steps // 10))
+    warmup = min(cfg.warmup_steps, max(1, steps // 10))
 
     def lr_factor(step: int) -> float:  # warm-up, flat through the ramp, linear decay to 10 % after
         if step < warmup:
