@@ -16,6 +16,7 @@ COMMANDS = [
     "sparse_ofa.commands.tools",
     "sparse_ofa.commands.bench",
 ]
+TRAINING_COMMANDS = ("prune", "finetune", "quantize")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
         importlib.import_module(name).add_parser(sub)
     args = parser.parse_args(argv)
     try:
+        if args.command in TRAINING_COMMANDS:  # torchrun / accelerate: one process group per command
+            from .commands._shared import distributed
+
+            with distributed():
+                return int(args.func(args) or 0)
         return int(args.func(args) or 0)
     except (ValueError, TypeError, RuntimeError, FileNotFoundError) as exc:
         print(f"sparse-ofa {args.command}: error: {exc}", file=sys.stderr)

@@ -61,3 +61,45 @@ def test_two_process_gloo_masks_identical(tmp_path):
     for step in (3, 6):
         ckpt = tmp_path / "ckpt" / f"step-{step:08d}"
         assert sorted(p.name for p in ckpt.iterdir()) == ["rng-rank0.pt", "rng-rank1.pt", "state.pt"]
+
+
+def test_torchrun_runs_the_prune_command_as_one_ddp_group(tmp_path):
+    """`torchrun --nproc_per_node 2 -m sparse_ofa.cli prune ...` on CPU (gloo): both processes train in
+    one group (a checkpoint holds both ranks' RNG files), rank 0 alone writes the student, and its
+    layers end at the target sparsity."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from sparse_ofa.corpus import sample_sentences
+    from sparse_ofa.minilm import minilm_path
+    from sparse_ofa.pruning import weight_sparsity
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    BertForMaskedLM(config).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    (tmp_path / "text.txt").write_text("\n".join(sample_sentences(32)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "student"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), "-m", "sparse_ofa.cli", "prune", str(tmp_path / "teacher"), str(out),
+           "--data", str(tmp_path / "text.txt"), "--steps", "4", "--ramp-steps", "3", "--update-every", "1",
+           "--sparsity", "0.75", "--pattern", "1x4", "--batch-size", "4", "--max-length", "32",
+           "--checkpoint-every", "2", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["world_size"] == 2 and run_config["steps_done"] == 4
+    last = out / "checkpoints" / "step-00000004"
+    assert sorted(p.name for p in last.iterdir()) == ["rng-rank0.pt", "rng-rank1.pt", "state.pt"]
+    student = BertForMaskedLM.from_pretrained(out, local_files_only=True)
+    layers = {n: s for n, s in weight_sparsity(student).items() if ".encoder.layer." in n}
+    assert len(layers) == 12 and all(abs(s - 0.75) < 1e-6 for s in layers.values()), layers

@@ -7,6 +7,7 @@ import os
 import platform
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -90,12 +91,44 @@ def optimizer_and_schedule(model: nn.Module, args):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@contextmanager
+def distributed():
+    """Under torchrun / accelerate (WORLD_SIZE > 1): join the process group for the command (gloo on
+    CPU, nccl on GPUs) and leave it afterwards. A single process joins nothing. Yields the device
+    this process trains on (its GPU when CUDA is there, else the CPU)."""
+    import torch.distributed as dist
+
+    from ..ddp import is_distributed, setup_distributed
+
+    joined = not is_distributed()
+    device = setup_distributed()
+    try:
+        yield device
+    finally:
+        if joined and is_distributed():
+            dist.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process): the one that writes outputs and reports."""
+    from ..ddp import is_main_process as main
+
+    return main()
+
+
 def run_training(args, output: Path, description: str, student, teacher, loader, **loop_kwargs):
     """train_prune_ofa with the optimizer and the checkpoint / resume / progress flags that
-    add_common_training_args defines; loop_kwargs carry the pruner or lock, distill, loss_fn."""
+    add_common_training_args defines; loop_kwargs carry the pruner or lock, distill, loss_fn.
+    Student and teacher move to this process's device; under torchrun the student trains wrapped in
+    DistributedDataParallel (the loader already holds this rank's share, see `batches`)."""
+    from ..ddp import setup_distributed, wrap_ddp
     from ..train import train_prune_ofa
 
-    optimizer, scheduler = optimizer_and_schedule(student, args)
+    device = setup_distributed()
+    if teacher is not None:
+        teacher.to(device)
+    optimizer, scheduler = optimizer_and_schedule(student, args)  # the same Parameters DDP wraps
+    student = wrap_ddp(student, device)
     checkpoints = output / "checkpoints" if (args.checkpoint_every or args.resume) else None
     return train_prune_ofa(student, teacher, loader, optimizer=optimizer, scheduler=scheduler, steps=args.steps,
                            checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every,
@@ -104,11 +137,17 @@ def run_training(args, output: Path, description: str, student, teacher, loader,
 
 
 def batches(features: list[dict], collate, batch_size: int, seed: int):
-    """A re-iterable, seeded-shuffle DataLoader (train.py replays it exactly on resume)."""
+    """A re-iterable, seeded-shuffle DataLoader (train.py replays it exactly on resume). Under
+    torchrun each rank takes its own share of the examples (every world_size-th one)."""
     from torch.utils.data import DataLoader
+
+    from ..ddp import shard, world_size
 
     if not features:
         raise ValueError("no training examples")
+    features = shard(features)
+    if not features:
+        raise ValueError(f"fewer training examples than the {world_size()} processes")
     return DataLoader(features, batch_size=batch_size, shuffle=True, collate_fn=collate,
                       generator=torch.Generator().manual_seed(seed), num_workers=0)
 
@@ -159,13 +198,16 @@ def evaluate(model: nn.Module, task: str, examples: list[dict], tokenizer, max_l
     from ..metrics import glue_metrics, squad_metrics
 
     model.eval()
+    device = next(model.parameters()).device
     features = task_features(task, examples, tokenizer, max_length, train=False)
     collate = task_collator(tokenizer)
     outputs = []
     for i in range(0, len(features), batch_size):
         chunk = features[i:i + batch_size]
-        batch = {k: v for k, v in collate(chunk).items() if k != "labels"}
-        outputs.append(model(**batch))
+        batch = {k: v.to(device) for k, v in collate(chunk).items() if k != "labels"}
+        with torch.inference_mode():
+            out = model(**batch)
+        outputs.append(out.__class__(**{k: v.cpu() for k, v in out.items()}))
     if task == "squad":
         starts = [row for out in outputs for row in out.start_logits]
         ends = [row for out in outputs for row in out.end_logits]
@@ -184,9 +226,12 @@ def write_run_config(output: Path, command: str, args, **results) -> Path:
     """run_config.json beside the outputs: the arguments, versions, and what the run measured."""
     import transformers
 
+    from ..ddp import world_size
+
     config = {
         "command": f"sparse-ofa {command}",
         "argv": sys.argv[1:],
+        "world_size": world_size(),  # processes that trained together (torchrun / accelerate)
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "versions": {"sparse_ofa": _version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},

@@ -104,6 +104,8 @@ def train_task(args, command: str, qat_config=None) -> dict:
 
 def run(args) -> int:
     state = train_task(args, "finetune")
+    if not _shared.is_main_process():  # under torchrun rank 0 alone evaluates and writes
+        return 0
     student, output = state["student"], state["output"]
     metrics = None
     if state["evaluation"]:

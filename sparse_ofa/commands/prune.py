@@ -109,6 +109,8 @@ def run(args) -> int:
     result = _shared.run_training(args, output, "prune", student, teacher, loader, pruner=pruner,
                                   distill=distill, loss_fn=loss_fn)
     pruner.remove_hooks()
+    if not _shared.is_main_process():  # under torchrun rank 0 alone writes the outputs
+        return 0
     student.save_pretrained(output)
     tokenizer.save_pretrained(output)
     report = weight_sparsity(student)

@@ -32,6 +32,8 @@ def run(args) -> int:
     qat_config = QATConfig(weight_granularity=args.weight_granularity, activation=args.activation,
                            ema_decay=args.ema_decay)
     state = train_task(args, "quantize", qat_config=qat_config)
+    if not _shared.is_main_process():  # under torchrun rank 0 alone converts, evaluates and writes
+        return 0
     student, output, tokenizer = state["student"], state["output"], state["tokenizer"]
     fake_metrics = metrics = None
     if state["evaluation"]:
