@@ -1,4 +1,4 @@
-"""Training data, offline: pre-training text (MLM), GLUE (sst2, mnli, qqp, qnli) and SQuAD v1.1.
+"""Training data, offline: pre-training text (MLM, MLM + NSP sentence pairs), GLUE (sst2, mnli, qqp, qnli) and SQuAD v1.1.
 
 Where data comes from, in order:
   1. a local path you give: a file (.txt one document per line; .jsonl/.json/.csv/.tsv with columns)
@@ -23,6 +23,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+import random
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +318,49 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int = 128) -> list[d
     """One truncated encoding per document (input_ids, attention_mask, token_type_ids if any)."""
     enc = tokenizer(texts, truncation=True, max_length=max_length, return_special_tokens_mask=True)
     return [{k: enc[k][i] for k in enc.keys()} for i in range(len(texts))]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=\S)")
+
+
+def split_sentences(document: str) -> list[str]:
+    """A document's sentences: split after . ! ? followed by whitespace (enough for NSP pairs)."""
+    return [s.strip() for s in _SENTENCE_END.split(document.strip()) if s.strip()]
+
+
+def nsp_pairs(texts: list[str], seed: int = 0) -> list[dict]:
+    """BERT's next-sentence-prediction pairs from documents, as {"text_a", "text_b", "next_sentence_label"}.
+
+    Every sentence that has a successor in its document starts one pair: half the time (seeded) B is
+    that successor (label 0, "IsNext", Hugging Face's convention), otherwise a sentence drawn from a
+    different document (label 1, "NotNext"). Documents of one sentence only contribute negatives."""
+    docs = [split_sentences(t) for t in texts]
+    docs = [d for d in docs if d]
+    starts = [(i, j) for i, d in enumerate(docs) for j in range(len(d) - 1)]
+    if not starts:
+        raise ValueError("NSP needs documents of at least two sentences (split after . ! ?); every "
+                         "document here has one. Give multi-sentence documents or --objective mlm")
+    if len(docs) < 2:
+        raise ValueError("NSP needs at least two documents to draw 'NotNext' sentences from")
+    rng = random.Random(seed)
+    pairs = []
+    for i, j in starts:
+        if rng.random() < 0.5:
+            pairs.append({"text_a": docs[i][j], "text_b": docs[i][j + 1], "next_sentence_label": 0})
+        else:
+            other = rng.randrange(len(docs) - 1)
+            other += other >= i  # any document but this one
+            pairs.append({"text_a": docs[i][j], "text_b": rng.choice(docs[other]), "next_sentence_label": 1})
+    return pairs
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int = 128) -> list[dict]:
+    """Encoded sentence pairs ([CLS] A [SEP] B [SEP], token types 0/1) with `next_sentence_label`,
+    ready for `mlm_collator` (which masks tokens and keeps the NSP label)."""
+    enc = tokenizer([p["text_a"] for p in pairs], [p["text_b"] for p in pairs], truncation="longest_first",
+                    max_length=max_length, return_special_tokens_mask=True)
+    return [{**{k: enc[k][i] for k in enc.keys()}, "next_sentence_label": p["next_sentence_label"]}
+            for i, p in enumerate(pairs)]
 
 
 def mlm_collator(tokenizer, mlm_probability: float = 0.15, seed: int | None = None):

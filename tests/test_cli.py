@@ -79,6 +79,26 @@ def test_prune_writes_a_transformers_model_at_exact_sparsity(pruned):
     assert "mean sparsity 75.00%" in (pruned / "sparsity_report.txt").read_text()
 
 
+def test_prune_a_pretraining_teacher_distills_mlm_and_nsp(workdir, tmp_path):
+    """A *ForPreTraining teacher: sentence pairs, MLM + NSP hard loss, KD on both heads."""
+    from transformers import AutoTokenizer, BertForPreTraining
+
+    teacher = tmp_path / "teacher_pt"
+    BertForPreTraining.from_pretrained(workdir / "teacher").save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(workdir / "teacher").save_pretrained(teacher)
+    docs = tmp_path / "docs.txt"
+    docs.write_text("The cat sat on the mat. It was happy there. Then it slept.\n"
+                    "Rain fell all day long. The river rose fast. Boats left the harbour.\n" * 6)
+    out = tmp_path / "student_pt"
+    assert _run("prune", teacher, out, "--data", docs, "--steps", 3, "--ramp-steps", 2, "--update-every", 1,
+                "--sparsity", 0.5, "--batch-size", 4, "--max-length", 32) == 0
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["objective"] == "mlm+nsp" and config["steps_done"] == 3
+    student = BertForPreTraining.from_pretrained(out, local_files_only=True)  # both heads kept
+    assert set(config["layer_sparsity"].values()) == {0.5}
+    assert student.cls.seq_relationship.weight.shape == (2, 32)
+
+
 def test_finetune_keeps_masks_and_quantize_packs_them(workdir, pruned):
     from transformers import AutoModelForSequenceClassification
 

@@ -113,6 +113,39 @@ def test_mlm_collation_masks_only_real_tokens(minilm_tokenizer):
     assert (ids[picked] == minilm_tokenizer.mask_token_id).float().mean() > 0.5  # mostly [MASK]
 
 
+DOCS = ["The cat sat. It was happy! Then it slept.", "Rain fell all day. The river rose. Boats left.",
+        "One line only", "Snow came late? Nobody minded."]
+
+
+def test_nsp_pairs_are_true_successors_or_other_documents():
+    sentences = [data.split_sentences(d) for d in DOCS]
+    assert sentences[0] == ["The cat sat.", "It was happy!", "Then it slept."]
+    pairs = [p for seed in range(40) for p in data.nsp_pairs(DOCS, seed=seed)]
+    assert len(pairs) == 40 * (2 + 2 + 0 + 1)       # one pair per sentence with a successor
+    labels = [p["next_sentence_label"] for p in pairs]
+    assert 0.3 < sum(labels) / len(labels) < 0.7     # about half "NotNext"
+    doc_of = {s: i for i, d in enumerate(sentences) for s in d}
+    for p in pairs:
+        a, b = p["text_a"], p["text_b"]
+        same_doc = sentences[doc_of[a]]
+        if p["next_sentence_label"] == 0:            # IsNext: the very next sentence
+            assert same_doc.index(b) == same_doc.index(a) + 1
+        else:                                        # NotNext: from another document
+            assert doc_of[b] != doc_of[a]
+    assert data.nsp_pairs(DOCS, seed=3) == data.nsp_pairs(DOCS, seed=3)   # seeded
+    with pytest.raises(ValueError, match="at least two sentences"):
+        data.nsp_pairs(["one sentence", "another one"])
+
+
+def test_nsp_collation_keeps_pair_labels_and_segments(minilm_tokenizer):
+    feats = data.tokenize_pairs(data.nsp_pairs(DOCS, seed=0), minilm_tokenizer, max_length=16)
+    batch = data.mlm_collator(minilm_tokenizer)(feats)
+    assert batch["next_sentence_label"].tolist() == [f["next_sentence_label"] for f in feats]
+    assert batch["input_ids"].shape[1] <= 16
+    types = batch["token_type_ids"][0][batch["attention_mask"][0].bool()]
+    assert types[0] == 0 and types[-1] == 1 and bool((types.diff() >= 0).all())  # A then B
+
+
 def test_squad_features_point_at_the_answer(minilm_tokenizer):
     examples = data.load_squad("train", DATA / "squad")
     feats = data.squad_features(examples, minilm_tokenizer, max_length=64, stride=16, train=True)

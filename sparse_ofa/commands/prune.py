@@ -2,7 +2,8 @@
 
 The student is a copy of the teacher. GMP (Zhu & Gupta, per-layer magnitude thresholds) prunes every
 encoder Linear + the pooler while the student learns from MLM (hard loss) and the teacher's MLM
-logits (T^2 KL over non-padding tokens). A teacher without an MLM head (a sentence encoder such as
+logits (T^2 KL over non-padding tokens); a *ForPreTraining teacher adds next-sentence prediction on
+sentence pairs cut from the documents (hard NSP loss + KL on the NSP logits), as BERT pre-trains. A teacher without an MLM head (a sentence encoder such as
 all-MiniLM-L6-v2) is distilled on hidden states instead (pooled cosine + per-layer MSE). OUTPUT is an
 ordinary Hugging Face folder (zeros in the weights) + tokenizer + run_config.json +
 sparsity_report.txt, loadable with transformers' from_pretrained.
@@ -35,9 +36,11 @@ def add_parser(sub) -> None:
     p.add_argument("--end-step", type=int, default=None, help="last mask update (default: end of the ramp)")
     p.add_argument("--rewind-lr", action="store_true", help="rewind the LR at each pruning step of the ramp")
     p.add_argument("--mlm-probability", type=float, default=0.15)
-    p.add_argument("--objective", choices=["auto", "mlm", "embedding"], default="auto",
-                   help="mlm: MLM + logit KD; embedding: hidden-state distillation (auto: mlm when the "
-                        "teacher checkpoint has an MLM head)")
+    p.add_argument("--objective", choices=["auto", "mlm", "mlm+nsp", "embedding"], default="auto",
+                   help="mlm: MLM + logit KD; mlm+nsp: BERT's pre-training (MLM + next-sentence "
+                        "prediction on sentence pairs) with KD on both heads; embedding: hidden-state "
+                        "distillation (auto: mlm+nsp for a *ForPreTraining teacher, mlm for *ForMaskedLM, "
+                        "else embedding)")
     _shared.add_common_training_args(p, lr=1e-4, steps=1000)
     p.set_defaults(func=run)
 
@@ -46,7 +49,9 @@ def _objective(config, requested: str) -> str:
     if requested != "auto":
         return requested
     heads = " ".join(getattr(config, "architectures", None) or [])
-    return "mlm" if ("ForMaskedLM" in heads or "ForPreTraining" in heads) else "embedding"
+    if "ForPreTraining" in heads:
+        return "mlm+nsp"
+    return "mlm" if "ForMaskedLM" in heads else "embedding"
 
 
 def _schedule(args):
@@ -64,9 +69,9 @@ def _schedule(args):
 def run(args) -> int:
     _shared.offline()
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining
 
-    from ..data import load_text, mlm_collator, tokenize_texts
+    from ..data import load_text, mlm_collator, nsp_pairs, tokenize_pairs, tokenize_texts
     from ..distill import DistillLoss, check_teacher_student
     from ..pruning import Pruner, weight_sparsity
     from ..lock import format_report
@@ -79,7 +84,7 @@ def run(args) -> int:
     objective = _objective(AutoConfig.from_pretrained(teacher_dir, local_files_only=True), args.objective)
     texts = load_text(args.data, text_column=args.text_column, config=args.dataset_config, max_docs=args.max_docs)
     torch.manual_seed(args.seed)
-    model_cls = AutoModelForMaskedLM if objective == "mlm" else AutoModel
+    model_cls = {"mlm": AutoModelForMaskedLM, "mlm+nsp": AutoModelForPreTraining}.get(objective, AutoModel)
     teacher = model_cls.from_pretrained(teacher_dir, local_files_only=True).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -88,8 +93,11 @@ def run(args) -> int:
         p.requires_grad_(True)
     check_teacher_student(teacher, student)
     pruner = Pruner(student, schedule, pattern=args.pattern, rewind_lr=args.rewind_lr)
-    features = tokenize_texts(texts, tokenizer, args.max_length)
-    if objective == "mlm":
+    if objective == "mlm+nsp":  # sentence pairs, half of them "NotNext" (seeded)
+        features = tokenize_pairs(nsp_pairs(texts, seed=args.seed), tokenizer, args.max_length)
+    else:
+        features = tokenize_texts(texts, tokenizer, args.max_length)
+    if objective in ("mlm", "mlm+nsp"):
         mlm = mlm_collator(tokenizer, args.mlm_probability)
         collate = lambda feats: dict(mlm(feats))  # noqa: E731 - train.py wants a plain dict
         distill, loss_fn = DistillLoss(args.w_hard, args.w_soft, args.temperature), None
