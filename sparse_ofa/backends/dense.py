@@ -52,13 +52,8 @@ class DenseInt8Backend(Backend):
     def _linear_cuda(self, x, prepared, w_scale, bias, act, out_dtype):
         # Triton's one-launch quantizer and dequantizer where Triton is installed (same bits as
         # quant.py; torch's ops take ~13 launches for the two), torch's ops otherwise.
-        from .triton import quantize_input
+        from .triton import dequantize_output, quantize_input
 
         x_q, x_scale = quantize_input(x, act)
-        acc = self.int_mm(x_q, prepared)
         bias = None if bias is None else bias.to(torch.float32)
-        try:
-            from sparse_ofa.kernels.dequantize import dequantize as dequantize_one_launch
-        except ImportError:
-            return dequantize(acc, x_scale, w_scale, bias, out_dtype)
-        return dequantize_one_launch(acc, x_scale, w_scale, bias, out_dtype)
+        return dequantize_output(self.int_mm(x_q, prepared), x_scale, w_scale, bias, out_dtype)

@@ -48,6 +48,18 @@ def quantize_input(x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize_per_token(x)
 
 
+def dequantize_output(acc: torch.Tensor, x_scale, w_scale, bias, out_dtype) -> torch.Tensor:
+    """The epilogue on an int32 product: one Triton launch on CUDA (bit-identical to
+    sparse_ofa.quant.dequantize, which takes ~5 torch ops), torch otherwise."""
+    if acc.is_cuda:
+        try:
+            from sparse_ofa.kernels.dequantize import dequantize as dequantize_one_launch
+        except ImportError:  # no Triton
+            return dequantize(acc, x_scale, w_scale, bias, out_dtype)
+        return dequantize_one_launch(acc, x_scale, w_scale, bias, out_dtype)
+    return dequantize(acc, x_scale, w_scale, bias, out_dtype)
+
+
 class TritonBackend(Backend):
     name = "triton"
     device_types = ("cuda",)
@@ -99,13 +111,7 @@ class TritonBackend(Backend):
         from .dense import DenseInt8Backend
 
         acc = DenseInt8Backend().int_mm(x_q, {"w_t": prepared["block_dense"].t()})
-        if not epilogue:
-            return acc
-        if acc.is_cuda:  # one Triton launch instead of torch's ~5, same bits
-            from sparse_ofa.kernels.dequantize import dequantize as dequantize_one_launch
-
-            return dequantize_one_launch(acc, **epilogue)
-        return dequantize(acc, **epilogue)
+        return dequantize_output(acc, **epilogue) if epilogue else acc
 
     def int_mm(self, x_q, prepared):
         return self._run(x_q.contiguous(), prepared)
