@@ -232,6 +232,7 @@ def write_run_config(output: Path, command: str, args, **results) -> Path:
         "command": f"sparse-ofa {command}",
         "argv": sys.argv[1:],
         "world_size": world_size(),  # processes that trained together (torchrun / accelerate)
+        "device": str(results.pop("device", None)),  # where the student trained
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "versions": {"sparse_ofa": _version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},

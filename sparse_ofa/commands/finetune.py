@@ -113,7 +113,8 @@ def run(args) -> int:
         print(f"{args.task} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     student.save_pretrained(output)
     state["tokenizer"].save_pretrained(output)
-    _shared.write_run_config(output, "finetune", args, metrics=metrics, sparsity=state["sparsity"],
+    _shared.write_run_config(output, "finetune", args,
+                             device=next(student.parameters()).device, metrics=metrics, sparsity=state["sparsity"],
                              masks_identical=state["masks_identical"],
                              steps_done=state["result"].step,
                              final_loss=state["result"].losses[-1] if state["result"].losses else None)

@@ -125,7 +125,8 @@ def run(args) -> int:
     text = format_report(report, args.sparsity)
     (output / "sparsity_report.txt").write_text(text + "\n")
     print(text)
-    _shared.write_run_config(output, "prune", args, objective=objective, steps_done=result.step,
+    _shared.write_run_config(output, "prune", args,
+                             device=next(student.parameters()).device, objective=objective, steps_done=result.step,
                              final_loss=result.losses[-1] if result.losses else None,
                              layer_sparsity=report, schedule=json.loads(json.dumps(schedule.__dict__)))
     print(f"saved the sparse student to {output}")

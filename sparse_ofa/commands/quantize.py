@@ -47,7 +47,8 @@ def run(args) -> int:
         print(f"{args.task} validation, sparse INT8: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     save_pretrained(student, output)
     tokenizer.save_pretrained(output)
-    _shared.write_run_config(output, "quantize", args, metrics=metrics, fake_quant_metrics=fake_metrics,
+    _shared.write_run_config(output, "quantize", args,
+                             device=next(student.parameters()).device, metrics=metrics, fake_quant_metrics=fake_metrics,
                              sparsity=report.sparsity, masks_identical=state["masks_identical"],
                              packed_bytes=report.packed_bytes, dense_bytes=report.dense_bytes,
                              steps_done=state["result"].step, qat=vars(qat_config) if hasattr(qat_config, "__dict__") else str(qat_config))
