@@ -129,7 +129,8 @@ class Pruner(MaskedWeights):
         target = self.schedule.sparsity_at(step)
         new = {name: magnitude_mask(layer.weight, target, self.pattern) for name, layer in self.layers.items()}
         broadcast_masks(new)
-        changed = any(not torch.equal(new[n], self.masks[n]) for n in new)
+        # the old masks may still sit where the model was built (moved to the GPU after the Pruner)
+        changed = any(not torch.equal(new[n], self.masks[n].to(new[n].device)) for n in new)
         self.masks, self.current_sparsity, self.last_update = new, target, step
         self.apply_masks()
         if self.rewind_lr:

@@ -116,17 +116,27 @@ def is_main_process() -> bool:
     return main()
 
 
+def to_training_device(*models) -> torch.device:
+    """Move the models (None skipped) to this process's device: its GPU under torchrun, the GPU of a
+    single process when CUDA is there, else the CPU. Call it before building masks from them."""
+    from ..ddp import setup_distributed
+
+    device = setup_distributed()
+    for model in models:
+        if model is not None:
+            model.to(device)
+    return device
+
+
 def run_training(args, output: Path, description: str, student, teacher, loader, **loop_kwargs):
     """train_prune_ofa with the optimizer and the checkpoint / resume / progress flags that
     add_common_training_args defines; loop_kwargs carry the pruner or lock, distill, loss_fn.
     Student and teacher move to this process's device; under torchrun the student trains wrapped in
     DistributedDataParallel (the loader already holds this rank's share, see `batches`)."""
-    from ..ddp import setup_distributed, wrap_ddp
+    from ..ddp import wrap_ddp
     from ..train import train_prune_ofa
 
-    device = setup_distributed()
-    if teacher is not None:
-        teacher.to(device)
+    device = to_training_device(teacher)
     optimizer, scheduler = optimizer_and_schedule(student, args)  # the same Parameters DDP wraps
     student = wrap_ddp(student, device)
     checkpoints = output / "checkpoints" if (args.checkpoint_every or args.resume) else None

@@ -78,6 +78,7 @@ def train_task(args, command: str, qat_config=None) -> dict:
         check_teacher_student(teacher, student)
         for p in teacher.parameters():
             p.requires_grad_(False)
+    _shared.to_training_device(teacher, student)  # masks are built where the weights train
     lock = PatternLock(student)
     masks_at_load = {n: m.clone() for n, m in lock.masks.items()}
     if qat_config is not None:
@@ -94,6 +95,7 @@ def train_task(args, command: str, qat_config=None) -> dict:
           f"{'KD from ' + str(teacher_dir) if teacher is not None else 'no teacher: task loss only'}")
     result = _shared.run_training(args, output, command, student, teacher, loader, lock=lock, distill=distill)
     lock.remove_hooks()
+    masks_at_load = {n: m.to(lock.layers[n].weight.device) for n, m in masks_at_load.items()}
     revived = [n for n, m in masks_at_load.items() if bool((lock.layers[n].weight.detach()[~m] != 0).any())]
     if revived:
         raise RuntimeError(f"pattern lock failed: pruned weights became non-zero in {revived}")

@@ -92,6 +92,7 @@ def run(args) -> int:
     for p in student.parameters():
         p.requires_grad_(True)
     check_teacher_student(teacher, student)
+    _shared.to_training_device(teacher, student)  # masks are built where the weights train
     pruner = Pruner(student, schedule, pattern=args.pattern, rewind_lr=args.rewind_lr)
     if objective == "mlm+nsp":  # sentence pairs, half of them "NotNext" (seeded)
         features = tokenize_pairs(nsp_pairs(texts, seed=args.seed), tokenizer, args.max_length)
