@@ -161,6 +161,11 @@ def _head_kind(model) -> str:
     return cls
 
 
+def _config_field(cfg, name: str, alias: str):
+    """cfg.name, or cfg.alias for configs that spell it differently (DistilBERT: dim, n_layers)."""
+    return getattr(cfg, name, getattr(cfg, alias, None))
+
+
 def check_teacher_student(teacher, student, *, same_architecture: bool = True) -> None:
     """Raise ValueError, before any training step, if the teacher can't teach this student.
 
@@ -179,15 +184,13 @@ def check_teacher_student(teacher, student, *, same_architecture: bool = True) -
     if _head_kind(student) in ("ForSequenceClassification", "ForTokenClassification") and \
             getattr(t_cfg, "num_labels", None) != getattr(s_cfg, "num_labels", None):
         problems.append(f"num_labels {t_cfg.num_labels} (teacher) vs {s_cfg.num_labels} (student)")
-    t_hidden = getattr(t_cfg, "hidden_size", getattr(t_cfg, "dim", None))
-    s_hidden = getattr(s_cfg, "hidden_size", getattr(s_cfg, "dim", None))
+    t_hidden, s_hidden = (_config_field(c, "hidden_size", "dim") for c in (t_cfg, s_cfg))
     if t_hidden != s_hidden:
         problems.append(f"hidden size {t_hidden} (teacher) vs {s_hidden} (student)")
     if same_architecture:
         if t_cfg.model_type != s_cfg.model_type:
             problems.append(f"model_type {t_cfg.model_type!r} (teacher) vs {s_cfg.model_type!r} (student)")
-        t_layers = getattr(t_cfg, "num_hidden_layers", getattr(t_cfg, "n_layers", None))
-        s_layers = getattr(s_cfg, "num_hidden_layers", getattr(s_cfg, "n_layers", None))
+        t_layers, s_layers = (_config_field(c, "num_hidden_layers", "n_layers") for c in (t_cfg, s_cfg))
         if t_layers != s_layers:
             problems.append(f"{t_layers} layers (teacher) vs {s_layers} (student)")
     if problems:
