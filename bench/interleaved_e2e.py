@@ -7,8 +7,9 @@ bench/NOTES.md "End to end" come from this script.
 Every round runs each variant once, in turn (fp32 every 5th round: it is slow), so that load
 changes hit all variants alike. --gate X waits before each round for 0.3 s with less than X of the
 machine's CPU busy; --cpu-time (one thread only) times the thread's CPU time instead of wall time.
-Variants: fp32 eager, quantize_dynamic, sparse_ofa plain (fastpath=False), fast path, fast path +
-bf16 attention; BERT-base shape, batch x 128 tokens, 90 % sparse.
+Variants: fp32 eager, quantize_dynamic, sparse_ofa plain (fastpath=False), fast path (fused CPU
+attention where AVX-512 runs), fast path with torch's SDPA, fast path + bf16 attention; BERT-base
+shape, batch x 128 tokens, 90 % sparse.
 """
 import argparse
 import copy
@@ -50,9 +51,12 @@ def main() -> None:
     fp32 = e2e.bert_base_pruned(args.sparsity, args.pattern)
     bf16 = e2e.sparse_ofa_model(fp32)
     apply_fastpath(bf16, attention="bf16")
+    sdpa = e2e.sparse_ofa_model(fp32)
+    apply_fastpath(sdpa, attention="sdpa")
     models = {"fp32 eager": fp32, "quantize_dynamic": e2e.quantize_dynamic(fp32),
               "sparse_ofa plain": e2e.sparse_ofa_model(fp32, fastpath=False),
-              "sparse_ofa fast": e2e.sparse_ofa_model(fp32), "sparse_ofa bf16 attn": bf16}
+              "sparse_ofa fast": e2e.sparse_ofa_model(fp32), "sparse_ofa fast, sdpa": sdpa,
+              "sparse_ofa bf16 attn": bf16}
     inputs = e2e.random_inputs(args.batch, 128)
     fns = {name: e2e.forward_fn(model, inputs) for name, model in models.items()}
     for fn in fns.values():

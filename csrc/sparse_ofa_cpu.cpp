@@ -11,6 +11,17 @@
 #include "cpu/sparse_cpu.h"
 
 namespace sparse_ofa_cpu {
+
+// The ISA code the kernels run: `isa`, or the best this CPU runs when negative (also used by
+// cpu_attention.cpp).
+int64_t resolve_isa(int64_t isa) {
+  if (isa < 0) return best_isa();
+  TORCH_CHECK(isa <= kAvx512Vnni, "sparse_ofa cpu: unknown ISA code ", sparse_ofa::fmt_num(isa));
+  TORCH_CHECK(isa_supported((int)isa), "sparse_ofa cpu: this CPU does not run the ", isa_name((int)isa),
+              " kernels");
+  return isa;
+}
+
 namespace {
 
 using sparse_ofa::fmt_dims;
@@ -18,14 +29,6 @@ using sparse_ofa::fmt_float;
 using sparse_ofa::fmt_num;
 
 constexpr int64_t kLayoutVersion = 1;  // "quads v1", see cpu/sparse_cpu.h
-
-int64_t resolve_isa(int64_t isa) {
-  if (isa < 0) return best_isa();
-  TORCH_CHECK(isa <= kAvx512Vnni, "sparse_ofa cpu: unknown ISA code ", fmt_num(isa));
-  TORCH_CHECK(isa_supported((int)isa), "sparse_ofa cpu: this CPU does not run the ", isa_name((int)isa),
-              " kernels");
-  return isa;
-}
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "sparse_ofa cpu: ", name, " must be on the CPU, got ", t.device());

@@ -7,11 +7,14 @@ same input size, pattern, backend and activation quantization; HF "sdpa" attenti
   rows, no requantization), so the activations are quantized once instead of three times and one
   kernel call replaces three. Numerics are those of the plain path: per-token activation scales
   depend only on the shared input, and each output row keeps its own weight scale and bias.
-* attention calls `F.scaled_dot_product_attention` directly on views of the fused output (no HF
-  attention-interface dispatch, no extra copies of q/k/v).
+* attention reads q/k/v straight from the fused output: on CPUs with AVX-512 the fused fp32 kernel
+  `torch.ops.sparse_ofa.cpu_attention` (csrc/cpu/attention_avx512.cpp: ~2.5x torch's SDPA at seq 128,
+  writes the heads merged), elsewhere `F.scaled_dot_product_attention` on views of the fused output
+  (no HF attention-interface dispatch, no extra copies of q/k/v). Both are fp32; they differ from
+  the plain path only in summation order (~1e-6). `attention="sdpa"` keeps torch's kernel.
 * optional bf16 attention (`attention="bf16"`, off by default): QK^T and PV in bfloat16 on CPUs with
-  AVX-512 BF16, about 2x faster than fp32 attention at seq 128; changes numerics slightly (the
-  embedding cosine vs fp32 is recorded by the benchmarks), hence opt-in.
+  AVX-512 BF16; changes numerics slightly, hence opt-in. Since the fused fp32 kernel it is slower
+  than the default on AVX-512 CPUs (bench/NOTES.md); it remains for CPUs where it was the faster one.
 
 The module's state_dict is untouched: the fused weight is derived (like a backend layout), held
 outside the module tree, and rebuilt when the q/k/v buffers change (load_state_dict, .to(device),
@@ -27,7 +30,7 @@ from torch import nn
 from .formats import PackedWeight
 from .modules import SparseInt8Linear
 
-ATTENTION_MODES = ("fp32", "bf16")
+ATTENTION_MODES = ("fp32", "sdpa", "bf16")
 _FAST_CLASSES: dict[type, type] = {}
 
 
@@ -112,6 +115,22 @@ def _bf16_attention(qkv: torch.Tensor, heads: int, mask) -> torch.Tensor:
     return merged.view(b, s, heads * d)
 
 
+def _cpu_attention_runs(qkv: torch.Tensor, mask) -> bool:
+    """Whether torch.ops.sparse_ofa.cpu_attention takes this call: fp32 [B, S, 3H] on a CPU whose
+    kernels run AVX-512 (elsewhere torch's SDPA is the faster fp32 attention), a bool or fp32 mask."""
+    if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or qkv.dim() != 3:
+        return False
+    if mask is not None and (mask.device.type != "cpu" or mask.dtype not in (torch.bool, torch.float32)
+                             or mask.dim() > 4):
+        return False
+    from .backends import cpu
+
+    try:
+        return cpu.effective_isa() == cpu.ISAS["avx512vnni"]
+    except (RuntimeError, ValueError):  # no compiler for the extension, or a bad $SPARSE_OFA_CPU_ISA
+        return False
+
+
 def _uses_cache(args, kwargs) -> bool:
     cache_keys = ("cache", "past_key_values", "past_key_value", "encoder_hidden_states")
     return any(kwargs.get(key) is not None for key in cache_keys) or any(a is not None for a in args)
@@ -173,6 +192,8 @@ class FastSelfAttentionMixin(FastMixin):
                 and qkv.dtype == torch.float32):
             qkv[..., :self.all_head_size].mul_(scale)  # qkv is ours: fold the scale into q
             return _bf16_attention(qkv, self.num_attention_heads, attention_mask), None
+        if self._sparse_ofa_attention == "fp32" and _cpu_attention_runs(qkv, attention_mask):
+            return torch.ops.sparse_ofa.cpu_attention(qkv, attention_mask, self.num_attention_heads, scale), None
         q, k, v = (t.view(head_shape).transpose(-3, -2) for t in qkv.split(self.all_head_size, -1))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale)
         return out.transpose(-3, -2).reshape(*input_shape, -1), None
@@ -200,9 +221,9 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32") -> list[str]:
     """Give `model` the fast path; return the names of the modules that got it.
 
     Every fusable self-attention gets fused QKV + direct SDPA; every BERT-style layer around one
-    gets the lean layer forward (sparse_ofa/fastpath_layer.py). attention: "fp32" (default, the
-    plain path's numerics) or "bf16" (faster attention products on CPU, slightly different
-    numerics)."""
+    gets the lean layer forward (sparse_ofa/fastpath_layer.py). attention: "fp32" (default: the
+    fused CPU kernel where AVX-512 runs, else torch's SDPA; fp32 numerics), "sdpa" (always torch's
+    SDPA) or "bf16" (attention products in bfloat16 on CPU, slightly different numerics)."""
     from .fastpath_layer import FastLayerMixin, is_lean_layer
 
     if attention not in ATTENTION_MODES:

@@ -35,7 +35,7 @@ from .base import Backend, LayerInfo
 
 EXTENSION = "sparse_ofa_cpu"
 SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2.cpp", "cpu/avxvnni.cpp",
-           "cpu/avx512.cpp"]
+           "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
 # -fopenmp: at::parallel_for is inline OpenMP in the ATen headers; without the flag its pragma is
 # ignored and every kernel runs on one thread (the OpenMP runtime is torch's own, already loaded).
@@ -104,6 +104,14 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "cpu_int_mm_out")
     def _(x_q, quad_w, quad_k, row_ptr, rowsum, layout, out, isa=-1):
+        return None
+
+    @torch.library.register_fake(lib + "cpu_attention")
+    def _(qkv, mask, heads, scale, isa=-1):
+        return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3))
+
+    @torch.library.register_fake(lib + "cpu_attention_out")
+    def _(qkv, mask, heads, scale, out, isa=-1):
         return None
 
     @torch.library.register_fake(lib + "cpu_linear_out")

@@ -1,0 +1,39 @@
+// Fused scaled-dot-product attention for the fast path (no torch headers: see sparse_cpu.h).
+//
+// Reads q, k, v straight from the fused QKV projection's output and writes the heads merged:
+//     qkv[b, i, :] = [ q (heads x dim) | k (heads x dim) | v (heads x dim) ]     fp32
+//     s[j]   = scale * sum_c q[b, i, h, c] * k[b, j, h, c]  (+ additive mask, or -inf where a bool
+//                                                               mask is false)
+//     p[j]   = exp(s[j] - max_j s) / sum_j exp(s[j] - max_j s)   (a row with every key masked: p = 0)
+//     out[b, i, h * dim + c] = sum_j p[j] * v[b, j, h, c]
+// One task per (batch, head). fp32 throughout; only the summation order and exp's last bit differ
+// from torch's scaled_dot_product_attention.
+#pragma once
+
+#include <cstdint>
+
+namespace sparse_ofa_cpu {
+
+enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskAdd = 2 };
+
+struct AttnProblem {
+  const float* qkv;          // q of (b, i, h, c) at qkv[b * sb + i * st + h * dim + c]
+  int64_t sb, st;            // element strides between batches and between tokens
+  int64_t k_off, v_off;      // where k and v start in a token's row (q starts at 0)
+  int64_t batch, seq, heads, dim;
+  float scale;
+  int mask_kind;             // MaskKind
+  const void* mask;          // bool (1 byte) or float: element (b, h, i, j) at mb*b + mh*h + mi*i + j
+  int64_t mb, mh, mi;        // element strides, 0 where the mask broadcasts
+  float* out;                // out(b, i, h, c) at out[b * ob + i * ot + h * dim + c]
+  int64_t ob, ot;
+};
+
+// floats of per-thread scratch a task needs
+int64_t attention_scratch_floats(const AttnProblem& p);
+
+// tasks [t0, t1) of batch * heads, task = b * heads + h
+void attention_scalar(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch);
+void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch);
+
+}  // namespace sparse_ofa_cpu

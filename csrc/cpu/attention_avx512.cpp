@@ -1,0 +1,202 @@
+// AVX-512 attention (attention.h), one (batch, head) task at a time:
+//   1. K of the head, transposed once into kt[dim][seq_pad] (16x16 transposes, keys padded with 0);
+//   2. for each block of R <= 6 query rows:
+//        scores[r][j] = scale * sum_c q[r][c] * kt[c][j]          (bcast_gemm: 6 x 64 accumulators)
+//        softmax of each row in place (mask, max, exp, sum)     -> unnormalised p and 1/sum
+//        out[r][c]    = (1/sum[r]) * sum_j p[r][j] * v[j][c]     (the same bcast_gemm)
+// bcast_gemm broadcasts one A element against NV 16-float vectors of a B row: R x NV = 24 zmm
+// accumulators, NV vector loads + R broadcasts per 24 FMAs, so it runs near the FMA ports' rate
+// while the operands sit in L1/L2 (seq 128, dim 64: kt is 32 KB, a head's V rows 32 KB).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "attention.h"
+#include "sparse_cpu.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
+#include "avx512_util.h"
+
+namespace sparse_ofa_cpu {
+namespace {
+
+constexpr int kRows = 6;  // query rows per block
+constexpr int kVecs = 4;  // 16-float column vectors per bcast_gemm call
+
+// e^x = 2^n * e^r with n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two
+// so that n ln 2 is exact), e^r by its degree-7 Taylor polynomial (truncation < 3e-9 relative),
+// 2^n applied by vscalefps. x below -87.3 (and -inf) gives 0; NaN stays NaN.
+inline __m512 exp_ps(__m512 x) {
+  const __m512 lowest = _mm512_set1_ps(-87.3f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
+  x = _mm512_max_ps(lowest, x);  // returns x when x is NaN
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
+}
+
+// c[r][0 : 16 NV] = row_scale[r] * sum_k a[r * lda + k] * b[k * ldb + 0 : 16 NV]   (r < R); the
+// last vector of every b row and c row is read/written under `last`.
+template <int R, int NV>
+void bcast_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kdim, const float* row_scale,
+                float* c, int64_t ldc, __mmask16 last) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kdim; ++k) {
+    const float* bk = b + k * ldb;
+    __m512 bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV - 1; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
+    bv[NV - 1] = _mm512_maskz_loadu_ps(last, bk + 16 * (NV - 1));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512 s = _mm512_set1_ps(row_scale[r]);
+    float* cr = c + r * ldc;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(cr + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    _mm512_mask_storeu_ps(cr + 16 * (NV - 1), last, _mm512_mul_ps(acc[r][NV - 1], s));
+  }
+}
+
+using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
+                        __mmask16);
+
+template <int R>
+GemmFn gemm_for_vecs(int64_t nv) {
+  switch (nv) {
+    case 1: return bcast_gemm<R, 1>;
+    case 2: return bcast_gemm<R, 2>;
+    case 3: return bcast_gemm<R, 3>;
+    default: return bcast_gemm<R, 4>;
+  }
+}
+
+GemmFn gemm_for(int64_t rows, int64_t nv) {
+  switch (rows) {
+    case 1: return gemm_for_vecs<1>(nv);
+    case 2: return gemm_for_vecs<2>(nv);
+    case 3: return gemm_for_vecs<3>(nv);
+    case 4: return gemm_for_vecs<4>(nv);
+    case 5: return gemm_for_vecs<5>(nv);
+    default: return gemm_for_vecs<6>(nv);
+  }
+}
+
+// bcast_gemm over `cols` columns, kVecs vectors at a time
+void gemm_cols(int64_t rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kdim,
+               const float* row_scale, float* c, int64_t ldc, int64_t cols) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16 * kVecs) {
+    const int64_t left = cols - c0, nv = std::min<int64_t>(kVecs, (left + 15) / 16);
+    gemm_for(rows, nv)(a, lda, b + c0, ldb, kdim, row_scale, c + c0, ldc, first_n(left - 16 * (nv - 1)));
+  }
+}
+
+// kt[c][j] = k[j][c] for c < dim, j < seq_pad (0 for j >= seq); k rows `ld` floats apart
+void transpose_keys(const float* k, int64_t ld, int64_t seq, int64_t dim, int64_t seq_pad, float* kt) {
+  for (int64_t j0 = 0; j0 < seq_pad; j0 += 16) {
+    for (int64_t c0 = 0; c0 < dim; c0 += 16) {
+      const __mmask16 cols = first_n(dim - c0);
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j)
+        r[j] = j0 + j < seq ? _mm512_castps_si512(_mm512_maskz_loadu_ps(cols, k + (j0 + j) * ld + c0))
+                            : _mm512_setzero_si512();
+      transpose16x16(r);
+      for (int64_t c = 0; c < std::min<int64_t>(16, dim - c0); ++c)
+        _mm512_storeu_si512(kt + (c0 + c) * seq_pad + j0, r[c]);
+    }
+  }
+}
+
+// Masked softmax of one score row s[0, seq) in place: s[j] = exp(x_j - max), returns 1 / sum (0 when
+// every key is masked, with s = 0). x_j = s[j] + mask (additive), or -inf where a bool mask is false.
+float softmax_row(float* s, int64_t seq, int mask_kind, const void* mask) {
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 vmax = neg_inf;
+  for (int64_t j = 0; j < seq; j += 16) {
+    const __mmask16 m = first_n(seq - j);
+    __m512 x = _mm512_maskz_loadu_ps(m, s + j);
+    if (mask_kind == kMaskBool) {
+      const __m128i keep = _mm_maskz_loadu_epi8(m, static_cast<const uint8_t*>(mask) + j);
+      x = _mm512_mask_blend_ps(_mm_test_epi8_mask(keep, keep), neg_inf, x);
+    } else if (mask_kind == kMaskAdd) {
+      x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(m, static_cast<const float*>(mask) + j));
+    }
+    _mm512_mask_storeu_ps(s + j, m, x);
+    vmax = _mm512_mask_max_ps(vmax, m, vmax, x);
+  }
+  const float row_max = _mm512_reduce_max_ps(vmax);
+  if (row_max == -std::numeric_limits<float>::infinity()) {
+    std::fill(s, s + seq, 0.f);
+    return 0.f;
+  }
+  const __m512 vm = _mm512_set1_ps(row_max);
+  __m512 vsum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < seq; j += 16) {
+    const __mmask16 m = first_n(seq - j);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), vm));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    vsum = _mm512_mask_add_ps(vsum, m, vsum, e);
+  }
+  return 1.f / _mm512_reduce_add_ps(vsum);
+}
+
+}  // namespace
+
+void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch) {
+  const int64_t seq_pad = (p.seq + 15) / 16 * 16;
+  float* kt = scratch;                      // [dim][seq_pad]
+  float* scores = kt + p.dim * seq_pad;     // [kRows][seq_pad]
+  float scale[kRows], inv_sum[kRows];
+  std::fill(scale, scale + kRows, p.scale);
+  const size_t mask_bytes = p.mask_kind == kMaskBool ? 1 : 4;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / p.heads, h = t % p.heads;
+    const float* q = p.qkv + b * p.sb + h * p.dim;
+    transpose_keys(q + p.k_off, p.st, p.seq, p.dim, seq_pad, kt);
+    float* out = p.out + b * p.ob + h * p.dim;
+    for (int64_t i0 = 0; i0 < p.seq; i0 += kRows) {
+      const int64_t rows = std::min<int64_t>(kRows, p.seq - i0);
+      gemm_cols(rows, q + i0 * p.st, p.st, kt, seq_pad, p.dim, scale, scores, seq_pad, seq_pad);
+      for (int64_t r = 0; r < rows; ++r) {
+        const char* mask = static_cast<const char*>(p.mask) +
+                           (b * p.mb + h * p.mh + (i0 + r) * p.mi) * (int64_t)mask_bytes;
+        inv_sum[r] = softmax_row(scores + r * seq_pad, p.seq, p.mask_kind, p.mask ? mask : nullptr);
+      }
+      gemm_cols(rows, scores, seq_pad, q + p.v_off, p.st, p.seq, inv_sum, out + i0 * p.ot, p.ot, p.dim);
+    }
+  }
+}
+
+}  // namespace sparse_ofa_cpu
+
+#pragma GCC pop_options
+#else  // not x86: never selected (isa_supported is false), defined so that the binding links
+namespace sparse_ofa_cpu {
+void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch) {
+  attention_scalar(p, t0, t1, scratch);
+}
+}  // namespace sparse_ofa_cpu
+#endif

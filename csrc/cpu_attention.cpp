@@ -1,0 +1,109 @@
+// torch.ops.sparse_ofa.cpu_attention[_out]: argument checks, mask broadcasting, per-thread scratch and
+// threading (one task per (batch, head)) around the kernels of csrc/cpu/attention*.cpp.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "check_format.h"
+#include "cpu/attention.h"
+#include "cpu/sparse_cpu.h"
+
+namespace sparse_ofa_cpu {
+
+int64_t resolve_isa(int64_t isa);  // sparse_ofa_cpu.cpp
+
+namespace {
+
+using sparse_ofa::fmt_dims;
+using sparse_ofa::fmt_num;
+
+// qkv [B, S, 3 * heads * dim] -> dim
+int64_t head_dim(const at::Tensor& qkv, int64_t heads) {
+  TORCH_CHECK(qkv.device().is_cpu(), "sparse_ofa cpu_attention: qkv must be on the CPU, got ", qkv.device());
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat, "sparse_ofa cpu_attention: qkv must be float32, got ",
+              qkv.scalar_type());
+  TORCH_CHECK(qkv.dim() == 3, "sparse_ofa cpu_attention: qkv must be 3-D [batch, seq, 3 * hidden], got ",
+              fmt_dims(qkv));
+  TORCH_CHECK(heads >= 1, "sparse_ofa cpu_attention: heads must be >= 1, got ", fmt_num(heads));
+  TORCH_CHECK(qkv.size(2) % (3 * heads) == 0, "sparse_ofa cpu_attention: the last dimension of qkv (",
+              fmt_num(qkv.size(2)), ") is not 3 x heads x head_dim for heads = ", fmt_num(heads));
+  return qkv.size(2) / (3 * heads);
+}
+
+// The mask broadcast to [B, heads, S, S] with contiguous keys; kind from its dtype.
+at::Tensor broadcast_mask(const at::Tensor& mask, int64_t b, int64_t heads, int64_t s, int* kind) {
+  TORCH_CHECK(mask.device().is_cpu(), "sparse_ofa cpu_attention: mask must be on the CPU, got ", mask.device());
+  TORCH_CHECK(mask.scalar_type() == at::kBool || mask.scalar_type() == at::kFloat,
+              "sparse_ofa cpu_attention: mask must be bool (true = attend) or float32 (added to the scores), got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.dim() <= 4, "sparse_ofa cpu_attention: mask must have at most 4 dimensions, got ", fmt_dims(mask));
+  const int64_t want[4] = {b, heads, s, s};
+  for (int64_t d = 0; d < mask.dim(); ++d) {
+    const int64_t size = mask.size(d), target = want[4 - mask.dim() + d];
+    TORCH_CHECK(size == target || size == 1, "sparse_ofa cpu_attention: mask of shape ", fmt_dims(mask),
+                " does not broadcast to [batch, heads, seq, seq] = [", fmt_num(b), ", ", fmt_num(heads), ", ",
+                fmt_num(s), ", ", fmt_num(s), "]");
+  }
+  *kind = mask.scalar_type() == at::kBool ? kMaskBool : kMaskAdd;
+  at::Tensor m = mask.expand({b, heads, s, s});
+  return m.stride(3) == 1 ? m : m.contiguous();
+}
+
+void attention_out(const at::Tensor& qkv_in, const c10::optional<at::Tensor>& mask_in, int64_t heads, double scale,
+                   at::Tensor& out, int64_t isa) {
+  const int is = (int)resolve_isa(isa);
+  const int64_t dim = head_dim(qkv_in, heads);
+  const int64_t b = qkv_in.size(0), s = qkv_in.size(1), hidden = heads * dim;
+  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat,
+              "sparse_ofa cpu_attention: out must be a float32 CPU tensor");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == b && out.size(1) == s && out.size(2) == hidden,
+              "sparse_ofa cpu_attention: out must have shape [", fmt_num(b), ", ", fmt_num(s), ", ", fmt_num(hidden),
+              "], got ", fmt_dims(out));
+  TORCH_CHECK(out.stride(2) == 1, "sparse_ofa cpu_attention: out's last dimension must be contiguous");
+  if (b == 0 || s == 0 || dim == 0) return;
+  AttnProblem p{};
+  p.qkv = qkv.data_ptr<float>();
+  p.sb = qkv.stride(0), p.st = qkv.stride(1), p.k_off = hidden, p.v_off = 2 * hidden;
+  p.batch = b, p.seq = s, p.heads = heads, p.dim = dim, p.scale = (float)scale;
+  at::Tensor mask;
+  p.mask_kind = kMaskNone;
+  if (mask_in.has_value() && mask_in->defined()) {
+    mask = broadcast_mask(*mask_in, b, heads, s, &p.mask_kind);
+    p.mask = mask.data_ptr();
+    p.mb = mask.stride(0), p.mh = mask.stride(1), p.mi = mask.stride(2);
+  }
+  p.out = out.data_ptr<float>(), p.ob = out.stride(0), p.ot = out.stride(1);
+  const int64_t scratch_floats = attention_scratch_floats(p);
+  at::parallel_for(0, b * heads, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> buf;
+    if ((int64_t)buf.size() < scratch_floats + 16) buf.resize(scratch_floats + 16);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(buf.data());
+    float* scratch = buf.data() + ((64 - addr % 64) % 64) / sizeof(float);  // 64-byte aligned
+    if (is == kAvx512Vnni) attention_avx512(p, t0, t1, scratch);
+    else attention_scalar(p, t0, t1, scratch);
+  });
+}
+
+at::Tensor attention(const at::Tensor& qkv, const c10::optional<at::Tensor>& mask, int64_t heads, double scale,
+                     int64_t isa) {
+  const int64_t dim = head_dim(qkv, heads);
+  at::Tensor out = at::empty({qkv.size(0), qkv.size(1), heads * dim}, qkv.options());
+  attention_out(qkv, mask, heads, scale, out, isa);
+  return out;
+}
+
+}  // namespace
+}  // namespace sparse_ofa_cpu
+
+TORCH_LIBRARY_FRAGMENT(sparse_ofa, m) {
+  m.def("cpu_attention(Tensor qkv, Tensor? mask, int heads, float scale, int isa=-1) -> Tensor");
+  m.def("cpu_attention_out(Tensor qkv, Tensor? mask, int heads, float scale, Tensor(a!) out, int isa=-1) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sparse_ofa, CPU, m) {
+  m.impl("cpu_attention", &sparse_ofa_cpu::attention);
+  m.impl("cpu_attention_out", &sparse_ofa_cpu::attention_out);
+}
