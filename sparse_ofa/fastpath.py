@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backends import cpu as _cpu_backend
 from .formats import PackedWeight
 from .modules import SparseInt8Linear
 
@@ -123,10 +124,8 @@ def _cpu_attention_runs(qkv: torch.Tensor, mask) -> bool:
     if mask is not None and (mask.device.type != "cpu" or mask.dtype not in (torch.bool, torch.float32)
                              or mask.dim() > 4):
         return False
-    from .backends import cpu
-
     try:
-        return cpu.effective_isa() == cpu.ISAS["avx512vnni"]
+        return _cpu_backend.effective_isa() == _cpu_backend.ISAS["avx512vnni"]
     except (RuntimeError, ValueError):  # no compiler for the extension, or a bad $SPARSE_OFA_CPU_ISA
         return False
 
@@ -178,25 +177,35 @@ class FastSelfAttentionMixin(FastMixin):
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if (self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or kwargs.get("output_attentions") or _uses_cache(args, kwargs)
-                or getattr(self.config, "_attn_implementation", None) != "sdpa"):
+                or kwargs.get("output_attentions") or _uses_cache(args, kwargs)):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        out = self.fast_attention(hidden_states, attention_mask)
+        if out is None:
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+        return out, None
+
+    def fast_attention(self, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor | None:
+        """The attention output [..., S, H] by fused QKV, or None where the model's forward must run
+        (not "sdpa" attention, or q/k/v no longer fusable). The lean layer calls this directly."""
+        if getattr(self.config, "_attn_implementation", None) != "sdpa":
+            return None
         fused = fused_qkv(self)
         if fused is None:
-            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+            return None
+        qkv = fused.direct(hidden_states)
+        scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
+        mode = self._sparse_ofa_attention
+        if mode == "fp32" and _cpu_attention_runs(qkv, attention_mask):
+            return torch.ops.sparse_ofa.cpu_attention.default(qkv, attention_mask, self.num_attention_heads,
+                                                              scale)
+        if mode == "bf16" and qkv.device.type == "cpu" and qkv.dim() == 3 and qkv.dtype == torch.float32:
+            qkv[..., :self.all_head_size].mul_(scale)  # qkv is ours: fold the scale into q
+            return _bf16_attention(qkv, self.num_attention_heads, attention_mask)
         input_shape = hidden_states.shape[:-1]
         head_shape = (*input_shape, -1, self.attention_head_size)
-        qkv = fused(hidden_states)
-        scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
-        if (self._sparse_ofa_attention == "bf16" and qkv.device.type == "cpu" and qkv.dim() == 3
-                and qkv.dtype == torch.float32):
-            qkv[..., :self.all_head_size].mul_(scale)  # qkv is ours: fold the scale into q
-            return _bf16_attention(qkv, self.num_attention_heads, attention_mask), None
-        if self._sparse_ofa_attention == "fp32" and _cpu_attention_runs(qkv, attention_mask):
-            return torch.ops.sparse_ofa.cpu_attention(qkv, attention_mask, self.num_attention_heads, scale), None
         q, k, v = (t.view(head_shape).transpose(-3, -2) for t in qkv.split(self.all_head_size, -1))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale)
-        return out.transpose(-3, -2).reshape(*input_shape, -1), None
+        return out.transpose(-3, -2).reshape(*input_shape, -1)
 
 
 def _fusable(module: nn.Module) -> bool:

@@ -9,7 +9,9 @@ This forward calls the leaf modules directly in the model's own order:
     h1 = attention.output.LayerNorm(attention.output.dense(a) + h)
     h2 = output.LayerNorm(output.dense(intermediate.act(intermediate.dense(h1))) + h1)
 
-Leaf modules are still called as modules, so their hooks run. It steps aside (the model's forward
+Leaf modules with hooks are called as modules, so their hooks run; unhooked ones are called for
+less Python: SparseInt8Linear.direct (one op per linear), the LayerNorm op, the attention's
+fast_attention. It steps aside (the model's forward
 runs) while training, under tracing, with a cache or cross-attention, with feed-forward chunking,
 when a skipped container module has hooks, and for good if its first call (run both ways) does not
 match the model's own forward, whose return structure (tensor or 1-tuple) it then copies.
@@ -21,6 +23,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from .fastpath import FastMixin, FastSelfAttentionMixin, _uses_cache
+from .modules import SparseInt8Linear
 
 _CONTAINERS = ("attention", "intermediate", "output")
 
@@ -44,14 +47,34 @@ def _eligible(layer: nn.Module, args, kwargs) -> bool:
     return not any(_has_hooks(m) for m in containers)
 
 
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), as SparseInt8Linear.direct (one op) when nothing hooks the module."""
+    if type(module) is SparseInt8Linear and not _has_hooks(module):
+        return module.direct(x)
+    return module(x)
+
+
+def _layer_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x), as the op itself for a plain, unhooked nn.LayerNorm (what its forward calls)."""
+    if type(module) is nn.LayerNorm and not _has_hooks(module):
+        p = module._parameters
+        return torch.layer_norm(x, module.normalized_shape, p["weight"], p["bias"], module.eps)
+    return module(x)
+
+
 def _lean_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
     attention, self_output, intermediate, output = _containers(layer)
-    attn = attention._modules["self"](hidden_states, attention_mask)[0]
+    self_attn = attention._modules["self"]
+    attn = None
+    if not _has_hooks(self_attn) and not self_attn.training:
+        attn = self_attn.fast_attention(hidden_states, attention_mask)
+    if attn is None:
+        attn = self_attn(hidden_states, attention_mask)[0]
     so = self_output._modules
-    h1 = so["LayerNorm"](so["dense"](attn) + hidden_states)
-    inner = intermediate.intermediate_act_fn(intermediate._modules["dense"](h1))
+    h1 = _layer_norm(so["LayerNorm"], _linear(so["dense"], attn) + hidden_states)
+    inner = intermediate.intermediate_act_fn(_linear(intermediate._modules["dense"], h1))
     out = output._modules
-    return out["LayerNorm"](out["dense"](inner) + h1)
+    return _layer_norm(out["LayerNorm"], _linear(out["dense"], inner) + h1)
 
 
 def _same(mine: torch.Tensor, theirs) -> str | None:

@@ -186,3 +186,46 @@ def test_quantized_activation_matches_reference_rules():
     acc = x_q.double() @ unpack_int8(m.packed).double().T
     expect = acc * x_scale.double()[:, None] * m.weight_scale.double()
     assert torch.allclose(m(x).double(), expect, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", "dense", "cpu"])
+def test_direct_equals_forward(backend, monkeypatch):
+    from sparse_ofa.backends import availability
+
+    if not availability(backend if backend != "auto" else "reference")[0]:
+        pytest.skip(f"{backend} unavailable here")
+    m = SparseInt8Linear.from_linear(_linear(48, 40, 0.9, "1x4"), backend=backend)
+    for shape in [(1, 40), (5, 40), (2, 70, 40), (128, 40), (5, 40)]:  # a repeated M reuses its plan
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(shape).to(dtype)
+            assert torch.equal(m.direct(x), m(x)), (shape, dtype)
+    assert len(m._direct) == 8  # one plan per (tokens, dtype)
+    if backend == "cpu":  # the ISA knob is part of the plan's key
+        monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")
+        x = torch.randn(5, 40)
+        assert torch.equal(m.direct(x), m(x)) and len(m._direct) == 9
+
+
+def test_direct_follows_rebuilds_and_pickles():
+    import copy
+    import pickle
+
+    m = SparseInt8Linear.from_linear(_linear(24, 40, 0.8))
+    x = torch.randn(6, 40)
+    before = m.direct(x)
+    other = SparseInt8Linear.from_linear(_linear(24, 40, 0.5))
+    m.load_state_dict(other.state_dict())  # new weights: the cached plan must not survive
+    assert not m._direct
+    assert torch.equal(m.direct(x), other(x)) and not torch.equal(m.direct(x), before)
+    m.set_backend("reference")
+    assert not m._direct and torch.equal(m.direct(x), other(x))
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):  # closures are never pickled
+        assert torch.equal(clone.direct(x), other(x))
+
+
+def test_direct_bad_input_raises_like_forward():
+    m = SparseInt8Linear.from_linear(_linear(24, 40))
+    with pytest.raises(ValueError, match=r"expects input of shape \(\.\.\., 40\)"):
+        m.direct(torch.randn(3, 41))
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        m.direct(torch.randn(3, 40).double())

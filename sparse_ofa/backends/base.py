@@ -53,5 +53,11 @@ class Backend:
         x_q, x_scale = quantize_activations(x, act)
         return dequantize(self.int_mm(x_q, prepared), x_scale, w_scale, bias, out_dtype)
 
+    def linear_fn(self, prepared: dict[str, torch.Tensor], w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  act: ActQuant, m: int, out_dtype: torch.dtype):
+        """Optional: a callable x -> linear(x, ...) specialised for m tokens (SparseInt8Linear.direct
+        caches it), for backends whose linear is one op with arguments fixed per m; None = use linear."""
+        return None
+
     def __repr__(self) -> str:
         return f"<sparse_ofa backend {self.name!r}>"

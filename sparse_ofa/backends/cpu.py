@@ -279,3 +279,9 @@ class CpuBackend(Backend):
         isa = isa_code()
         return torch.ops.sparse_ofa.cpu_linear(x, *self.choose(x.shape[0], prepared, isa), w_scale, bias,
                                                *act.kernel_args(), out_dtype, isa)
+
+    def linear_fn(self, prepared, w_scale, bias, act, m, out_dtype):
+        isa = isa_code()
+        args = (*self.choose(m, prepared, isa), w_scale, bias, *act.kernel_args(), out_dtype, isa)
+        op = torch.ops.sparse_ofa.cpu_linear.default
+        return lambda x: op(x, *args)
