@@ -8,7 +8,8 @@ Every round runs each variant once, in turn (fp32 every 5th round: it is slow), 
 changes hit all variants alike. --gate X waits before each round for 0.3 s with less than X of the
 machine's CPU busy; --cpu-time (one thread only) times the thread's CPU time instead of wall time.
 Variants: fp32 eager, quantize_dynamic, sparse_ofa plain (fastpath=False), fast path (fused CPU
-attention where AVX-512 runs), fast path with torch's SDPA, fast path + bf16 attention; BERT-base
+attention and post-ops where AVX-512 runs), the same without the post-ops (fuse=False), and also
+with torch's SDPA (attention="sdpa": the plain path's numerics), fast path + bf16 attention; BERT-base
 shape, batch x 128 tokens, 90 % sparse.
 """
 import argparse
@@ -52,10 +53,13 @@ def main() -> None:
     bf16 = e2e.sparse_ofa_model(fp32)
     apply_fastpath(bf16, attention="bf16")
     sdpa = e2e.sparse_ofa_model(fp32)
-    apply_fastpath(sdpa, attention="sdpa")
+    apply_fastpath(sdpa, attention="sdpa", fuse=False)
+    unfused = e2e.sparse_ofa_model(fp32)
+    apply_fastpath(unfused, fuse=False)
     models = {"fp32 eager": fp32, "quantize_dynamic": e2e.quantize_dynamic(fp32),
               "sparse_ofa plain": e2e.sparse_ofa_model(fp32, fastpath=False),
-              "sparse_ofa fast": e2e.sparse_ofa_model(fp32), "sparse_ofa fast, sdpa": sdpa,
+              "sparse_ofa fast": e2e.sparse_ofa_model(fp32), "fast, no post-ops": unfused,
+              "fast, sdpa, no post-ops": sdpa,
               "sparse_ofa bf16 attn": bf16}
     inputs = e2e.random_inputs(args.batch, 128)
     fns = {name: e2e.forward_fn(model, inputs) for name, model in models.items()}

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <functional>
 #include <vector>
 
 #include "check_format.h"  // numbers in messages: never streamed (see there why)
@@ -170,9 +171,13 @@ Epilogue epilogue_of(const Epilogue& e, int64_t ms) {
 // enough tokens each thread takes its own token range (a multiple of 64) and packs and multiplies it
 // in ONE parallel region: no barrier between packing and the product (OpenMP barriers are costly on
 // a loaded machine). Otherwise: pack in parallel, then split the product by (tile, output channels).
+// post(ms, me), if given, finishes output rows [ms, me) (PostOps): in the token-range case right after
+// the thread's own product (its rows are still in its cache), otherwise in a pass of its own.
+using PostFn = std::function<void(int64_t, int64_t)>;
+
 template <class PackBlocks>
 void pack_and_multiply(int isa, const QuadWeight& w, const PackedActs& a, const Tiles& t, const Epilogue& e,
-                       const PackBlocks& pack_blocks) {
+                       const PackBlocks& pack_blocks, const PostFn& post = nullptr) {
   const int64_t nblocks = t.count * t.tok / kTokenPad;
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && a.m >= 64 * threads) {
@@ -188,6 +193,7 @@ void pack_and_multiply(int isa, const QuadWeight& w, const PackedActs& a, const 
           spmm_tasks(isa, w, sub, epilogue_of(e, s), 0, task_count(sub.m, w.n));
           s = next;
         }
+        if (post) post(ms, me);
       }
     });
     return;
@@ -203,6 +209,7 @@ void pack_and_multiply(int isa, const QuadWeight& w, const PackedActs& a, const 
       t0 = end;
     }
   });
+  if (post) at::parallel_for(0, a.m, 16, [&](int64_t m0, int64_t m1) { post(m0, m1); });
 }
 
 // Packs 16-token block b (tokens [16b, 16b + 16), rows past M as padding); xb = x_q row 16b
@@ -229,6 +236,44 @@ at::Tensor float_input(const at::Tensor& x, int64_t k) {
               "sparse_ofa cpu: x must be float32/bfloat16/float16, got ", x.scalar_type());
   at::Tensor xf = check_x(x, k, "x");
   return xf.scalar_type() == at::kFloat ? xf : xf.to(at::kFloat);  // exact widening
+}
+
+// The fused linear's optional post-ops (cpu/sparse_cpu.h), checked against the output.
+PostOps post_ops(const c10::optional<at::Tensor>& residual, bool gelu, const c10::optional<at::Tensor>& ln_weight,
+                 const c10::optional<at::Tensor>& ln_bias, double ln_eps, const at::Tensor& out, int64_t m, int64_t n) {
+  PostOps po{nullptr, 0, gelu, nullptr, nullptr, (float)ln_eps};
+  const bool has_res = residual.has_value() && residual->defined();
+  const bool has_ln = ln_weight.has_value() && ln_weight->defined();
+  if (has_res) {
+    check_cpu(*residual, "residual");
+    TORCH_CHECK(residual->scalar_type() == at::kFloat, "sparse_ofa cpu: residual must be float32, got ",
+                residual->scalar_type());
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == m && residual->size(1) == n,
+                "sparse_ofa cpu: residual must have shape [", fmt_num(m), ", ", fmt_num(n), "], got ", fmt_dims(*residual));
+    TORCH_CHECK(residual->stride(1) == 1 || n <= 1, "sparse_ofa cpu: residual rows must be contiguous");
+    po.residual = residual->data_ptr<float>();
+    po.ldr = residual->stride(0);
+  }
+  if (has_ln) {
+    check_vec(*ln_weight, "ln_weight", at::kFloat, n);
+    po.ln_w = ln_weight->data_ptr<float>();
+    if (ln_bias.has_value() && ln_bias->defined()) {
+      check_vec(*ln_bias, "ln_bias", at::kFloat, n);
+      po.ln_b = ln_bias->data_ptr<float>();
+    }
+    TORCH_CHECK(ln_eps > 0, "sparse_ofa cpu: ln_eps must be > 0, got ", fmt_float(ln_eps));
+  } else {
+    TORCH_CHECK(!(ln_bias.has_value() && ln_bias->defined()), "sparse_ofa cpu: ln_bias given without ln_weight");
+  }
+  TORCH_CHECK(!po.any() || out.scalar_type() == at::kFloat,
+              "sparse_ofa cpu: residual / gelu / LayerNorm post-ops need a float32 output, got ", out.scalar_type());
+  return po;
+}
+
+void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m0, int64_t m1) {
+  float* y = out.data_ptr<float>();
+  if (isa == kAvx512Vnni) post_rows_avx512(po, y, out.stride(0), n, m0, m1);
+  else post_rows_scalar(po, y, out.stride(0), n, m0, m1);
 }
 
 // ---------------------------------------------------------------------------------------- ops
@@ -292,7 +337,9 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
                     const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout,
                     const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, double static_scale,
                     double inv_scale, int64_t zero_point, int64_t qmin, int64_t qmax, at::Tensor& out,
-                    int64_t isa) {
+                    int64_t isa, const c10::optional<at::Tensor>& residual, bool gelu,
+                    const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+                    double ln_eps) {
   const int is = (int)resolve_isa(isa);
   const QuadWeight w = weight_of(quad_w, quad_k, row_ptr, rowsum, layout);
   const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
@@ -307,6 +354,7 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
               "sparse_ofa cpu: out must be float32 or bfloat16, got ", out.scalar_type());
   const int64_t m = xf.size(0), k = w.k;
   check_out(out, m, w.n);
+  const PostOps po = post_ops(residual, gelu, ln_weight, ln_bias, ln_eps, out, m, w.n);
   if (m == 0 || w.n == 0) return;
   const Tiles t = tiles_of(is, w, m);
   const int64_t nq = (k + 3) / 4;
@@ -329,14 +377,16 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
       // (a block past M only writes padding)
       pack_block(is, w, t, block, k, m, b, flip, xt);
     }
-  });
+  }, po.any() ? PostFn([&](int64_t m0, int64_t m1) { post_rows(is, po, out, w.n, m0, m1); }) : PostFn());
 }
 
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& quad_w, const at::Tensor& quad_k,
                       const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout,
                       const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, double static_scale,
                       double inv_scale, int64_t zero_point, int64_t qmin, int64_t qmax,
-                      at::ScalarType out_dtype, int64_t isa) {
+                      at::ScalarType out_dtype, int64_t isa, const c10::optional<at::Tensor>& residual,
+                      bool gelu, const c10::optional<at::Tensor>& ln_weight,
+                      const c10::optional<at::Tensor>& ln_bias, double ln_eps) {
   TORCH_CHECK(x.dim() == 2, "sparse_ofa cpu: x must be 2-D [M, K], got ", fmt_dims(x));
   TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
               "sparse_ofa cpu: out_dtype must be float32/bfloat16/float16, got ", out_dtype);
@@ -344,7 +394,7 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& quad_w, const at::T
   const auto kernel_dtype = out_dtype == at::kHalf ? at::kFloat : out_dtype;
   at::Tensor out = at::empty({x.size(0), row_ptr.numel() - 1}, x.options().dtype(kernel_dtype));
   cpu_linear_out(x, quad_w, quad_k, row_ptr, rowsum, layout, w_scale, bias, static_scale, inv_scale,
-                 zero_point, qmin, qmax, out, isa);
+                 zero_point, qmin, qmax, out, isa, residual, gelu, ln_weight, ln_bias, ln_eps);
   return out_dtype == at::kHalf ? out.to(at::kHalf) : out;
 }
 
@@ -361,10 +411,12 @@ TORCH_LIBRARY_FRAGMENT(sparse_ofa, m) {
         "Tensor layout, Tensor(a!) out, int isa=-1) -> ()");
   m.def("cpu_linear(Tensor x, Tensor quad_w, Tensor quad_k, Tensor row_ptr, Tensor rowsum, Tensor layout, "
         "Tensor w_scale, Tensor? bias, float static_scale, float inv_scale, int zero_point, int qmin, "
-        "int qmax, ScalarType out_dtype, int isa=-1) -> Tensor");
+        "int qmax, ScalarType out_dtype, int isa=-1, Tensor? residual=None, bool gelu=False, "
+        "Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=1e-12) -> Tensor");
   m.def("cpu_linear_out(Tensor x, Tensor quad_w, Tensor quad_k, Tensor row_ptr, Tensor rowsum, "
         "Tensor layout, Tensor w_scale, Tensor? bias, float static_scale, float inv_scale, int zero_point, "
-        "int qmin, int qmax, Tensor(a!) out, int isa=-1) -> ()");
+        "int qmin, int qmax, Tensor(a!) out, int isa=-1, Tensor? residual=None, bool gelu=False, "
+        "Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=1e-12) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(sparse_ofa, CPU, m) {

@@ -226,13 +226,16 @@ def _is_self_attention(module: nn.Module) -> bool:
             and not getattr(module, "is_decoder", False) and not getattr(module, "is_causal", False))
 
 
-def apply_fastpath(model: nn.Module, *, attention: str = "fp32") -> list[str]:
-    """Give `model` the fast path; return the names of the modules that got it.
+def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = True) -> list[str]:
+    """Give `model` the fast path (again, to change its options); return the names of the modules
+    that got it now.
 
     Every fusable self-attention gets fused QKV + direct SDPA; every BERT-style layer around one
     gets the lean layer forward (sparse_ofa/fastpath_layer.py). attention: "fp32" (default: the
     fused CPU kernel where AVX-512 runs, else torch's SDPA; fp32 numerics), "sdpa" (always torch's
-    SDPA) or "bf16" (attention products in bfloat16 on CPU, slightly different numerics)."""
+    SDPA) or "bf16" (attention products in bfloat16 on CPU, slightly different numerics).
+    fuse: run residual add + LayerNorm and GELU as post-ops inside the linear kernels (cpu backend,
+    AVX-512). attention="sdpa", fuse=False computes exactly what the plain sparsified model does."""
     from .fastpath_layer import FastLayerMixin, is_lean_layer
 
     if attention not in ATTENTION_MODES:
@@ -250,6 +253,8 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32") -> list[str]:
         if not isinstance(module, FastLayerMixin) and is_lean_layer(module):
             module.__class__ = fast_class(type(module), FastLayerMixin)
             changed.append(name)
+        if isinstance(module, FastLayerMixin):
+            module._sparse_ofa_fuse = bool(fuse)
     return changed
 
 
@@ -259,7 +264,7 @@ def remove_fastpath(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, FastMixin):
             module.__class__ = base_class(module)
-            for key in FastMixin._DERIVED + ("_sparse_ofa_attention",):
+            for key in FastMixin._DERIVED + ("_sparse_ofa_attention", "_sparse_ofa_fuse"):
                 module.__dict__.pop(key, None)
             count += 1
     return count

@@ -26,28 +26,6 @@ namespace {
 constexpr int kRows = 6;  // query rows per block
 constexpr int kVecs = 4;  // 16-float column vectors per bcast_gemm call
 
-// e^x = 2^n * e^r with n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in two
-// so that n ln 2 is exact), e^r by its degree-7 Taylor polynomial (truncation < 3e-9 relative),
-// 2^n applied by vscalefps. x below -87.3 (and -inf) gives 0; NaN stays NaN.
-inline __m512 exp_ps(__m512 x) {
-  const __m512 lowest = _mm512_set1_ps(-87.3f);
-  const __mmask16 tiny = _mm512_cmp_ps_mask(x, lowest, _CMP_LT_OQ);
-  x = _mm512_max_ps(lowest, x);  // returns x when x is NaN
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
-  return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
-}
-
 // c[r][0 : 16 NV] = row_scale[r] * sum_k a[r * lda + k] * b[k * ldb + 0 : 16 NV]   (r < R); the
 // last vector of every b row and c row is read/written under `last`.
 template <int R, int NV>

@@ -68,6 +68,25 @@ struct Epilogue {
   int64_t ldo;            // elements between output rows
 };
 
+// Post-ops of the fused linear on finished float32 output rows, in this order, each optional:
+//     y += residual[m, :]                       (the residual connection)
+//     y  = 0.5 y (1 + erf(y / sqrt 2))          (GELU, erf form)
+//     y  = (y - mean) / sqrt(var + eps) * ln_w + ln_b   (LayerNorm over the row; ln_b may be null)
+// The binding runs them on the rows a thread has just produced, while they are in its cache.
+struct PostOps {
+  const float* residual;  // [m, ldr] or nullptr
+  int64_t ldr;
+  bool gelu;
+  const float* ln_w;      // [n] or nullptr (no LayerNorm)
+  const float* ln_b;      // [n] or nullptr
+  float ln_eps;
+  bool any() const { return residual != nullptr || gelu || ln_w != nullptr; }
+};
+
+// rows [m0, m1) of y [*, ldy] with n channels
+void post_rows_scalar(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);
+void post_rows_avx512(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);
+
 // Activation quantization parameters (sparse_ofa/quant.py). static_scale == 0 means dynamic.
 struct QuantParams {
   float static_scale, inv_scale;

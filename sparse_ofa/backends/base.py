@@ -54,9 +54,10 @@ class Backend:
         return dequantize(self.int_mm(x_q, prepared), x_scale, w_scale, bias, out_dtype)
 
     def linear_fn(self, prepared: dict[str, torch.Tensor], w_scale: torch.Tensor, bias: torch.Tensor | None,
-                  act: ActQuant, m: int, out_dtype: torch.dtype):
-        """Optional: a callable x -> linear(x, ...) specialised for m tokens (SparseInt8Linear.direct
-        caches it), for backends whose linear is one op with arguments fixed per m; None = use linear."""
+                  act: ActQuant, m: int, out_dtype: torch.dtype, post: tuple[bool, bool, bool]):
+        """Optional: fn(x, residual, norm) = linear(x, ...) specialised for m tokens, with the post-ops
+        `post` = (+ residual, GELU, LayerNorm(norm = (weight, bias, eps))) applied in that order, for
+        backends that do this in one op (SparseInt8Linear.direct caches it). None: not offered."""
         return None
 
     def __repr__(self) -> str:

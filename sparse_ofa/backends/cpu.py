@@ -35,7 +35,8 @@ from .base import Backend, LayerInfo
 
 EXTENSION = "sparse_ofa_cpu"
 SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2.cpp", "cpu/avxvnni.cpp",
-           "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp"]
+           "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp",
+           "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
 # -fopenmp: at::parallel_for is inline OpenMP in the ATen headers; without the flag its pragma is
 # ignored and every kernel runs on one thread (the OpenMP runtime is torch's own, already loaded).
@@ -95,7 +96,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "cpu_linear")
     def _(x, quad_w, quad_k, row_ptr, rowsum, layout, w_scale, bias, static_scale, inv_scale, zero_point,
-          qmin, qmax, out_dtype, isa=-1):
+          qmin, qmax, out_dtype, isa=-1, residual=None, gelu=False, ln_weight=None, ln_bias=None, ln_eps=1e-12):
         return x.new_empty((x.shape[0], row_ptr.shape[0] - 1), dtype=out_dtype)
 
     @torch.library.register_fake(lib + "cpu_quantize")
@@ -116,7 +117,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "cpu_linear_out")
     def _(x, quad_w, quad_k, row_ptr, rowsum, layout, w_scale, bias, static_scale, inv_scale, zero_point,
-          qmin, qmax, out, isa=-1):
+          qmin, qmax, out, isa=-1, residual=None, gelu=False, ln_weight=None, ln_bias=None, ln_eps=1e-12):
         return None
 
 
@@ -280,8 +281,18 @@ class CpuBackend(Backend):
         return torch.ops.sparse_ofa.cpu_linear(x, *self.choose(x.shape[0], prepared, isa), w_scale, bias,
                                                *act.kernel_args(), out_dtype, isa)
 
-    def linear_fn(self, prepared, w_scale, bias, act, m, out_dtype):
+    def linear_fn(self, prepared, w_scale, bias, act, m, out_dtype, post):
         isa = isa_code()
+        has_residual, gelu, has_norm = post
+        if any(post) and (out_dtype != torch.float32
+                          or (ISAS[best_isa()] if isa < 0 else isa) != ISAS["avx512vnni"]):
+            return None  # the portable post-ops are no faster than torch's: let the caller compose
         args = (*self.choose(m, prepared, isa), w_scale, bias, *act.kernel_args(), out_dtype, isa)
         op = torch.ops.sparse_ofa.cpu_linear.default
-        return lambda x: op(x, *args)
+        if not any(post):
+            return lambda x, residual=None, norm=None: op(x, *args)
+
+        def fn(x, residual, norm):
+            weight, bias_, eps = norm if has_norm else (None, None, 1e-12)
+            return op(x, *args, residual if has_residual else None, gelu, weight, bias_, eps)
+        return fn
