@@ -144,17 +144,16 @@ class SparseInt8Linear(nn.Module):
         `+ residual` (same shape as the output), GELU (erf), LayerNorm over the output features with
         norm = (weight, bias, eps). The cpu backend (AVX-512, float32) runs them inside its kernel on
         rows still in cache, to within ~1e-6 of torch's ops; elsewhere they are those torch ops."""
-        post = (residual is not None, bool(gelu), norm is not None)
-        key = (x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else -1, x.dtype, x.device,
-               os.environ.get("SPARSE_OFA_CPU_ISA"), post)
+        post = (residual is not None, gelu, norm is not None)
+        key = (x.shape, x.dtype, x.device, os.environ.get("SPARSE_OFA_CPU_ISA"), post)
         fn = self._direct.get(key)
         if fn is None:
             if (x.dim() == 0 or x.shape[-1] != self.in_features or x.dtype not in _FLOAT_DTYPES
                     or x.device != self.weight_values.device):
                 self.forward(x)  # raises the error that names the problem
-            if len(self._direct) >= 64:  # many distinct token counts: keep the cache small
+            if len(self._direct) >= 64:  # many distinct shapes: keep the cache small
                 self._direct.clear()
-            fn = self._direct[key] = self._plan(key[0], x.dtype, post)
+            fn = self._direct[key] = self._plan(x.numel() // self.in_features, x.dtype, post)
         out_shape = (*x.shape[:-1], self.out_features)
         res2 = residual.reshape(-1, self.out_features) if residual is not None else None
         y = fn(x.reshape(-1, self.in_features).contiguous(), res2, norm)

@@ -199,7 +199,7 @@ def test_direct_equals_forward(backend, monkeypatch):
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape).to(dtype)
             assert torch.equal(m.direct(x), m(x)), (shape, dtype)
-    assert len(m._direct) == 8  # one plan per (tokens, dtype)
+    assert len(m._direct) == 8  # one plan per (input shape, dtype)
     if backend == "cpu":  # the ISA knob is part of the plan's key
         monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")
         x = torch.randn(5, 40)
