@@ -29,7 +29,8 @@ using sparse_ofa::fmt_dims;
 using sparse_ofa::fmt_float;
 using sparse_ofa::fmt_num;
 
-constexpr int64_t kLayoutVersion = 1;  // "quads v1", see cpu/sparse_cpu.h
+constexpr int64_t kLayoutVersion = 2;  // "quads v2" (16-bit quad_k), see cpu/sparse_cpu.h
+constexpr int64_t kMaxK = 65536;       // channels a 16-bit index reaches
 
 void check_cpu(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), "sparse_ofa cpu: ", name, " must be on the CPU, got ", t.device());
@@ -58,12 +59,14 @@ QuadWeight weight_of(const at::Tensor& quad_w, const at::Tensor& quad_k, const a
   TORCH_CHECK(n >= 0 && k >= 0 && nq >= 0, "sparse_ofa cpu: layout has negative sizes");
   TORCH_CHECK(kind == 0 || kind == 1, "sparse_ofa cpu: unknown layout kind ", fmt_num(kind));
   check_vec(quad_w, "quad_w", at::kInt, nq);
-  check_vec(quad_k, "quad_k", at::kInt, kind ? 4 * nq : nq);
+  TORCH_CHECK(k <= kMaxK, "sparse_ofa cpu: the prepared layouts index at most ", fmt_num(kMaxK),
+              " input features, got ", fmt_num(k));
+  check_vec(quad_k, "quad_k", at::kShort, kind ? 4 * nq : nq);
   check_vec(row_ptr, "row_ptr", at::kInt, n + 1);
   check_vec(rowsum, "rowsum", at::kInt, n);
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   TORCH_CHECK(rp[0] == 0 && rp[n] == nq, "sparse_ofa cpu: row_ptr must run from 0 to ", fmt_num(nq));
-  return QuadWeight{quad_w.data_ptr<int32_t>(), quad_k.data_ptr<int32_t>(), rp, rowsum.data_ptr<int32_t>(),
+  return QuadWeight{quad_w.data_ptr<int32_t>(), reinterpret_cast<const uint16_t*>(quad_k.data_ptr<int16_t>()), rp, rowsum.data_ptr<int32_t>(),
                     n, k, (int)kind};
 }
 

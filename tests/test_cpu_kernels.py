@@ -357,6 +357,32 @@ def test_error_device_and_version(small):
         torch.ops.sparse_ofa.cpu_int_mm(torch.zeros(2, 32, dtype=torch.int8), *args_of(bad_ptr), -1)
 
 
+def test_sixteen_bit_indices_reach_past_32767():
+    # quad_k is read as uint16: channels >= 32768 (negative as int16) must still be found
+    k = 40_003
+    g = torch.Generator().manual_seed(4)
+    w = torch.zeros(6, k)
+    cols = torch.tensor([0, 32767, 32768, 39_999, 40_002])
+    w[:, cols] = torch.randn(6, cols.numel(), generator=g)
+    packed = pack(w, "unstructured")
+    x_q = torch.randint(-128, 128, (9, k), dtype=torch.int8, generator=g)
+    want = ref_int_mm(x_q, packed)
+    gathered = cpu_backend.derive_gathered(packed)  # channel indices (aligned quads hold k / 4)
+    assert gathered["quad_k"].dtype == torch.int16 and int(gathered["quad_k"].min()) < 0
+    for prepared in (cpu_backend.derive_quads(packed), gathered):
+        for isa in ISAS:
+            assert torch.equal(torch.ops.sparse_ofa.cpu_int_mm(x_q, *args_of(prepared), isa), want)
+
+
+def test_wider_than_sixteen_bits_keeps_another_backend():
+    from sparse_ofa import SparseInt8Linear
+
+    wide = torch.nn.Linear(65_540, 4)
+    assert SparseInt8Linear.from_linear(wide).dispatch(8) != "cpu"
+    with pytest.raises(ValueError, match="backend 'cpu' does not run"):
+        SparseInt8Linear.from_linear(wide, backend="cpu")
+
+
 def test_error_unsupported_isa_code(small):
     _, prepared = small
     with pytest.raises(RuntimeError, match="unknown ISA code 7"):

@@ -15,7 +15,7 @@ namespace sparse_ofa_cpu {
 namespace {
 
 template <int T>
-inline void row_product8(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t p1,
+inline void row_product8(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
                          const uint8_t* base, int64_t qstride, __m256i* out) {
   __m256i c[T];
   for (int t = 0; t < T; ++t) c[t] = _mm256_setzero_si256();
@@ -40,7 +40,7 @@ inline void row_product8(const int32_t* qw, const int32_t* qk, int32_t p0, int32
   for (int t = 0; t < T; ++t) out[t] = c[t];
 }
 
-inline void row_product8_any(int T, const int32_t* qw, const int32_t* qk, int32_t p0, int32_t p1,
+inline void row_product8_any(int T, const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
                              const uint8_t* base, int64_t qstride, __m256i* out) {
   switch (T) {
     case 1: return row_product8<1>(qw, qk, p0, p1, base, qstride, out);

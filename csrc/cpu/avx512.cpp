@@ -40,7 +40,7 @@ inline __m512i dpbusd(__m512i c, __m512i x, __m512i w) {
 // c[0..T) = sum over quads p0..p1 of dpbusd(xt[quad_k[p]] block, quad_w[p]); U quads in flight so
 // that short T still has U*T independent chains to hide the vpdpbusd latency.
 template <int T, int U>
-inline void row_product(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t p1,
+inline void row_product(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
                         const uint8_t* base, int64_t qstride, __m512i* out) {
   __m512i c[U][T];
   for (int u = 0; u < U; ++u)
@@ -75,7 +75,7 @@ inline void row_product(const int32_t* qw, const int32_t* qk, int32_t p0, int32_
 // q_j holds, in 128-bit lane L, tokens 16L + 4j .. 16L + 4j + 3; the accumulators keep that order
 // and one 4x4 transpose of 128-bit lanes per 64 tokens restores it at the end.
 template <int H, int U>
-inline void row_gather(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t p1, const uint8_t* base,
+inline void row_gather(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1, const uint8_t* base,
                        int64_t mp, __m512i* out) {
   __m512i acc[U][H][4];
   for (int u = 0; u < U; ++u)
@@ -84,7 +84,7 @@ inline void row_gather(const int32_t* qw, const int32_t* qk, int32_t p0, int32_t
   // U quads in flight (independent accumulators) so that H = 1 still has 8 vpdpbusd chains
   auto step = [&](int u, int32_t p) {
     const __m512i w = _mm512_set1_epi32(qw[p]);
-    const int32_t* ks = qk + 4 * (int64_t)p;
+    const uint16_t* ks = qk + 4 * (int64_t)p;
     const uint8_t *ra = base + ks[0] * mp, *rb = base + ks[1] * mp, *rc = base + ks[2] * mp,
                   *rd = base + ks[3] * mp;
     for (int h = 0; h < H; ++h) {

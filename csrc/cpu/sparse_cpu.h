@@ -5,11 +5,11 @@
 //     acc[m, n] = sum_k x_q[m, k] * W_q[n, k]                           (exact, int32)
 //     y[m, n]   = ((float)acc[m, n] * x_scale[m]) * w_scale[n] + bias[n]  (float32, no FMA)
 //
-// Weight layout "quads v1" (derived once from packed format v1 by sparse_ofa/backends/cpu.py):
+// Weight layout "quads v2" (derived once from packed format v1 by sparse_ofa/backends/cpu.py):
 // the input channels of row n are cut into aligned quads k = 4q .. 4q+3 (K padded with zeros to a
 // multiple of 4); a row keeps only the quads holding a non-zero weight:
 //     quad_w  int32 [nq]    the 4 int8 weights of a kept quad (byte j = W_q[n, 4q + j])
-//     quad_k  int32 [nq]    q, ascending within a row
+//     quad_k  uint16 [nq]   q, ascending within a row (stored as an int16 tensor; K <= 65536)
 //     row_ptr int32 [N+1]   row n owns quad_w[row_ptr[n] : row_ptr[n+1]]
 //     rowsum  int32 [N]     sum_k W_q[n, k] (undoes the +128 offset of the u8 x VNNI form)
 // For "1x4" the kept quads are exactly the kept blocks; for "unstructured"/"2:4" a quad is kept when
@@ -39,7 +39,8 @@ constexpr int kTileTokens = 64;   // tokens per packed activation tile on the AV
 
 struct QuadWeight {
   const int32_t* quad_w;
-  const int32_t* quad_k;   // kind 0: q per quad; kind 1: 4 input channels per quad
+  const uint16_t* quad_k;  // kind 0: q per quad; kind 1: 4 input channels per quad (16 bits: the
+                           // weight stream is 6 / 12 bytes per quad instead of 8 / 20)
   const int32_t* row_ptr;
   const int32_t* rowsum;
   int64_t n, k;

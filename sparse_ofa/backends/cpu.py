@@ -42,7 +42,8 @@ SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2
 # ignored and every kernel runs on one thread (the OpenMP runtime is torch's own, already loaded).
 CFLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # "quads v2": 16-bit quad_k
+MAX_IN_FEATURES = 65536  # what a 16-bit channel index reaches; wider layers keep another backend
 ISAS = {"scalar": 0, "avx2": 1, "avxvnni": 2, "avx512vnni": 3}
 ISA_NAMES = {v: k for k, v in ISAS.items()}
 
@@ -121,6 +122,14 @@ def _register_fakes() -> None:
         return None
 
 
+def _as_u16(index: torch.Tensor) -> torch.Tensor:
+    """Indices in [0, 65536) as the int16 tensor whose bits the kernels read as uint16."""
+    index = index.to(torch.int32)
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= MAX_IN_FEATURES):
+        raise ValueError(f"quad index out of the 16-bit range [0, {MAX_IN_FEATURES})")
+    return torch.where(index >= 32768, index - 65536, index).to(torch.int16).contiguous()
+
+
 def derive_quads(packed: PackedWeight) -> dict[str, torch.Tensor]:
     """Layout kind 0, aligned quads (csrc/cpu/sparse_cpu.h), from packed format v1."""
     packed.validate()
@@ -134,7 +143,7 @@ def derive_quads(packed: PackedWeight) -> dict[str, torch.Tensor]:
     row_ptr[1:] = kept.sum(1).cumsum(0)
     return {
         "quad_w": quad_w,
-        "quad_k": rows_quads[:, 1].to(torch.int32).contiguous(),
+        "quad_k": _as_u16(rows_quads[:, 1]),
         "row_ptr": row_ptr.to(torch.int32),
         "rowsum": w.sum(1, dtype=torch.int32),
         "layout": torch.tensor([LAYOUT_VERSION, n, k, quad_w.numel(), 0], dtype=torch.int32),
@@ -165,7 +174,7 @@ def derive_gathered(packed: PackedWeight) -> dict[str, torch.Tensor]:
     quad_k = torch.where(quad_k < 0, quad_k[:, :1].expand_as(quad_k), quad_k)  # padding: a real row
     return {
         "quad_w": values.view(nq, 4).view(torch.int32).reshape(-1).contiguous(),
-        "quad_k": quad_k.reshape(-1).to(torch.int32).contiguous(),
+        "quad_k": _as_u16(quad_k.reshape(-1)),
         "row_ptr": row_ptr.to(torch.int32),
         "rowsum": w.sum(1, dtype=torch.int32),
         "layout": torch.tensor([LAYOUT_VERSION, n, k, nq, 1], dtype=torch.int32),
@@ -229,7 +238,7 @@ class CpuBackend(Backend):
         return True, ""
 
     def supports(self, device: torch.device, info: LayerInfo) -> bool:
-        return device.type == "cpu"
+        return device.type == "cpu" and info.in_features <= MAX_IN_FEATURES
 
     def prefers(self, m: int, info: LayerInfo) -> bool:
         isa = effective_isa()
