@@ -320,7 +320,7 @@ void cpu_int_mm_out(const at::Tensor& x_q, const at::Tensor& quad_w, const at::T
   const int8_t* xp = xq.data_ptr<int8_t>();
   const int64_t ldx = xq.stride(0);
   const PackedActs a{xt, m, t.mp, nq, flip, nullptr};
-  const Epilogue e{kOutInt32, nullptr, nullptr, out.data_ptr(), out.stride(0)};
+  const Epilogue e{kOutInt32, nullptr, nullptr, out.data_ptr(), out.stride(0), false};
   pack_and_multiply(is, w, a, t, e, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
       pack_block(is, w, t, b * kTokenPad < m ? xp + b * kTokenPad * ldx : xp, ldx, m, b, flip, xt);
@@ -357,7 +357,10 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
               "sparse_ofa cpu: out must be float32 or bfloat16, got ", out.scalar_type());
   const int64_t m = xf.size(0), k = w.k;
   check_out(out, m, w.n);
-  const PostOps po = post_ops(residual, gelu, ln_weight, ln_bias, ln_eps, out, m, w.n);
+  PostOps po = post_ops(residual, gelu, ln_weight, ln_bias, ln_eps, out, m, w.n);
+  // GELU with nothing before it: in the AVX-512 epilogue, in registers (no second pass over y)
+  const bool gelu_in_epilogue = po.gelu && po.residual == nullptr && is == kAvx512Vnni;
+  if (gelu_in_epilogue) po.gelu = false;
   if (m == 0 || w.n == 0) return;
   const Tiles t = tiles_of(is, w, m);
   const int64_t nq = (k + 3) / 4;
@@ -369,7 +372,7 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
   const int64_t ldx = xf.stride(0);
   const PackedActs a{xt, m, t.mp, nq, flip, xs};
   const Epilogue e{out.scalar_type() == at::kFloat ? kOutFloat : kOutBFloat16, w_scale.data_ptr<float>(), bp,
-                   out.data_ptr(), out.stride(0)};
+                   out.data_ptr(), out.stride(0), gelu_in_epilogue};
   // fused per-token quantization: 16 tokens at a time into an L1-sized block, then into xt
   pack_and_multiply(is, w, a, t, e, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<uint8_t> block_buf;

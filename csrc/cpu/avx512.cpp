@@ -268,6 +268,7 @@ void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int6
     for (int t = 0; t < T; ++t) {
       __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[t], corr)), xs[t]), ws);
       if (e.bias) y = _mm512_add_ps(y, b);  // no bias: no add (y + 0 would turn -0 into +0)
+      if (e.gelu) y = gelu_ps(y);           // elementwise: before the transposes, in registers
       _mm512_store_ps((float*)&tile[r][16 * t], y);
     }
   }

@@ -61,5 +61,32 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_maskz_mov_ps((__mmask16)~tiny, _mm512_scalef_ps(p, n));
 }
 
+// GELU(x) = 0.5 x (1 + erf(x / sqrt 2)).
+// erf by Abramowitz & Stegun 7.1.28, erf(z) = 1 - (1 + a1 z + ... + a6 z^6)^-16 for z >= 0,
+// odd for z < 0 (|error| <= 3e-7): evaluated in fp32 the GELU is within ~9e-7 of exact on
+// [-12, 12], torch's own fp32 GELU within ~1.2e-6. No exp and no division: ~2x cheaper than
+// 7.1.26 (t = 1/(1 + p z), e^(-z^2)), which measured as slow as torch's separate gelu op.
+inline __m512 gelu_ps(__m512 x) {
+  const __m512 z = _mm512_abs_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)));
+  __m512 p = _mm512_set1_ps(0.0000430638f);
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(0.0002765672f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(0.0001520143f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(0.0092705272f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(0.0422820123f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(0.0705230784f));
+  p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.f));
+  // r = 1 / p by vrcp14ps + one Newton step (~1 ulp), then r^16 by four squarings (p = inf: r = 0)
+  __m512 r = _mm512_rcp14_ps(p);
+  r = _mm512_mul_ps(r, _mm512_fnmadd_ps(p, r, _mm512_set1_ps(2.f)));
+  r = _mm512_mul_ps(r, r);
+  r = _mm512_mul_ps(r, r);
+  r = _mm512_mul_ps(r, r);
+  r = _mm512_mul_ps(r, r);
+  // erf(z) = 1 - r with the sign of x
+  const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+  const __m512 erf = _mm512_or_ps(_mm512_sub_ps(_mm512_set1_ps(1.f), r), _mm512_and_ps(x, sign));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), x), _mm512_add_ps(_mm512_set1_ps(1.f), erf));
+}
+
 }  // namespace
 }  // namespace sparse_ofa_cpu

@@ -67,6 +67,8 @@ struct Epilogue {
   const float* bias;      // [n] or nullptr
   void* out;              // [m, ldo] of int32 / float / bf16
   int64_t ldo;            // elements between output rows
+  bool gelu;              // float output: y = GELU(y) before the store (AVX-512 path only; the
+                          // binding otherwise leaves it to the post-ops)
 };
 
 // Post-ops of the fused linear on finished float32 output rows, in this order, each optional:
