@@ -154,13 +154,11 @@ class SparseInt8Linear(nn.Module):
             if len(self._direct) >= 64:  # many distinct shapes: keep the cache small
                 self._direct.clear()
             fn = self._direct[key] = self._plan(x.numel() // self.in_features, x.dtype, post)
-        out_shape = (*x.shape[:-1], self.out_features)
-        res2 = residual.reshape(-1, self.out_features) if residual is not None else None
-        y = fn(x.reshape(-1, self.in_features).contiguous(), res2, norm)
-        return y.view(out_shape)
+        return fn(x, residual, norm)
 
     def _plan(self, m: int, dtype: torch.dtype, post: tuple[bool, bool, bool]):
-        """fn(x2, residual2, norm) for direct(): the backend's own (post-ops fused) where it has one."""
+        """fn(x, residual, norm) for direct() (x [..., K] -> [..., N]): the backend's own (post-ops
+        fused) where it has one."""
         backend = _backends.select(self._chain, m, self._info)
         prepared = self._prepared[backend.name]
         w_scale, bias, act = self.weight_scale, self._epilogue_bias, self.act
@@ -171,16 +169,20 @@ class SparseInt8Linear(nn.Module):
         if any(post):  # the backend's plain one-op call, then torch's ops for the post-ops
             base = backend.linear_fn(prepared, w_scale, bias, act, m, dtype, (False, False, False))
         if base is None:
-            base = lambda x2, *_: backend.linear(x2, prepared, w_scale, bias, act, dtype)  # noqa: E731
+            k, n = self.in_features, self.out_features
+
+            def base(x, residual=None, norm=None):
+                y = backend.linear(x.reshape(-1, k).contiguous(), prepared, w_scale, bias, act, dtype)
+                return y.view(*x.shape[:-1], n)
         if not any(post):
             return base
         has_residual, gelu, has_norm = post
         n = self.out_features
 
-        def composed(x2, residual2, norm):
-            y = base(x2, None, None)
+        def composed(x, residual, norm):
+            y = base(x, None, None)
             if has_residual:
-                y = y + residual2
+                y = y + residual
             if gelu:
                 y = torch.nn.functional.gelu(y)
             if has_norm:

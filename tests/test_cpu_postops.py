@@ -125,6 +125,18 @@ def test_poisoned_strided_out_and_residual(isa):
     assert torch.isnan(big[:, :10]).all() and torch.isnan(big[:, 47:]).all()
 
 
+def test_any_leading_shape():
+    packed, args, bias = layer(24, 40, 2)
+    x = torch.randn(2, 3, 5, 40)
+    r = torch.randn(2, 3, 5, 24)
+    for isa in PATHS:
+        flat = linear(x.reshape(-1, 40), args, packed, bias, isa, residual=r.reshape(-1, 24), gelu=True)
+        got = linear(x, args, packed, bias, isa, residual=r, gelu=True)
+        assert got.shape == (2, 3, 5, 24) and torch.equal(got.reshape(-1, 24), flat)
+        one = linear(x[0, 0, 0], args, packed, bias, isa)
+        assert one.shape == (24,) and torch.equal(one, linear(x[0, 0, :1], args, packed, bias, isa)[0])
+
+
 def test_threads_and_paths_agree():
     packed, args, bias = layer(64, 96, 7)
     x = torch.randn(300, 96)
@@ -140,8 +152,11 @@ def test_threads_and_paths_agree():
 def test_bad_post_ops_are_named():
     packed, args, bias = layer(8, 16, 1)
     x = torch.randn(4, 16)
-    with pytest.raises(RuntimeError, match=r"residual must have shape \[4, 8\]"):
+    with pytest.raises(RuntimeError, match=r"residual must have the output's shape .* got \[4, 9\]"):
         linear(x, args, packed, bias, -1, residual=torch.randn(4, 9))
+    out = torch.empty(4, 8)
+    with pytest.raises(RuntimeError, match=r"residual must have shape \[4, 8\]"):  # the _out form checks 2-D
+        torch.ops.sparse_ofa.cpu_linear_out(x, *args, packed.scale, bias, *DYNAMIC, out, -1, torch.randn(4, 9))
     with pytest.raises(RuntimeError, match="residual must be float32"):
         linear(x, args, packed, bias, -1, residual=torch.randn(4, 8).double())
     with pytest.raises(RuntimeError, match="ln_weight must have shape"):

@@ -55,7 +55,8 @@ class Backend:
 
     def linear_fn(self, prepared: dict[str, torch.Tensor], w_scale: torch.Tensor, bias: torch.Tensor | None,
                   act: ActQuant, m: int, out_dtype: torch.dtype, post: tuple[bool, bool, bool]):
-        """Optional: fn(x, residual, norm) = linear(x, ...) specialised for m tokens, with the post-ops
+        """Optional: fn(x [..., K], residual [..., N], norm) -> [..., N], linear(x, ...) for m tokens
+        (m = x.numel() // K), with the post-ops
         `post` = (+ residual, GELU, LayerNorm(norm = (weight, bias, eps))) applied in that order, for
         backends that do this in one op (SparseInt8Linear.direct caches it). None: not offered."""
         return None

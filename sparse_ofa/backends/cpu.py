@@ -98,7 +98,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "cpu_linear")
     def _(x, quad_w, quad_k, row_ptr, rowsum, layout, w_scale, bias, static_scale, inv_scale, zero_point,
           qmin, qmax, out_dtype, isa=-1, residual=None, gelu=False, ln_weight=None, ln_bias=None, ln_eps=1e-12):
-        return x.new_empty((x.shape[0], row_ptr.shape[0] - 1), dtype=out_dtype)
+        return x.new_empty((*x.shape[:-1], row_ptr.shape[0] - 1), dtype=out_dtype)
 
     @torch.library.register_fake(lib + "cpu_quantize")
     def _(x, static_scale, inv_scale, zero_point, qmin, qmax, isa=-1):
@@ -291,6 +291,7 @@ class CpuBackend(Backend):
                                                *act.kernel_args(), out_dtype, isa)
 
     def linear_fn(self, prepared, w_scale, bias, act, m, out_dtype, post):
+        # the op takes x [..., K] and returns [..., N] itself (no reshapes from Python)
         isa = isa_code()
         has_residual, gelu, has_norm = post
         if any(post) and (out_dtype != torch.float32
