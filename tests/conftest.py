@@ -1,3 +1,4 @@
+import contextlib
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -20,3 +21,30 @@ def sparse_weight(n: int, k: int, sparsity: float, pattern: str = "unstructured"
     if sparsity > 0:
         w = w * magnitude_mask(w, sparsity, pattern)
     return w
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op thread count set to n inside the block."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def cpu_kernel_paths():
+    """(skip mark without the cpu backend, its module or None, the ISA codes of the two code paths
+    this machine runs: 0 = portable, 3 = AVX-512 where the CPU has it)."""
+    from sparse_ofa.backends import availability
+
+    ok, why = availability("cpu")
+    mark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
+    if not ok:  # pragma: no cover
+        return mark, None, [0]
+    from sparse_ofa.backends import cpu
+
+    cpu.load()
+    return mark, cpu, [0] + ([3] if cpu.best_isa() == "avx512vnni" else [])
+

@@ -4,7 +4,6 @@ form, fully masked rows, huge scores, strided inputs, poisoned outputs, 1-2 thre
 the fast path really uses it. No timings (bench/test_e2e_cpu.py has those)."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -12,28 +11,9 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparse_ofa.backends import availability
+from conftest import cpu_kernel_paths, threads
 
-ok, why = availability("cpu")
-pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
-
-if ok:
-    from sparse_ofa.backends import cpu as cpu_backend
-
-    cpu_backend.load()
-    PATHS = [0] + ([3] if cpu_backend.best_isa() == "avx512vnni" else [])  # portable, AVX-512
-else:  # pragma: no cover
-    PATHS = [0]
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # portable and AVX-512 paths
 
 
 def reference(qkv: torch.Tensor, mask, heads: int, scale: float) -> torch.Tensor:

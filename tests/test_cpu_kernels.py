@@ -3,7 +3,6 @@ machine runs: exact int32 products, identical activation quantization, the fused
 errors. Outputs are poisoned before each call so that an element the kernel forgets shows up."""
 from __future__ import annotations
 
-import contextlib
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from hypothesis import strategies as st
 from sparse_ofa.backends import availability
 from sparse_ofa.formats import pack, unpack_int8
 from sparse_ofa.quant import ActQuant, dequantize, quantize_activations
+
+from conftest import threads
 
 ok, why = availability("cpu")
 pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
@@ -28,16 +29,6 @@ else:  # pragma: no cover
 
 POISON_INT = 0x7F7F7F7F
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def make_weight(n, k, sparsity, pattern, seed, extremes=False):

@@ -4,7 +4,6 @@ LayerNorm against float64, poisoned outputs, strided buffers, threads, bad input
 use of them (fuse=True / False). No timings."""
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -14,31 +13,13 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sparse_ofa.backends import availability
 from sparse_ofa.formats import pack
 
-ok, why = availability("cpu")
-pytestmark = pytest.mark.skipif(not ok, reason=f"cpu backend unavailable: {why}")
+from conftest import cpu_kernel_paths, threads
 
-if ok:
-    from sparse_ofa.backends import cpu as cpu_backend
-
-    cpu_backend.load()
-    PATHS = [0] + ([3] if cpu_backend.best_isa() == "avx512vnni" else [])  # portable, AVX-512
-else:  # pragma: no cover
-    PATHS = [0]
+pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # portable and AVX-512 paths
 
 DYNAMIC = (0.0, 0.0, 0, -127, 127)  # per-token activation quantization
-
-
-@contextlib.contextmanager
-def threads(n: int):
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def layer(n: int, k: int, seed: int, sparsity: float = 0.8):
