@@ -216,3 +216,19 @@ def test_lean_layer_turns_itself_off_when_the_model_forward_differs():
         torch.testing.assert_close(_hidden(fast, inputs), want, rtol=1e-5, atol=1e-5)
     modes = [m.__dict__.get("_sparse_ofa_layer_mode") for m in fast.modules() if isinstance(m, FastLayerMixin)]
     assert modes == ["off", "off"]
+
+
+def test_backend_without_fused_post_ops_composes_torch_ops():
+    """A backend with no one-op linear (reference here; triton/cuda on GPUs) runs direct() as its own
+    linear followed by torch's add / gelu / layer_norm: with torch's SDPA that is the plain path, bit
+    for bit, even with fuse=True."""
+    fp32 = _tiny("bert")
+    plain = sparsify(copy.deepcopy(fp32), backend="reference", fastpath=False)
+    fast = sparsify(copy.deepcopy(fp32), backend="reference")
+    apply_fastpath(fast, attention="sdpa")
+    inputs = _inputs()
+    want = _hidden(plain, inputs)
+    _hidden(fast, inputs)  # first call: the layers' self-check
+    assert torch.equal(_hidden(fast, inputs), want)
+    linears = [m for m in fast.modules() if isinstance(m, SparseInt8Linear)]
+    assert any(key[-1] != (False, False, False) for m in linears for key in m._direct)  # post-ops were asked
