@@ -3,6 +3,8 @@ GMP to 90 % with distillation, QAT, sparse INT8; quality vs the teacher next to 
 pruning, and speed vs dense fp32 / dense INT8; report.json + report.png in --output."""
 from __future__ import annotations
 
+import argparse
+
 
 def add_parser(sub) -> None:
     from ..demo import DemoConfig
@@ -13,11 +15,15 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--sparsity", type=float, default=d.sparsity)
     p.add_argument("--pattern", choices=["unstructured", "1x4"], default=d.pattern)
-    p.add_argument("--steps", type=int, default=None, help=f"Prune OFA steps (default {d.steps})")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Prune OFA steps (default 2400 with bf16, 1200 without)")
     p.add_argument("--qat-steps", type=int, default=None, help=f"QAT steps (default {d.qat_steps})")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr})")
     p.add_argument("--batch-size", type=int, default=None, help=f"sentences per step (default {d.batch_size})")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="Prune OFA phase under CPU bf16 autocast (~1.9x faster steps; weights, masks and QAT "
+                   "stay fp32). Default: on where the CPU has AVX-512 BF16")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--quick", action="store_true", help="a < 60 s smoke run with tiny numbers (quality "
                    "is not meaningful)")
@@ -28,13 +34,12 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..demo import DemoConfig, quick_config, run_demo
 
-    overrides = {"sparsity": args.sparsity, "pattern": args.pattern, "seed": args.seed, "threads": args.threads}
+    overrides = {"sparsity": args.sparsity, "pattern": args.pattern, "seed": args.seed, "threads": args.threads,
+                 "bf16": args.bf16}
     for name in ("steps", "qat_steps", "lr", "batch_size"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
-    if args.steps is not None and not args.quick:
-        overrides["update_every"] = max(1, round(args.steps / 80))  # the default's 80 mask updates
     cfg = quick_config(**overrides) if args.quick else DemoConfig(**overrides)
     run_demo(cfg, args.output)
     return 0
