@@ -62,3 +62,43 @@ def test_bad_demo_arguments_are_named(tmp_path, capsys):
     assert main(["demo", "--quick", "--steps", "0", "--output", str(tmp_path)]) == 2
     assert "steps must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_bf16_default_and_step_defaults(monkeypatch):
+    from sparse_ofa import demo
+
+    assert demo.DemoConfig(bf16=False).steps == 1200 and demo.DemoConfig(bf16=False).update_every == 15
+    cfg = demo.DemoConfig(bf16=True)
+    assert cfg.steps == 2400 and cfg.update_every == 30  # 80 mask updates either way
+    assert demo.DemoConfig(bf16=True, steps=500).update_every == 6
+    monkeypatch.setattr(demo, "cpu_has_bf16", lambda: False)
+    assert demo.DemoConfig().bf16 is False and demo.DemoConfig().steps == 1200
+    monkeypatch.setattr(demo, "cpu_has_bf16", lambda: True)
+    assert demo.DemoConfig().bf16 is True
+
+
+def test_bf16_training_keeps_fp32_weights_and_float_loss():
+    import copy
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from sparse_ofa.demo import _FloatOutputs, distill_loss
+
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64), add_pooling_layer=False).eval()
+    student = copy.deepcopy(teacher)
+    ids = torch.randint(0, 50, (3, 7))
+    mask = torch.ones_like(ids)
+    seen = []
+    student.encoder.layer[0].intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert seen == [torch.bfloat16]  # autocast really ran the linears in bf16
+    loss = distill_loss(_FloatOutputs(s), _FloatOutputs(t), mask, 1.0)
+    assert loss.dtype == torch.float32 and loss.item() < 1e-2  # identical models: ~0 up to bf16 noise
+    loss.backward()
+    assert all(p.dtype == torch.float32 and p.grad is not None for p in student.encoder.parameters())
