@@ -14,7 +14,7 @@ same input size, pattern, backend and activation quantization; HF "sdpa" attenti
   the plain path only in summation order (~1e-6). `attention="sdpa"` keeps torch's kernel.
 * optional bf16 attention (`attention="bf16"`, off by default): QK^T and PV in bfloat16 on CPUs with
   AVX-512 BF16; changes numerics slightly, hence opt-in. Since the fused fp32 kernel it is slower
-  than the default on AVX-512 CPUs (bench/NOTES.md); it remains for CPUs where it was the faster one.
+  than the default on AVX-512 CPUs (bench/NOTES.md); kept so that code selecting it keeps working.
 
 The module's state_dict is untouched: the fused weight is derived (like a backend layout), held
 outside the module tree, and rebuilt when the q/k/v buffers change (load_state_dict, .to(device),
@@ -230,7 +230,7 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
     """Give `model` the fast path (again, to change its options); return the names of the modules
     that got it now.
 
-    Every fusable self-attention gets fused QKV + direct SDPA; every BERT-style layer around one
+    Every fusable self-attention gets fused QKV + fused attention; every BERT-style layer around one
     gets the lean layer forward (sparse_ofa/fastpath_layer.py). attention: "fp32" (default: the
     fused CPU kernel where AVX-512 runs, else torch's SDPA; fp32 numerics), "sdpa" (always torch's
     SDPA) or "bf16" (attention products in bfloat16 on CPU, slightly different numerics).
