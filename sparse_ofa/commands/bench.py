@@ -3,7 +3,8 @@
 Per-layer rows: BERT-base linear shapes at M tokens, 90 % sparse (unstructured and 1x4), every
 available sparse_ofa backend against fp32 F.linear, torch._int_mm (dense INT8) and torch.ao
 quantize_dynamic. End-to-end rows: a BERT-base-shape encoder (random weights, magnitude-pruned),
-batch 1, seq 128: fp32 eager, quantize_dynamic and sparsify(). Writes speedup.md, rows.json and a
+batch 1, seq 128: fp32 eager, quantize_dynamic and sparsify() of its 90 % unstructured and 1x4
+prunings. Writes speedup.md, rows.json and a
 PNG to --output. --quick: one small shape and a 1-layer encoder, seconds not minutes.
 """
 from __future__ import annotations
@@ -102,24 +103,30 @@ def layer_rows(device: torch.device, shapes, m: int, sparsity: float, patterns, 
 
 
 def e2e_rows(device: torch.device, sparsity: float, num_layers: int, measure,
-             vocab_size: int = 30522) -> list[dict]:
+             vocab_size: int = 30522, patterns=("unstructured", "1x4")) -> list[dict]:
+    """fp32 and quantize_dynamic baselines once (dense: the pattern does not change their speed), and
+    sparse_ofa for each pattern, each pruned from the same random BERT-base weights."""
     from .. import bench_e2e as e2e
 
-    fp32 = e2e.bert_base_pruned(sparsity, num_layers=num_layers, vocab_size=vocab_size).to(device)
     shape = "bert-base" if num_layers == 12 else f"bert-base-{num_layers}l"
     inputs = {k: v.to(device) for k, v in e2e.random_inputs(1, 128, vocab=vocab_size).items()}
-    models = {"fp32_model": fp32, "sparse_ofa": e2e.sparse_ofa_model(fp32)}
-    if device.type == "cpu":
-        models["quantize_dynamic"] = e2e.quantize_dynamic(fp32)
-    ref = e2e.embeddings(fp32, inputs)
     rows = []
-    for impl, model in models.items():
-        if impl == "sparse_ofa":
-            impl = f"sparse_ofa:{e2e.dispatched_backend(model, 128)}"
-        rows.append(_row(f"{impl} {shape}", measure(e2e.forward_fn(model, inputs)), kind="e2e",
+
+    def add(impl, model, pattern, ref):
+        rows.append(_row(f"{impl} {pattern} {shape}", measure(e2e.forward_fn(model, inputs)), kind="e2e",
                          device=device.type, shape=shape, batch=1, seq=128, sparsity=sparsity,
-                         pattern="unstructured" if impl.startswith("sparse_ofa") else "dense",
-                         impl=impl, cosine_vs_fp32=e2e.mean_cosine(e2e.embeddings(model, inputs), ref)))
+                         pattern=pattern, impl=impl,
+                         cosine_vs_fp32=e2e.mean_cosine(e2e.embeddings(model, inputs), ref)))
+
+    for i, pattern in enumerate(patterns):
+        fp32 = e2e.bert_base_pruned(sparsity, pattern, num_layers=num_layers, vocab_size=vocab_size).to(device)
+        ref = e2e.embeddings(fp32, inputs)
+        if i == 0:
+            add("fp32_model", fp32, "dense", ref)
+            if device.type == "cpu":
+                add("quantize_dynamic", e2e.quantize_dynamic(fp32), "dense", ref)
+        sparse = e2e.sparse_ofa_model(fp32)
+        add(f"sparse_ofa:{e2e.dispatched_backend(sparse, 128)}", sparse, pattern, ref)
     return rows
 
 
