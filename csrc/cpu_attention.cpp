@@ -8,11 +8,10 @@
 
 #include "check_format.h"
 #include "cpu/attention.h"
+#include "cpu/binding_util.h"
 #include "cpu/sparse_cpu.h"
 
 namespace sparse_ofa_cpu {
-
-int64_t resolve_isa(int64_t isa);  // sparse_ofa_cpu.cpp
 
 namespace {
 
@@ -78,12 +77,10 @@ void attention_out(const at::Tensor& qkv_in, const c10::optional<at::Tensor>& ma
   p.out = out.data_ptr<float>(), p.ob = out.stride(0), p.ot = out.stride(1);
   const int64_t scratch_floats = attention_scratch_floats(p);
   at::parallel_for(0, b * heads, 1, [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<float> buf;
-    if ((int64_t)buf.size() < scratch_floats + 16) buf.resize(scratch_floats + 16);
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(buf.data());
-    float* scratch = buf.data() + ((64 - addr % 64) % 64) / sizeof(float);  // 64-byte aligned
-    if (is == kAvx512Vnni) attention_avx512(p, t0, t1, scratch);
-    else attention_scalar(p, t0, t1, scratch);
+    thread_local std::vector<uint8_t> buf;
+    float* work = reinterpret_cast<float*>(scratch(buf, (size_t)scratch_floats * sizeof(float)));
+    if (is == kAvx512Vnni) attention_avx512(p, t0, t1, work);
+    else attention_scalar(p, t0, t1, work);
   });
 }
 

@@ -9,12 +9,11 @@
 #include <vector>
 
 #include "check_format.h"  // numbers in messages: never streamed (see there why)
+#include "cpu/binding_util.h"
 #include "cpu/sparse_cpu.h"
 
 namespace sparse_ofa_cpu {
 
-// The ISA code the kernels run: `isa`, or the best this CPU runs when negative (also used by
-// cpu_attention.cpp).
 int64_t resolve_isa(int64_t isa) {
   if (isa < 0) return best_isa();
   TORCH_CHECK(isa <= kAvx512Vnni, "sparse_ofa cpu: unknown ISA code ", sparse_ofa::fmt_num(isa));
@@ -83,14 +82,6 @@ void check_out(const at::Tensor& out, int64_t m, int64_t n) {
   TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n, "sparse_ofa cpu: out must have shape [",
               fmt_num(m), ", ", fmt_num(n), "], got ", fmt_dims(out));
   TORCH_CHECK(out.stride(1) == 1 || n <= 1, "sparse_ofa cpu: out rows must be contiguous");
-}
-
-// Per-thread growing scratch (a fresh multi-100 KB malloc per call would be an mmap + page faults),
-// 64-byte aligned: a zmm load that straddles two cache lines costs two.
-uint8_t* scratch(std::vector<uint8_t>& buf, size_t bytes) {
-  if (buf.size() < bytes + 64) buf.resize(bytes + 64);
-  const uintptr_t p = reinterpret_cast<uintptr_t>(buf.data());
-  return buf.data() + ((64 - p % 64) % 64);
 }
 
 void pack_acts(int isa, bool gather, const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1,

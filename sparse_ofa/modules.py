@@ -92,7 +92,7 @@ class SparseInt8Linear(nn.Module):
             rowsum = unpack_int8(packed).sum(1, dtype=torch.int32)
         self._epilogue_bias = (self.act.fold_zero_point(self.bias, rowsum, self.weight_scale)
                                if rowsum is not None else self.bias)
-        self._direct = {}  # direct(): (tokens, dtype, device, $SPARSE_OFA_CPU_ISA) -> one-op callable
+        self._direct = {}  # direct(): (shape, dtype, device, $SPARSE_OFA_CPU_ISA, post-ops) -> callable
 
     @property
     def packed(self) -> PackedWeight:
@@ -162,6 +162,7 @@ class SparseInt8Linear(nn.Module):
         backend = _backends.select(self._chain, m, self._info)
         prepared = self._prepared[backend.name]
         w_scale, bias, act = self.weight_scale, self._epilogue_bias, self.act
+        k, n = self.in_features, self.out_features
         fn = backend.linear_fn(prepared, w_scale, bias, act, m, dtype, post)
         if fn is not None:
             return fn
@@ -169,15 +170,12 @@ class SparseInt8Linear(nn.Module):
         if any(post):  # the backend's plain one-op call, then torch's ops for the post-ops
             base = backend.linear_fn(prepared, w_scale, bias, act, m, dtype, (False, False, False))
         if base is None:
-            k, n = self.in_features, self.out_features
-
             def base(x, residual=None, norm=None):
                 y = backend.linear(x.reshape(-1, k).contiguous(), prepared, w_scale, bias, act, dtype)
                 return y.view(*x.shape[:-1], n)
         if not any(post):
             return base
         has_residual, gelu, has_norm = post
-        n = self.out_features
 
         def composed(x, residual, norm):
             y = base(x, None, None)
