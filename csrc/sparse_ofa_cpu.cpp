@@ -10,6 +10,7 @@
 
 #include "check_format.h"  // numbers in messages: never streamed (see there why)
 #include "cpu/binding_util.h"
+#include "cpu/linear_binding.h"
 #include "cpu/sparse_cpu.h"
 
 namespace sparse_ofa_cpu {
@@ -22,8 +23,7 @@ int64_t resolve_isa(int64_t isa) {
   return isa;
 }
 
-namespace {
-
+// (no anonymous namespace: cpu_ffn.cpp reuses the checks and steps declared in cpu/linear_binding.h)
 using sparse_ofa::fmt_dims;
 using sparse_ofa::fmt_float;
 using sparse_ofa::fmt_num;
@@ -95,18 +95,6 @@ void pack_acts(int isa, bool gather, const int8_t* xq, int64_t ldx, int64_t k, i
     pack_acts_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp);
   }
 }
-
-// Token tiles of the activation layout. The AVX-512 path packs 64-token tiles one after another
-// (tile t holds tokens [64t, 64t + 64) with mp = 64, contiguous): a tile is 48 KB at K = 768, every
-// L1 set in use, and the product runs all output rows of a thread against one tile. (A 64-token
-// slice of a 128-token layout touched 256 B of every 512 B: only half the L1 sets.) The other paths,
-// and M <= 64, keep one tile of all tokens (mp = M padded).
-struct Tiles {
-  int64_t tok;    // tokens per tile
-  int64_t mp;     // padded tokens of a tile (the kernels' mp)
-  int64_t bytes;  // bytes per tile
-  int64_t count;  // tiles
-};
 
 Tiles tiles_of(int isa, const QuadWeight& w, int64_t m) {
   const int64_t pad = w.gather ? kColPad : kTokenPad;
@@ -409,7 +397,6 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& quad_w, const at::T
   return out_dtype == at::kHalf ? out.to(at::kHalf) : out;
 }
 
-}  // namespace
 }  // namespace sparse_ofa_cpu
 
 TORCH_LIBRARY_FRAGMENT(sparse_ofa, m) {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the CPU kernels (csrc/cpu, csrc/sparse_ofa_cpu.cpp) with AddressSanitizer + UndefinedBehavior-
-# Sanitizer into a separate extension dir and run the CPU kernel, attention and post-op tests against
+# Sanitizer into a separate extension dir and run the CPU kernel, attention, post-op and FFN tests against
 # that build.
 # Any sanitizer report aborts the run (non-zero exit). Usage: scripts/asan_cpu.sh [pytest args]
 set -euo pipefail
@@ -21,4 +21,4 @@ echo "== building the sanitized extension in $BUILD_DIR"
 LD_PRELOAD="$PRELOAD" python -c "from sparse_ofa.backends import cpu; cpu.load(); print('isa:', cpu.best_isa())"
 echo "== running the CPU kernel tests under ASan + UBSan"
 LD_PRELOAD="$PRELOAD" python -m pytest -q -p no:cacheprovider tests/test_cpu_kernels.py tests/test_cpu_attention.py \
-  tests/test_cpu_postops.py "$@"
+  tests/test_cpu_postops.py tests/test_cpu_ffn.py "$@"

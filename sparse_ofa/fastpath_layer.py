@@ -8,12 +8,13 @@ This forward calls the leaf modules directly in the model's own order:
     a  = attention.self(h, mask)                       (the fast fused-QKV attention)
     h1 = attention.output.LayerNorm(attention.output.dense(a) + h)
     h2 = output.LayerNorm(output.dense(intermediate.act(intermediate.dense(h1))) + h1)
+                                                       (one sparse_ofa.ffn call when fused)
 
 Leaf modules with hooks are called as modules, so their hooks run; unhooked ones are called for
 less Python: the attention's fast_attention, and SparseInt8Linear.direct (one op per linear) with
 the residual add + LayerNorm (attention output, FFN output) and the GELU (FFN input) as the
 kernel's post-ops where the cpu backend runs them (AVX-512; within ~1e-6 of torch's ops), torch's
-ops otherwise. It steps aside (the model's forward
+ops otherwise, and the whole feed-forward block as one op (sparse_ofa/ffn.py) where it can be. It steps aside (the model's forward
 runs) while training, under tracing, with a cache or cross-attention, with feed-forward chunking,
 when a skipped container module has hooks, and for good if its first call (run both ways) does not
 match the model's own forward, whose return structure (tensor or 1-tuple) it then copies.
@@ -26,6 +27,7 @@ from torch import nn
 from torch.nn.modules import module as _nn_module
 
 from .fastpath import FastMixin, FastSelfAttentionMixin, _uses_cache
+from .ffn import feed_forward
 from .modules import SparseInt8Linear
 
 _CONTAINERS = ("attention", "intermediate", "output")
@@ -87,6 +89,17 @@ def _dense_add_norm(dense: nn.Module, x: torch.Tensor, residual: torch.Tensor, n
     return _layer_norm(norm, _linear(dense, x) + residual)
 
 
+def _feed_forward(first: nn.Module, act, second: nn.Module, norm: nn.Module, x: torch.Tensor,
+                  fuse: bool) -> torch.Tensor:
+    """norm(second(act(first(x))) + x): one kernel call for the whole block where it can be
+    (sparse_ofa.ffn: the intermediate never leaves the threads' caches), else two."""
+    if (fuse and _plain_sparse(first) and _plain_sparse(second) and _is_erf_gelu(act)
+            and _plain_layer_norm(norm, second.out_features) and first.out_features == second.in_features):
+        p = norm._parameters
+        return feed_forward(first, second, x, residual=x, norm=(p["weight"], p["bias"], norm.eps))
+    return _dense_add_norm(second, _dense_act(first, x, act, fuse), x, norm, fuse)
+
+
 def _dense_act(dense: nn.Module, x: torch.Tensor, act, fuse: bool) -> torch.Tensor:
     """act(dense(x)): one kernel call (GELU as its post-op) where it can be."""
     if fuse and _plain_sparse(dense) and _is_erf_gelu(act):
@@ -105,8 +118,8 @@ def _lean_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask)
     so, out = self_output._modules, output._modules
     fuse = layer._sparse_ofa_fuse
     h1 = _dense_add_norm(so["dense"], attn, hidden_states, so["LayerNorm"], fuse)
-    inner = _dense_act(intermediate._modules["dense"], h1, intermediate.intermediate_act_fn, fuse)
-    return _dense_add_norm(out["dense"], inner, h1, out["LayerNorm"], fuse)
+    return _feed_forward(intermediate._modules["dense"], intermediate.intermediate_act_fn, out["dense"],
+                         out["LayerNorm"], h1, fuse)
 
 
 def _same(mine: torch.Tensor, theirs) -> str | None:

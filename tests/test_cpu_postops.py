@@ -172,13 +172,13 @@ def test_fast_path_fuses_and_can_be_told_not_to():
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
     calls = []
-    ffn_in = fast.encoder.layer[0].intermediate.dense
-    original = ffn_in.direct
-    ffn_in.direct = lambda x, **post: calls.append(post) or original(x, **post)
+    attn_out = fast.encoder.layer[0].attention.output.dense
+    original = attn_out.direct
+    attn_out.direct = lambda x, **post: calls.append(sorted(post)) or original(x, **post)
     with torch.inference_mode():
         want = plain(input_ids=ids, attention_mask=mask).last_hidden_state
         fused = [fast(input_ids=ids, attention_mask=mask).last_hidden_state for _ in range(2)][1]
-        assert {"gelu": True} in calls  # the FFN input ran GELU as its kernel's post-op
+        assert ["norm", "residual"] in calls  # attention output ran add + LayerNorm as its kernel's post-ops
         apply_fastpath(fast, attention="sdpa", fuse=False)
         exact = fast(input_ids=ids, attention_mask=mask).last_hidden_state
     assert all(layer._sparse_ofa_layer_mode == "tensor" for layer in fast.encoder.layer)

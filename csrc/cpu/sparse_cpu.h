@@ -130,6 +130,16 @@ void spmm_avx2(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int6
 void spmm_avxvnni(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
 void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
 
+// The fused FFN's channel-major steps (ffn_avx512.cpp; x86 only), on one tile of kTileTokens tokens
+// (a.m <= kTileTokens live, a.mp == kTileTokens): yt [w.n][kTileTokens] float (64-byte aligned) gets
+// the float epilogue (+ GELU) of every output channel, amax [kTileTokens] the per-token max |y| and
+// *nonfinite bit m whether token m has a NaN/Inf; then yt -> xt of the next product (layout kind
+// `gather`, mp = kTileTokens) quantized per token, x_scale [m] its scales.
+void spmm_cols_avx512(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
+                      float* yt, float* amax, uint64_t* nonfinite);
+void quant_pack_cols_avx512(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
+                            const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale);
+
 // Scalar helpers shared by every ISA (quantize_scalar.cpp / epilogue_scalar.cpp).
 void quantize_row_exact(const float* x, int64_t k, const QuantParams& qp, int8_t* q, float* x_scale);
 uint16_t float_to_bf16(float f);

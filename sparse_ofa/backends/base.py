@@ -61,5 +61,13 @@ class Backend:
         backends that do this in one op (SparseInt8Linear.direct caches it). None: not offered."""
         return None
 
+    def ffn_fn(self, first: tuple, second: tuple, m: int, gelu: bool, post: tuple[bool, bool]):
+        """Optional: fn(x [..., K], residual [..., N], norm) -> [..., N], the feed-forward block
+        LayerNorm(second(GELU(first(x))) + residual) of two layers run by this backend, as one op
+        (sparse_ofa.ffn caches it). first / second = (prepared, w_scale, bias, act) as linear_fn takes
+        them; gelu: GELU (erf) between the two, else nothing; post = (+ residual, LayerNorm).
+        None: not offered (the caller composes two linear_fn calls)."""
+        return None
+
     def __repr__(self) -> str:
         return f"<sparse_ofa backend {self.name!r}>"

@@ -36,7 +36,7 @@ from .base import Backend, LayerInfo
 EXTENSION = "sparse_ofa_cpu"
 SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2.cpp", "cpu/avxvnni.cpp",
            "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp",
-           "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp"]
+           "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
 # -fopenmp: at::parallel_for is inline OpenMP in the ATen headers; without the flag its pragma is
 # ignored and every kernel runs on one thread (the OpenMP runtime is torch's own, already loaded).
@@ -115,6 +115,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake(lib + "cpu_attention_out")
     def _(qkv, mask, heads, scale, out, isa=-1):
         return None
+
+    @torch.library.register_fake(lib + "cpu_ffn")
+    def _(x, w1, w1_scale, b1, static_scale1, inv_scale1, zero_point1, qmin1, qmax1, w2, w2_scale, b2,
+          static_scale2, inv_scale2, zero_point2, qmin2, qmax2, gelu=True, residual=None, ln_weight=None,
+          ln_bias=None, ln_eps=1e-12, isa=-1):
+        return x.new_empty((*x.shape[:-1], w2[2].shape[0] - 1), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "cpu_linear_out")
     def _(x, quad_w, quad_k, row_ptr, rowsum, layout, w_scale, bias, static_scale, inv_scale, zero_point,
@@ -305,4 +311,22 @@ class CpuBackend(Backend):
         def fn(x, residual, norm):
             weight, bias_, eps = norm if has_norm else (None, None, 1e-12)
             return op(x, *args, residual if has_residual else None, gelu, weight, bias_, eps)
+        return fn
+
+    def ffn_fn(self, first, second, m, gelu, post):
+        # one cpu_ffn op: the intermediate stays channel-major in each thread's cache (csrc/cpu_ffn.cpp);
+        # AVX-512 float32 only (elsewhere two linear_fn calls are as fast)
+        isa = isa_code()
+        if (ISAS[best_isa()] if isa < 0 else isa) != ISAS["avx512vnni"]:
+            return None
+        has_residual, has_norm = post
+        (prep1, w1_scale, b1, act1), (prep2, w2_scale, b2, act2) = first, second
+        w1, w2 = list(self.choose(m, prep1, isa)), list(self.choose(m, prep2, isa))
+        args1 = (w1, w1_scale, b1, *act1.kernel_args())
+        args2 = (w2, w2_scale, b2, *act2.kernel_args())
+        op = torch.ops.sparse_ofa.cpu_ffn.default
+
+        def fn(x, residual, norm):
+            weight, bias_, eps = norm if has_norm else (None, None, 1e-12)
+            return op(x, *args1, *args2, gelu, residual if has_residual else None, weight, bias_, eps, isa)
         return fn

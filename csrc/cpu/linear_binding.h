@@ -1,0 +1,51 @@
+// The pieces of the fused-linear binding (sparse_ofa_cpu.cpp) that the fused FFN binding
+// (cpu_ffn.cpp) reuses: argument checks, the activation tiles, quantize + pack, post-ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "sparse_cpu.h"
+
+namespace sparse_ofa_cpu {
+
+// Token tiles of the activation layout. The AVX-512 path packs 64-token tiles one after another
+// (tile t holds tokens [64t, 64t + 64) with mp = 64, contiguous): a tile is 48 KB at K = 768, every
+// L1 set in use, and the product runs all output rows of a thread against one tile. (A 64-token
+// slice of a 128-token layout touched 256 B of every 512 B: only half the L1 sets.) The other paths,
+// and M <= 64, keep one tile of all tokens (mp = M padded).
+struct Tiles {
+  int64_t tok;    // tokens per tile
+  int64_t mp;     // padded tokens of a tile (the kernels' mp)
+  int64_t bytes;  // bytes per tile
+  int64_t count;  // tiles
+};
+
+Tiles tiles_of(int isa, const QuadWeight& w, int64_t m);
+
+// Checked views of the op arguments (messages name the argument and what it should be).
+QuadWeight weight_of(const at::Tensor& quad_w, const at::Tensor& quad_k, const at::Tensor& row_ptr,
+                     const at::Tensor& rowsum, const at::Tensor& layout);
+QuantParams quant_params(double static_scale, double inv_scale, int64_t zero_point, int64_t qmin, int64_t qmax);
+at::Tensor float_input(const at::Tensor& x, int64_t k);  // float32 [M, K] with contiguous rows
+void check_vec(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel);
+void check_out(const at::Tensor& out, int64_t m, int64_t n);
+PostOps post_ops(const c10::optional<at::Tensor>& residual, bool gelu, const c10::optional<at::Tensor>& ln_weight,
+                 const c10::optional<at::Tensor>& ln_bias, double ln_eps, const at::Tensor& out, int64_t m, int64_t n);
+
+uint8_t flip_of(int isa);  // 0x80 where the kernels multiply u8 x s8
+void quantize_rows(int isa, const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+                   const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale);
+// 16-token block b of int8 rows xb (stride ldx; m tokens in all) into the tiles of xt
+void pack_block(int isa, const QuadWeight& w, const Tiles& t, const int8_t* xb, int64_t ldx, int64_t m, int64_t b,
+                uint8_t flip, uint8_t* xt);
+void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m0, int64_t m1);
+
+void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Tensor& quad_k,
+                    const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout,
+                    const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, double static_scale,
+                    double inv_scale, int64_t zero_point, int64_t qmin, int64_t qmax, at::Tensor& out,
+                    int64_t isa, const c10::optional<at::Tensor>& residual, bool gelu,
+                    const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+                    double ln_eps);
+
+}  // namespace sparse_ofa_cpu

@@ -1,0 +1,200 @@
+"""The fused feed-forward op torch.ops.sparse_ofa.cpu_ffn (csrc/cpu_ffn.cpp, csrc/cpu/ffn_avx512.cpp)
+and its Python entry sparse_ofa.ffn.feed_forward: bit for bit the two fused linears it replaces,
+cpu_linear(cpu_linear(x, gelu), residual, LayerNorm), over random shapes (K and the intermediate
+width not multiples of 4), both weight layouts for each layer, static and dynamic activation
+quantization, NaN/Inf tokens, 1 and 2 threads; bad input named. No timings."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sparse_ofa.formats import pack
+from sparse_ofa.masks import magnitude_mask
+
+from conftest import cpu_kernel_paths, threads
+
+pytestmark, cpu_backend, PATHS = cpu_kernel_paths()
+
+DYNAMIC = (0.0, 0.0, 0, -127, 127)
+
+
+def static(scale: float, zero_point: int = 0, qmin: int = -127, qmax: int = 127) -> tuple:
+    return (scale, 1.0 / scale, zero_point, qmin, qmax)
+
+
+def weight(n: int, k: int, seed: int, pattern: str, sparsity: float, gathered: bool):
+    """(packed, the 5 layout tensors of kind 1 'gathered' or 0 'aligned quads', bias)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    packed = pack(w * magnitude_mask(w, sparsity, pattern), pattern)
+    prepared = cpu_backend.derive_gathered(packed) if gathered else cpu_backend.derive_quads(packed)
+    return packed, list(cpu_backend.CpuBackend._args(prepared)), torch.randn(n, generator=g)
+
+
+def two_linears(x, first, second, q1, q2, isa, gelu=True, residual=None, ln=(None, None), eps=1e-5):
+    (p1, a1, b1), (p2, a2, b2) = first, second
+    mid = torch.ops.sparse_ofa.cpu_linear(x, *a1, p1.scale, b1, *q1, torch.float32, isa, None, gelu)
+    return torch.ops.sparse_ofa.cpu_linear(mid, *a2, p2.scale, b2, *q2, torch.float32, isa, residual, False,
+                                           ln[0], ln[1], eps)
+
+
+def ffn(x, first, second, q1, q2, isa, gelu=True, residual=None, ln=(None, None), eps=1e-5):
+    (p1, a1, b1), (p2, a2, b2) = first, second
+    return torch.ops.sparse_ofa.cpu_ffn(x, a1, p1.scale, b1, *q1, a2, p2.scale, b2, *q2, gelu, residual, ln[0],
+                                        ln[1], eps, isa)
+
+
+def poison_allocator(shape) -> None:
+    """Leave a freed NaN block of the output's size for the allocator to hand out next, so that an
+    unwritten output element shows as NaN."""
+    torch.full(shape, float("nan"))
+
+
+@given(m=st.integers(1, 200), k=st.integers(1, 70), h=st.integers(1, 110), seed=st.integers(0, 10_000),
+       pattern=st.sampled_from(["unstructured", "1x4"]), gathered=st.tuples(st.booleans(), st.booleans()),
+       sparsity=st.sampled_from([0.0, 0.5, 0.9, 1.0 - 1e-9]), quant=st.sampled_from(["dyn", "static", "mixed"]),
+       gelu=st.booleans(), residual=st.booleans(), norm=st.sampled_from([None, "w", "w+b"]),
+       nthreads=st.sampled_from([1, 2]), isa=st.sampled_from(PATHS))
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_equals_two_fused_linears(m, k, h, seed, pattern, gathered, sparsity, quant, gelu, residual, norm,
+                                  nthreads, isa):
+    if pattern == "1x4":  # blocks of 4 input channels: K and the intermediate width are multiples of 4
+        k, h = 4 * ((k + 3) // 4), 4 * ((h + 3) // 4)
+    first = weight(h, k, seed, pattern, sparsity, gathered[0])
+    second = weight(k, h, seed + 1, pattern, sparsity, gathered[1])
+    g = torch.Generator().manual_seed(seed + 2)
+    x = torch.randn(m, k, generator=g) * 3
+    q1 = static(0.05) if quant in ("static", "mixed") else DYNAMIC
+    q2 = static(0.5, zero_point=-3, qmin=-128, qmax=127) if quant == "static" else DYNAMIC
+    r = torch.randn(m, k, generator=g) if residual else None
+    ln = (torch.randn(k, generator=g) if norm else None, torch.randn(k, generator=g) if norm == "w+b" else None)
+    with threads(nthreads):
+        want = two_linears(x, first, second, q1, q2, isa, gelu, r, ln)
+        poison_allocator((m, k))
+        got = ffn(x, first, second, q1, q2, isa, gelu, r, ln)
+    assert torch.equal(got, want)
+
+
+def test_nonfinite_tokens_and_overflow():
+    """NaN/Inf in the input or in the intermediate (a huge input row) take the exact per-token
+    quantizer, as in the row-major path; the other tokens are unaffected."""
+    first = weight(96, 64, 1, "1x4", 0.5, False)
+    second = weight(64, 96, 2, "unstructured", 0.5, True)
+    x = torch.randn(150, 64)
+    x[3, 5] = float("nan")
+    x[70, :] = 3e38  # intermediate overflows to +-Inf in every channel of token 70
+    x[71, 0] = float("inf")
+    x[140, :] = 0.0  # all-zero token: scale 0
+    for isa in PATHS:
+        for nthreads in (1, 2):
+            with threads(nthreads):
+                want = two_linears(x, first, second, DYNAMIC, DYNAMIC, isa)
+                got = ffn(x, first, second, DYNAMIC, DYNAMIC, isa)
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+            assert torch.isfinite(got[torch.arange(150) != 3][:, 0]).sum() >= 140
+
+
+def test_bert_base_shape_any_leading_dims():
+    first = weight(3072, 768, 3, "1x4", 0.9, False)
+    second = weight(768, 3072, 4, "1x4", 0.9, False)
+    x = torch.randn(2, 128, 768)
+    r = torch.randn(2, 128, 768)
+    ln = (torch.randn(768), torch.randn(768))
+    for nthreads in (1, 2):
+        with threads(nthreads):
+            want = two_linears(x.reshape(-1, 768), first, second, DYNAMIC, DYNAMIC, PATHS[-1], True,
+                               r.reshape(-1, 768), ln, 1e-12)
+            got = ffn(x, first, second, DYNAMIC, DYNAMIC, PATHS[-1], True, r, ln, 1e-12)
+        assert got.shape == (2, 128, 768) and torch.equal(got.reshape(-1, 768), want)
+
+
+def test_bad_input_is_named():
+    first = weight(24, 16, 1, "unstructured", 0.5, False)
+    second = weight(16, 24, 2, "unstructured", 0.5, False)
+    other = weight(16, 20, 3, "unstructured", 0.5, False)
+    x = torch.randn(4, 16)
+    (p1, a1, b1), (p2, a2, b2) = first, second
+    with pytest.raises(RuntimeError, match="w1 must be the 5 layout tensors"):
+        torch.ops.sparse_ofa.cpu_ffn(x, a1[:4], p1.scale, b1, *DYNAMIC, a2, p2.scale, b2, *DYNAMIC)
+    with pytest.raises(RuntimeError, match="w1 has 24 outputs but w2 takes 20 inputs"):
+        ffn(x, first, other, DYNAMIC, DYNAMIC, -1)
+    with pytest.raises(RuntimeError, match="has 15 input features, the weight has 16"):
+        ffn(torch.randn(4, 15), first, second, DYNAMIC, DYNAMIC, -1)
+    with pytest.raises(RuntimeError, match=r"residual must have the output's shape .* got \[4, 9\]"):
+        ffn(x, first, second, DYNAMIC, DYNAMIC, -1, residual=torch.randn(4, 9))
+    with pytest.raises(RuntimeError, match="x must be float32/bfloat16/float16"):
+        ffn(x.double(), first, second, DYNAMIC, DYNAMIC, -1)
+    with pytest.raises(RuntimeError, match="w1_scale must have shape"):
+        torch.ops.sparse_ofa.cpu_ffn(x, a1, p1.scale[:3], b1, *DYNAMIC, a2, p2.scale, b2, *DYNAMIC, isa=PATHS[-1])
+    stale = list(a1)
+    stale[4] = stale[4].clone()
+    stale[4][0] = 1
+    with pytest.raises(RuntimeError, match="layout version 1"):
+        torch.ops.sparse_ofa.cpu_ffn(x, stale, p1.scale, b1, *DYNAMIC, a2, p2.scale, b2, *DYNAMIC)
+
+
+def _modules(h: int, k: int, backend: str = "cpu"):
+    from sparse_ofa import SparseInt8Linear
+
+    torch.manual_seed(0)
+    lin1, lin2 = torch.nn.Linear(k, h), torch.nn.Linear(h, k)
+    for lin in (lin1, lin2):
+        lin.weight.data *= magnitude_mask(lin.weight.data, 0.8, "1x4")
+    return (SparseInt8Linear.from_linear(lin1, backend=backend), SparseInt8Linear.from_linear(lin2, backend=backend))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_feed_forward_equals_direct_calls_and_follows_layout_rebuilds(backend):
+    from sparse_ofa.ffn import feed_forward
+
+    first, second = _modules(80, 48, backend)
+    x, r = torch.randn(3, 50, 48), torch.randn(3, 50, 48)
+    norm = (torch.randn(48), torch.randn(48), 1e-5)
+    with torch.inference_mode():
+        want = second.direct(first.direct(x, gelu=True), residual=r, norm=norm)
+        assert torch.equal(feed_forward(first, second, x, residual=r, norm=norm), want)
+        assert torch.equal(feed_forward(first, second, x, gelu=False),
+                           second.direct(first.direct(x)))
+        # a layout rebuild of either module drops the cached plan: the new weights are used
+        second.load_state_dict({**second.state_dict(), "bias": torch.zeros(48)})
+        want = second.direct(first.direct(x, gelu=True), residual=r, norm=norm)
+        assert torch.equal(feed_forward(first, second, x, residual=r, norm=norm), want)
+        with pytest.raises(ValueError, match=r"expects input of shape \(\.\.\., 48\)"):
+            feed_forward(first, second, torch.randn(3, 47))
+        with pytest.raises(ValueError, match="first has 80 output features but second takes 48"):
+            feed_forward(first, first, x)
+
+
+def test_fast_path_runs_the_feed_forward_as_one_op():
+    from transformers import BertConfig, BertModel
+
+    from sparse_ofa import fastpath_layer, magnitude_prune_, sparsify
+
+    if cpu_backend.best_isa() != "avx512vnni":
+        pytest.skip("the fused feed-forward op runs on AVX-512 CPUs only")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, attn_implementation="sdpa"), add_pooling_layer=False)
+    magnitude_prune_(model.eval(), 0.6)
+    fast = sparsify(model, backend="cpu")
+    ids = torch.randint(0, 60, (2, 70))
+    composed = copy.deepcopy(fast)
+    ops = []
+    with torch.inference_mode(), threads(1):
+        fast(input_ids=ids)  # first call: checked against the model's own forward
+        original = fastpath_layer.feed_forward
+        try:
+            fastpath_layer.feed_forward = lambda *a, **kw: ops.append(1) or original(*a, **kw)
+            got = fast(input_ids=ids).last_hidden_state
+            # the same layers with the two fused linears instead of the one op
+            fastpath_layer.feed_forward = lambda first, second, x, residual, norm: second.direct(
+                first.direct(x, gelu=True), residual=residual, norm=norm)
+            composed(input_ids=ids)
+            want = composed(input_ids=ids).last_hidden_state
+        finally:
+            fastpath_layer.feed_forward = original
+    assert len(ops) == 2 and torch.equal(got, want)
