@@ -94,6 +94,19 @@ def test_extremes(isa):
 
 
 @pytest.mark.parametrize("isa", PATHS)
+def test_gelu_over_a_wide_range(isa):
+    """GELU of every value in [-40, 40] (the bias of an all-zero weight): within 1.5e-6 of exact,
+    also where the erf approximation's r^16 would underflow into denormals (|x| > ~17, capped)."""
+    values = torch.linspace(-40, 40, 4001)
+    zero_w = pack(torch.zeros(4001, 8), "unstructured")
+    zargs = cpu_backend.CpuBackend._args(cpu_backend.derive_quads(zero_w))
+    got = linear(torch.randn(3, 8), zargs, zero_w, values, isa, gelu=True)
+    want = gelu64(values).expand(3, -1)
+    assert ((got.double() - want).abs() <= 1.5e-6 + 2e-7 * values.double().abs()).all()
+    assert torch.equal(got[:, values >= 8], values[values >= 8].expand(3, -1))  # GELU(x) = x in fp32 there
+
+
+@pytest.mark.parametrize("isa", PATHS)
 def test_poisoned_strided_out_and_residual(isa):
     packed, args, bias = layer(37, 29, 5)
     x = torch.randn(70, 29)
