@@ -148,7 +148,7 @@ class FastMixin:
     class, which any process can import, instead of the class generated here; derived caches
     (keys in _DERIVED) are dropped and rebuilt on the next forward."""
 
-    _DERIVED = ("_sparse_ofa_qkv", "_sparse_ofa_layer_mode")
+    _DERIVED = ("_sparse_ofa_qkv", "_sparse_ofa_layer_mode", "_sparse_ofa_route")
 
     def __reduce_ex__(self, protocol):
         state = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}

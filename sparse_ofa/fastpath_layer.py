@@ -14,7 +14,9 @@ Leaf modules with hooks are called as modules, so their hooks run; unhooked ones
 less Python: the attention's fast_attention, and SparseInt8Linear.direct (one op per linear) with
 the residual add + LayerNorm (attention output, FFN output) and the GELU (FFN input) as the
 kernel's post-ops where the cpu backend runs them (AVX-512; within ~1e-6 of torch's ops), torch's
-ops otherwise, and the whole feed-forward block as one op (sparse_ofa/ffn.py) where it can be. It steps aside (the model's forward
+ops otherwise, and the whole feed-forward block as one op (sparse_ofa/ffn.py) where it can be. What it calls is resolved once per layer (`_Route`) and re-validated each call by identity and
+hook-emptiness tests: Python between the kernels runs with cold caches, and re-deriving it cost
+~15 µs per layer. It steps aside (the model's forward
 runs) while training, under tracing, with a cache or cross-attention, with feed-forward chunking,
 when a skipped container module has hooks, and for good if its first call (run both ways) does not
 match the model's own forward, whose return structure (tensor or 1-tuple) it then copies.
@@ -48,8 +50,64 @@ def _eligible(layer: nn.Module, args, kwargs) -> bool:
             or kwargs.get("output_attentions") or _uses_cache(args, kwargs)
             or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks):
         return False
-    containers = _containers(layer)
-    return not any(_has_hooks(m) for m in containers)
+    if _route(layer) is not None:  # nothing hooked in the layer
+        return True
+    return not any(_has_hooks(m) for m in _containers(layer))
+
+
+class _Route:
+    """What one layer's lean forward calls, resolved once: the leaf modules, and whether the attention
+    output and the feed-forward block run as fused kernel calls. Python between the kernels runs with
+    cold caches (~3-5x its warm timeit cost): re-deriving this every call cost ~15-25 µs per layer,
+    checking that it still holds costs a dozen identity and emptiness tests. Only built while nothing
+    in the layer has hooks; rebuilt when a module is replaced, a hook appears or `fuse` changes."""
+
+    def __init__(self, layer: nn.Module, watched: tuple, links: tuple):
+        attention, self_output, intermediate, output = watched[:4]
+        so, it, out = self_output._modules, intermediate._modules, output._modules
+        self.links, self.watched, self.fuse = links, watched, layer._sparse_ofa_fuse
+        self.self_attn = attention._modules["self"]
+        self.ao, self.ao_norm = so["dense"], so["LayerNorm"]
+        self.ffn1, self.ffn2, self.out_norm = it["dense"], out["dense"], out["LayerNorm"]
+        self.act = intermediate.intermediate_act_fn
+        fuse = self.fuse
+        self.ao_fused = fuse and _plain_sparse(self.ao) and _plain_layer_norm(self.ao_norm, self.ao.out_features)
+        self.ffn_fused = (fuse and _plain_sparse(self.ffn1) and _plain_sparse(self.ffn2) and _is_erf_gelu(self.act)
+                          and _plain_layer_norm(self.out_norm, self.ffn2.out_features)
+                          and self.ffn1.out_features == self.ffn2.in_features)
+
+    def current(self, layer: nn.Module) -> bool:
+        if layer._sparse_ofa_fuse != self.fuse:
+            return False
+        for parent, name, child in self.links:
+            if parent.get(name) is not child:
+                return False
+        for module in self.watched:
+            if module._forward_hooks or module._forward_pre_hooks:
+                return False
+        return True
+
+
+def _route(layer: nn.Module) -> _Route | None:
+    """The layer's current _Route, or None while any module it calls (or skips) has hooks."""
+    route = layer.__dict__.get("_sparse_ofa_route")
+    if route is not None and route.current(layer):
+        return route
+    attention, self_output, intermediate, output = _containers(layer)
+    self_attn = attention._modules["self"]
+    so, it, out = self_output._modules, intermediate._modules, output._modules
+    act = intermediate.intermediate_act_fn
+    # (parent's _modules or __dict__, name, child): a replaced module shows as another child there
+    links = ((layer._modules, "attention", attention), (attention._modules, "self", self_attn),
+             (attention._modules, "output", self_output), (layer._modules, "intermediate", intermediate),
+             (layer._modules, "output", output), (so, "dense", so["dense"]), (so, "LayerNorm", so["LayerNorm"]),
+             (it, "dense", it["dense"]), (out, "dense", out["dense"]), (out, "LayerNorm", out["LayerNorm"]),
+             (it if "intermediate_act_fn" in it else intermediate.__dict__, "intermediate_act_fn", act))
+    watched = (attention, self_output, intermediate, output, self_attn, so["dense"], so["LayerNorm"], it["dense"],
+               out["dense"], out["LayerNorm"]) + ((act,) if isinstance(act, nn.Module) else ())
+    route = None if any(_has_hooks(m) for m in watched) else _Route(layer, watched, links)
+    layer.__dict__["_sparse_ofa_route"] = route
+    return route
 
 
 def _plain_sparse(module: nn.Module) -> bool:
@@ -107,7 +165,32 @@ def _dense_act(dense: nn.Module, x: torch.Tensor, act, fuse: bool) -> torch.Tens
     return act(_linear(dense, x))
 
 
-def _lean_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
+_LOOKUP = object()
+
+
+def _lean_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask, route=_LOOKUP) -> torch.Tensor:
+    """route: the layer's _Route if the caller has just checked it (None: hooked), else looked up."""
+    if route is _LOOKUP:
+        route = _route(layer)
+    if route is None:  # a leaf module has hooks: resolve every call, call hooked modules as modules
+        return _lean_forward_checked(layer, hidden_states, attention_mask)
+    self_attn = route.self_attn
+    attn = None if self_attn.training else self_attn.fast_attention(hidden_states, attention_mask)
+    if attn is None:
+        attn = self_attn(hidden_states, attention_mask)[0]
+    if route.ao_fused:
+        p = route.ao_norm._parameters
+        h1 = route.ao.direct(attn, residual=hidden_states, norm=(p["weight"], p["bias"], route.ao_norm.eps))
+    else:
+        h1 = _dense_add_norm(route.ao, attn, hidden_states, route.ao_norm, route.fuse)
+    if route.ffn_fused:
+        p = route.out_norm._parameters
+        return feed_forward(route.ffn1, route.ffn2, h1, residual=h1, norm=(p["weight"], p["bias"], route.out_norm.eps))
+    return _dense_add_norm(route.ffn2, _dense_act(route.ffn1, h1, route.act, route.fuse), h1, route.out_norm,
+                           route.fuse)
+
+
+def _lean_forward_checked(layer: nn.Module, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
     attention, self_output, intermediate, output = _containers(layer)
     self_attn = attention._modules["self"]
     attn = None
@@ -147,7 +230,8 @@ class FastLayerMixin(FastMixin):
         mode = self.__dict__.get("_sparse_ofa_layer_mode")
         if mode == "off" or not _eligible(self, args, kwargs):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        mine = _lean_forward(self, hidden_states, attention_mask)
+        # _eligible has just brought the route up to date
+        mine = _lean_forward(self, hidden_states, attention_mask, self.__dict__.get("_sparse_ofa_route"))
         if mode is None:  # first call: check against the model's own forward, learn its return type
             theirs = super().forward(hidden_states, attention_mask, *args, **kwargs)
             self.__dict__["_sparse_ofa_layer_mode"] = _same(mine, theirs) or "off"

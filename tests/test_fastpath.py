@@ -233,3 +233,32 @@ def test_backend_without_fused_post_ops_composes_torch_ops():
     assert torch.equal(_hidden(fast, inputs), want)
     linears = [m for m in fast.modules() if isinstance(m, SparseInt8Linear)]
     assert any(key[-1] != (False, False, False) for m in linears for key in m._direct)  # post-ops were asked
+
+
+def test_lean_layer_notices_hooks_replacements_and_fuse_after_its_first_calls():
+    """The lean layer resolves what it calls once (a cached route): a hook registered later, a module
+    replaced later, or fuse switched later must still take effect on the next call."""
+    fast = sparsify(_tiny("bert"))
+    inputs = _inputs()
+    _hidden(fast, inputs)
+    base = _hidden(fast, inputs)  # the route is cached now
+    layer = fast.encoder.layer[0]
+    assert layer.__dict__.get("_sparse_ofa_route") is not None
+    seen = []
+    handle = layer.intermediate.dense.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    assert torch.equal(_hidden(fast, inputs), base) and seen == [(3, 11, 128)]  # the hook ran, same output
+    handle.remove()
+    doubled = layer.output.LayerNorm
+
+    class Doubled(torch.nn.Module):
+        def forward(self, x):
+            return doubled(x) * 2
+
+    layer.output.LayerNorm = Doubled()  # a replaced leaf module is called, not the cached one
+    changed = _hidden(fast, inputs)
+    assert not torch.allclose(changed, base)
+    layer.output.LayerNorm = doubled
+    assert torch.equal(_hidden(fast, inputs), base)
+    apply_fastpath(fast, attention="sdpa", fuse=False)  # options switched later are followed too
+    plain = sparsify(_tiny("bert"), fastpath=False)
+    assert torch.equal(_hidden(fast, inputs), _hidden(plain, inputs))
