@@ -148,7 +148,7 @@ class FastMixin:
     class, which any process can import, instead of the class generated here; derived caches
     (keys in _DERIVED) are dropped and rebuilt on the next forward."""
 
-    _DERIVED = ("_sparse_ofa_qkv", "_sparse_ofa_layer_mode", "_sparse_ofa_route")
+    _DERIVED = ("_sparse_ofa_qkv", "_sparse_ofa_layer_mode", "_sparse_ofa_route", "_sparse_ofa_embed_mode")
 
     def __reduce_ex__(self, protocol):
         state = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
@@ -231,11 +231,13 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
     that got it now.
 
     Every fusable self-attention gets fused QKV + fused attention; every BERT-style layer around one
-    gets the lean layer forward (sparse_ofa/fastpath_layer.py). attention: "fp32" (default: the
+    gets the lean layer forward (sparse_ofa/fastpath_layer.py), and the model's BERT-style embeddings
+    a lean forward (sparse_ofa/fastpath_embed.py, same output bit for bit). attention: "fp32" (default: the
     fused CPU kernel where AVX-512 runs, else torch's SDPA; fp32 numerics), "sdpa" (always torch's
     SDPA) or "bf16" (attention products in bfloat16 on CPU, slightly different numerics).
     fuse: run residual add + LayerNorm and GELU as post-ops inside the linear kernels (cpu backend,
     AVX-512). attention="sdpa", fuse=False computes exactly what the plain sparsified model does."""
+    from .fastpath_embed import FastEmbeddingsMixin, is_lean_embeddings
     from .fastpath_layer import FastLayerMixin, is_lean_layer
 
     if attention not in ATTENTION_MODES:
@@ -255,6 +257,11 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
             changed.append(name)
         if isinstance(module, FastLayerMixin):
             module._sparse_ofa_fuse = bool(fuse)
+    if changed:  # a BERT-style encoder: its embeddings too (sparse_ofa/fastpath_embed.py)
+        for name, module in model.named_modules():
+            if not isinstance(module, FastEmbeddingsMixin) and is_lean_embeddings(module):
+                module.__class__ = fast_class(type(module), FastEmbeddingsMixin)
+                changed.append(name)
     return changed
 
 

@@ -112,7 +112,7 @@ def test_training_mode_and_remove_use_the_model_forward():
     torch.manual_seed(3)
     b = plain(**inputs).last_hidden_state
     torch.testing.assert_close(a, b)  # same dropout draws only if the same code path ran
-    assert remove_fastpath(fast) == 4  # 2 attentions + 2 layers
+    assert remove_fastpath(fast) == 5  # 2 attentions + 2 layers + the embeddings
     assert not any(isinstance(m, FastMixin) for m in fast.modules())
     assert type(fast.encoder.layer[0]).__name__ == "BertLayer"
 
@@ -194,7 +194,7 @@ def test_from_pretrained_gets_the_fast_path(tmp_path):
     fast = sparsify(model)
     save_pretrained(fast, tmp_path / "m")
     loaded = from_pretrained(tmp_path / "m")
-    assert sum(isinstance(m, FastMixin) for m in loaded.modules()) == 4
+    assert sum(isinstance(m, FastMixin) for m in loaded.modules()) == 5  # 2 attentions, 2 layers, embeddings
     inputs = _inputs()
     torch.testing.assert_close(_hidden(loaded, inputs), _hidden(fast, inputs))
 
@@ -262,3 +262,34 @@ def test_lean_layer_notices_hooks_replacements_and_fuse_after_its_first_calls():
     apply_fastpath(fast, attention="sdpa", fuse=False)  # options switched later are followed too
     plain = sparsify(_tiny("bert"), fastpath=False)
     assert torch.equal(_hidden(fast, inputs), _hidden(plain, inputs))
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_lean_embeddings_equal_the_model_forward_or_step_aside(arch):
+    """BERT's embeddings take the lean forward and give the same bits; RoBERTa's padding-aware
+    positions differ, so its first-call check turns the lean forward off; hooks, inputs_embeds,
+    explicit position ids and training run the model's own forward."""
+    fp32 = _tiny(arch)
+    fast, plain = sparsify(copy.deepcopy(fp32)), sparsify(copy.deepcopy(fp32), fastpath=False)
+    emb, own = fast.embeddings, plain.embeddings
+    ids = torch.randint(5, 120, (2, 9))
+    types = torch.randint(0, 2, (2, 9))
+    with torch.inference_mode():
+        for _ in range(2):  # the first call checks, the second runs what the check decided
+            for kwargs in ({"input_ids": ids}, {"input_ids": ids, "token_type_ids": types}):
+                assert torch.equal(emb(**kwargs), own(**kwargs))
+    assert emb.__dict__["_sparse_ofa_embed_mode"] == ("on" if arch == "bert" else "off")
+    seen = []
+    handle = emb.word_embeddings.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    with torch.inference_mode():
+        assert torch.equal(emb(input_ids=ids), own(input_ids=ids)) and seen == [(2, 9, 64)]
+        handle.remove()
+        vectors = torch.randn(2, 9, 64)
+        assert torch.equal(emb(inputs_embeds=vectors), own(inputs_embeds=vectors))
+        positions = torch.arange(9).flip(0).expand(2, 9)
+        assert torch.equal(emb(input_ids=ids, position_ids=positions), own(input_ids=ids, position_ids=positions))
+    emb.train(), own.train()
+    torch.manual_seed(1)
+    a = emb(input_ids=ids)
+    torch.manual_seed(1)
+    assert torch.equal(a, own(input_ids=ids))  # same dropout draws: the model's own forward ran
