@@ -22,20 +22,13 @@ from sparse_ofa.backends import availability
 from sparse_ofa.ffn import feed_forward
 
 FULL = os.environ.get("SPARSE_OFA_BENCH_FULL", "") == "1"
-THREADS = int(os.environ.get("SPARSE_OFA_BENCH_THREADS", "2"))
 MS = [128, 512] if FULL else [128]
 CASES = [(0.9, "1x4"), (0.9, "unstructured")] + ([(0.8, "unstructured")] if FULL else [])
 HIDDEN, INNER = 768, 3072
 
 pytestmark = pytest.mark.skipif(not availability("cpu")[0], reason="cpu backend unavailable")
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(old)
+# threads: bench/conftest.py sets $SPARSE_OFA_BENCH_THREADS (default 2) for the whole session
 
 
 def _block(sparsity: float, pattern: str):

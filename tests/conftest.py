@@ -23,6 +23,20 @@ def sparse_weight(n: int, k: int, sparsity: float, pattern: str = "unstructured"
     return w
 
 
+def tiny_pruned_bert(sparsity: float = 0.6, seed: int = 0):
+    """A 2-layer BertModel (hidden 64, FFN 128, 4 heads, sdpa, no pooler) in eval mode, every encoder
+    Linear magnitude-pruned to `sparsity`."""
+    from transformers import BertConfig, BertModel
+
+    from sparse_ofa import magnitude_prune_
+
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=128, attn_implementation="sdpa"), add_pooling_layer=False)
+    magnitude_prune_(model.eval(), sparsity)
+    return model
+
+
 @contextlib.contextmanager
 def threads(n: int):
     """torch's intra-op thread count set to n inside the block."""

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from sparse_ofa.formats import pack
 from sparse_ofa.masks import magnitude_mask
 
-from conftest import cpu_kernel_paths, threads
+from conftest import cpu_kernel_paths, sparse_weight, threads, tiny_pruned_bert
 
 pytestmark, cpu_backend, PATHS = cpu_kernel_paths()
 
@@ -29,8 +29,7 @@ def static(scale: float, zero_point: int = 0, qmin: int = -127, qmax: int = 127)
 def weight(n: int, k: int, seed: int, pattern: str, sparsity: float, gathered: bool):
     """(packed, the 5 layout tensors of kind 1 'gathered' or 0 'aligned quads', bias)."""
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
-    packed = pack(w * magnitude_mask(w, sparsity, pattern), pattern)
+    packed = pack(sparse_weight(n, k, sparsity, pattern, generator=g), pattern)
     prepared = cpu_backend.derive_gathered(packed) if gathered else cpu_backend.derive_quads(packed)
     return packed, list(cpu_backend.CpuBackend._args(prepared)), torch.randn(n, generator=g)
 
@@ -170,17 +169,11 @@ def test_feed_forward_equals_direct_calls_and_follows_layout_rebuilds(backend):
 
 
 def test_fast_path_runs_the_feed_forward_as_one_op():
-    from transformers import BertConfig, BertModel
-
-    from sparse_ofa import fastpath_layer, magnitude_prune_, sparsify
+    from sparse_ofa import fastpath_layer, sparsify
 
     if cpu_backend.best_isa() != "avx512vnni":
         pytest.skip("the fused feed-forward op runs on AVX-512 CPUs only")
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=128, attn_implementation="sdpa"), add_pooling_layer=False)
-    magnitude_prune_(model.eval(), 0.6)
-    fast = sparsify(model, backend="cpu")
+    fast = sparsify(tiny_pruned_bert(0.6), backend="cpu")
     ids = torch.randint(0, 60, (2, 70))
     composed = copy.deepcopy(fast)
     ops = []

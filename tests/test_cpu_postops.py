@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from sparse_ofa.formats import pack
 
-from conftest import cpu_kernel_paths, threads
+from conftest import cpu_kernel_paths, threads, tiny_pruned_bert
 
 pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # portable and AVX-512 paths
 
@@ -168,17 +168,12 @@ def test_bad_post_ops_are_named():
 
 
 def test_fast_path_fuses_and_can_be_told_not_to():
-    from transformers import BertConfig, BertModel
-
-    from sparse_ofa import magnitude_prune_, sparsify
+    from sparse_ofa import sparsify
     from sparse_ofa.fastpath import apply_fastpath
 
     if cpu_backend.best_isa() != "avx512vnni":
         pytest.skip("the post-ops are fused on AVX-512 CPUs only")
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                 intermediate_size=128, attn_implementation="sdpa"), add_pooling_layer=False)
-    magnitude_prune_(model.eval(), 0.6)
+    model = tiny_pruned_bert(0.6)
     plain = sparsify(copy.deepcopy(model), backend="cpu", fastpath=False)
     fast = sparsify(model, backend="cpu")
     ids = torch.randint(0, 60, (2, 13))
