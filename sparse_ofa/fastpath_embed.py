@@ -67,12 +67,18 @@ class FastEmbeddingsMixin(FastMixin):
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, *args, **kwargs):
         mode = self.__dict__.get("_sparse_ofa_embed_mode")
         if mode == "off" or not _eligible(self, input_ids, position_ids, inputs_embeds, args, kwargs):
-            return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds, *args, **kwargs)
+            return self._own_forward(input_ids, token_type_ids, position_ids, inputs_embeds, args, kwargs)
         mine = _lean_embeddings(self, input_ids, token_type_ids)
         if mode is None:  # first call: check against the model's own forward
-            theirs = super().forward(input_ids, token_type_ids, position_ids, inputs_embeds, *args, **kwargs)
+            theirs = self._own_forward(input_ids, token_type_ids, position_ids, inputs_embeds, args, kwargs)
             same = (isinstance(theirs, torch.Tensor) and theirs.shape == mine.shape
                     and torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6))
             self.__dict__["_sparse_ofa_embed_mode"] = "on" if same else "off"
             return theirs
         return mine
+
+    def _own_forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, args, kwargs):
+        if args:  # more positional arguments than the four named ones: pass all of them on in order
+            return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds, *args, **kwargs)
+        return super().forward(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
+                               inputs_embeds=inputs_embeds, **kwargs)

@@ -14,12 +14,13 @@ Leaf modules with hooks are called as modules, so their hooks run; unhooked ones
 less Python: the attention's fast_attention, and SparseInt8Linear.direct (one op per linear) with
 the residual add + LayerNorm (attention output, FFN output) and the GELU (FFN input) as the
 kernel's post-ops where the cpu backend runs them (AVX-512; within ~1e-6 of torch's ops), torch's
-ops otherwise, and the whole feed-forward block as one op (sparse_ofa/ffn.py) where it can be. What it calls is resolved once per layer (`_Route`) and re-validated each call by identity and
+ops otherwise, and the whole feed-forward block as one op (sparse_ofa/ffn.py) where it can be.
+What it calls is resolved once per layer (`_Route`) and re-validated each call by identity and
 hook-emptiness tests: Python between the kernels runs with cold caches, and re-deriving it cost
-~15 µs per layer. It steps aside (the model's forward
-runs) while training, under tracing, with a cache or cross-attention, with feed-forward chunking,
-when a skipped container module has hooks, and for good if its first call (run both ways) does not
-match the model's own forward, whose return structure (tensor or 1-tuple) it then copies.
+~15 µs per layer. It steps aside (the model's forward runs) while training, under tracing, with a
+cache or cross-attention, with feed-forward chunking, when a skipped container module has hooks, and
+for good if its first call (run both ways) does not match the model's own forward, whose return
+structure (tensor or 1-tuple) it then copies.
 """
 from __future__ import annotations
 

@@ -26,9 +26,10 @@ def feed_forward(first: SparseInt8Linear, second: SparseInt8Linear, x: torch.Ten
     norm = (weight, bias, eps) of the LayerNorm over second's output features, or None.
 
     Like SparseInt8Linear.direct, the kernel arguments for x's token count are resolved on the first
-    call and cached (in both modules' caches, so that rebuilding either one's layouts drops it)."""
+    call and cached in both modules' caches: rebuilding either one's layouts drops it, and a plan is
+    used only while both caches hold it (so a reused id of `second` cannot pick up a stale one)."""
     post = (residual is not None, norm is not None)
-    key = ("ffn", x.shape, x.dtype, x.device, os.environ.get("SPARSE_OFA_CPU_ISA"), gelu, post)
+    key = ("ffn", id(second), x.shape, x.dtype, x.device, os.environ.get("SPARSE_OFA_CPU_ISA"), gelu, post)
     fn = first._direct.get(key)
     if fn is None or second._direct.get(key) is not fn:
         if first.out_features != second.in_features:
