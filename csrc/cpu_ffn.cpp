@@ -93,7 +93,8 @@ at::Tensor cpu_ffn(const at::Tensor& x, const std::vector<at::Tensor>& w1, const
   TORCH_CHECK(x.dim() >= 1, "sparse_ofa cpu_ffn: x must be [..., K], got a 0-d tensor");
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = wb.n;
-  const int64_t rows = x.numel() / std::max<int64_t>(1, x.size(-1));
+  int64_t rows = 1;
+  for (size_t d = 0; d + 1 < shape.size(); ++d) rows *= shape[d];
   const at::Tensor xf = float_input(x.reshape({rows, x.size(-1)}), wa.k);
   c10::optional<at::Tensor> res2;
   if (residual.has_value() && residual->defined()) {

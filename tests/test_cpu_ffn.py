@@ -191,3 +191,13 @@ def test_fast_path_runs_the_feed_forward_as_one_op():
         finally:
             fastpath_layer.feed_forward = original
     assert len(ops) == 2 and torch.equal(got, want)
+
+
+def test_empty_and_one_dimensional_inputs():
+    first = weight(12, 8, 5, "unstructured", 0.5, False)
+    second = weight(8, 12, 6, "unstructured", 0.5, False)
+    for shape in [(0, 8), (3, 0, 8), (8,), (2, 3, 8)]:
+        x = torch.randn(*shape)
+        got = ffn(x, first, second, DYNAMIC, DYNAMIC, PATHS[-1])
+        want = two_linears(x.reshape(-1, 8), first, second, DYNAMIC, DYNAMIC, PATHS[-1]).reshape(shape)
+        assert got.shape == shape and torch.equal(got, want)
