@@ -1,5 +1,6 @@
 // torch.ops.sparse_ofa.cpu_attention[_out]: argument checks, mask broadcasting, per-thread scratch and
-// threading (one task per (batch, head)) around the kernels of csrc/cpu/attention*.cpp.
+// threading (one task per (batch, head)) around the kernels of csrc/cpu/attention*.cpp; and
+// torch.ops.sparse_ofa.cpu_qkv_attention, the fused QKV projection + attention as one op.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -9,6 +10,7 @@
 #include "check_format.h"
 #include "cpu/attention.h"
 #include "cpu/binding_util.h"
+#include "cpu/linear_binding.h"
 #include "cpu/sparse_cpu.h"
 
 namespace sparse_ofa_cpu {
@@ -65,7 +67,7 @@ void attention_out(const at::Tensor& qkv_in, const c10::optional<at::Tensor>& ma
   if (b == 0 || s == 0 || dim == 0) return;
   AttnProblem p{};
   p.qkv = qkv.data_ptr<float>();
-  p.sb = qkv.stride(0), p.st = qkv.stride(1), p.k_off = hidden, p.v_off = 2 * hidden;
+  p.sb = qkv.stride(0), p.st = qkv.stride(1), p.sc = 1, p.k_off = hidden, p.v_off = 2 * hidden;
   p.batch = b, p.seq = s, p.heads = heads, p.dim = dim, p.scale = (float)scale;
   at::Tensor mask;
   p.mask_kind = kMaskNone;
@@ -92,15 +94,90 @@ at::Tensor attention(const at::Tensor& qkv, const c10::optional<at::Tensor>& mas
   return out;
 }
 
+// The fused QKV projection (sparse INT8, cpu_linear's numerics) and the attention as one op, equal bit
+// for bit to cpu_attention(cpu_linear(x, ...)). On AVX-512 with a 64-token tile per thread, the
+// projection is written channel-major, as its accumulators come (no 16x16 output transposes), and
+// the attention reads K^T from it in place (it transposes K from a row-major qkv; here V instead).
+at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, const at::Tensor& w_scale,
+                         const c10::optional<at::Tensor>& bias, double static_scale, double inv_scale,
+                         int64_t zero_point, int64_t qmin, int64_t qmax, const c10::optional<at::Tensor>& mask_in,
+                         int64_t heads, double scale, int64_t isa) {
+  const int is = (int)resolve_isa(isa);
+  TORCH_CHECK(w.size() == 5, "sparse_ofa cpu_qkv_attention: w must be the 5 layout tensors (quad_w, quad_k, "
+              "row_ptr, rowsum, layout), got ", fmt_num((int64_t)w.size()));
+  const QuadWeight wq = weight_of(w[0], w[1], w[2], w[3], w[4]);
+  TORCH_CHECK(x.dim() == 3, "sparse_ofa cpu_qkv_attention: x must be 3-D [batch, seq, hidden], got ", fmt_dims(x));
+  TORCH_CHECK(heads >= 1 && wq.n % (3 * heads) == 0, "sparse_ofa cpu_qkv_attention: the weight's ",
+              fmt_num(wq.n), " outputs are not 3 x heads x head_dim for heads = ", fmt_num(heads));
+  check_vec(w_scale, "w_scale", at::kFloat, wq.n);
+  const float* bp = nullptr;
+  if (bias.has_value() && bias->defined()) {
+    check_vec(*bias, "bias", at::kFloat, wq.n);
+    bp = bias->data_ptr<float>();
+  }
+  const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
+  const int64_t b = x.size(0), s = x.size(1), m = b * s, hidden = wq.n / 3;
+  const at::Tensor xf = float_input(x.reshape({m, x.size(2)}), wq.k);
+  const int64_t threads = at::get_num_threads();
+  if (is != kAvx512Vnni || m == 0 || hidden == 0 || (threads > 1 && m < kTileTokens * threads)) {
+    at::Tensor qkv = at::empty({b, s, wq.n}, xf.options());
+    at::Tensor qkv2 = qkv.view({m, wq.n});
+    cpu_linear_out(xf, w[0], w[1], w[2], w[3], w[4], w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax,
+                   qkv2, is, c10::nullopt, false, c10::nullopt, c10::nullopt, 1e-12);
+    return attention(qkv, mask_in, heads, scale, is);
+  }
+  // 1. the projection, channel-major qkv_t [3 hidden][mp]: each thread its own 64-token tiles
+  const int64_t mp = (m + kTileTokens - 1) / kTileTokens * kTileTokens;
+  at::Tensor qkv_t = at::empty({wq.n, mp}, xf.options());
+  float* yt = qkv_t.data_ptr<float>();
+  const float* xp = xf.data_ptr<float>();
+  const int64_t ldx = xf.stride(0), nq = (wq.k + 3) / 4;
+  const int64_t chunk = ((m + threads - 1) / threads + kTileTokens - 1) / kTileTokens * kTileTokens;
+  at::parallel_for(0, (m + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    thread_local std::vector<uint8_t> xt_buf;
+    uint8_t* xt = scratch(xt_buf, one_tile(wq).bytes);
+    alignas(64) float xs[kTileTokens];
+    for (int64_t s0 = c0 * chunk; s0 < std::min(m, c1 * chunk); s0 += kTileTokens) {
+      const int64_t mt = std::min<int64_t>(kTileTokens, m - s0);
+      pack_tile_avx512(wq, xp, ldx, s0, mt, qp, xt, xs);
+      spmm_cols_avx512(wq, PackedActs{xt, mt, kTileTokens, nq, flip_of(kAvx512Vnni), xs}, w_scale.data_ptr<float>(),
+                       bp, false, yt + s0, mp, nullptr, nullptr);
+    }
+  });
+  // 2. the attention, reading q, k, v from it
+  at::Tensor out = at::empty({b, s, hidden}, xf.options());
+  AttnProblem p{};
+  p.qkv = yt;
+  p.sb = s, p.st = 1, p.sc = mp, p.k_off = hidden, p.v_off = 2 * hidden;
+  p.batch = b, p.seq = s, p.heads = heads, p.dim = hidden / heads, p.scale = (float)scale;
+  at::Tensor mask;
+  p.mask_kind = kMaskNone;
+  if (mask_in.has_value() && mask_in->defined()) {
+    mask = broadcast_mask(*mask_in, b, heads, s, &p.mask_kind);
+    p.mask = mask.data_ptr();
+    p.mb = mask.stride(0), p.mh = mask.stride(1), p.mi = mask.stride(2);
+  }
+  p.out = out.data_ptr<float>(), p.ob = out.stride(0), p.ot = out.stride(1);
+  const int64_t scratch_floats = attention_scratch_floats(p);
+  at::parallel_for(0, b * heads, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<uint8_t> buf;
+    attention_avx512(p, t0, t1, reinterpret_cast<float*>(scratch(buf, (size_t)scratch_floats * sizeof(float))));
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace sparse_ofa_cpu
 
 TORCH_LIBRARY_FRAGMENT(sparse_ofa, m) {
   m.def("cpu_attention(Tensor qkv, Tensor? mask, int heads, float scale, int isa=-1) -> Tensor");
   m.def("cpu_attention_out(Tensor qkv, Tensor? mask, int heads, float scale, Tensor(a!) out, int isa=-1) -> ()");
+  m.def("cpu_qkv_attention(Tensor x, Tensor[] w, Tensor w_scale, Tensor? bias, float static_scale, float inv_scale, "
+        "int zero_point, int qmin, int qmax, Tensor? mask, int heads, float scale, int isa=-1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sparse_ofa, CPU, m) {
   m.impl("cpu_attention", &sparse_ofa_cpu::attention);
   m.impl("cpu_attention_out", &sparse_ofa_cpu::attention_out);
+  m.impl("cpu_qkv_attention", &sparse_ofa_cpu::qkv_attention);
 }

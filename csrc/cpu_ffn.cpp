@@ -22,6 +22,24 @@
 #include "cpu/sparse_cpu.h"
 
 namespace sparse_ofa_cpu {
+
+Tiles one_tile(const QuadWeight& w) {
+  const int64_t bytes = w.gather ? w.k * kTileTokens : (w.k + 3) / 4 * kTileTokens * 4;
+  return Tiles{kTileTokens, kTileTokens, (bytes + 63) / 64 * 64, 1};
+}
+
+void pack_tile_avx512(const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
+                      uint8_t* xt, float* x_scale) {
+  thread_local std::vector<uint8_t> block_buf;
+  int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * w.k));
+  const Tiles tile = one_tile(w);
+  for (int64_t b = 0; b < kTileTokens / kTokenPad; ++b) {  // 16 tokens at a time, via an L1-sized block
+    const int64_t m0 = b * kTokenPad, m1 = std::min(mt, m0 + kTokenPad);
+    if (m1 > m0) quantize_rows(kAvx512Vnni, x + (s + m0) * ldx, ldx, w.k, 0, m1 - m0, q, block, w.k, x_scale + m0);
+    pack_block(kAvx512Vnni, w, tile, block, w.k, mt, b, flip_of(kAvx512Vnni), xt);  // (past mt: padding)
+  }
+}
+
 namespace {
 
 using sparse_ofa::fmt_dims;
@@ -39,12 +57,6 @@ const float* bias_of(const c10::optional<at::Tensor>& bias, const char* name, in
   return bias->data_ptr<float>();
 }
 
-// One tile of kTileTokens tokens in a weight's activation layout (mp = kTileTokens for both kinds).
-Tiles one_tile(const QuadWeight& w) {
-  const int64_t bytes = w.gather ? w.k * kTileTokens : (w.k + 3) / 4 * kTileTokens * 4;
-  return Tiles{kTileTokens, kTileTokens, (bytes + 63) / 64 * 64, 1};
-}
-
 #if defined(__x86_64__) || defined(__i386__)
 struct FfnArgs {
   QuadWeight w1, w2;
@@ -56,22 +68,16 @@ struct FfnArgs {
 
 // Tokens [s, s + mt) (mt <= kTileTokens) of x [*, ldx] -> out [*, ldo], one thread.
 void ffn_tile(const FfnArgs& f, const float* x, int64_t ldx, float* out, int64_t ldo, int64_t s, int64_t mt) {
-  thread_local std::vector<uint8_t> xt1_buf, yt_buf, xt2_buf, block_buf;
-  const Tiles t1 = one_tile(f.w1), t2 = one_tile(f.w2);
-  uint8_t* xt1 = scratch(xt1_buf, t1.bytes);
+  thread_local std::vector<uint8_t> xt1_buf, yt_buf, xt2_buf;
+  uint8_t* xt1 = scratch(xt1_buf, one_tile(f.w1).bytes);
   float* yt = (float*)scratch(yt_buf, (size_t)(f.w1.n * kTileTokens * sizeof(float)));
-  uint8_t* xt2 = scratch(xt2_buf, t2.bytes);
-  int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * f.w1.k));
+  uint8_t* xt2 = scratch(xt2_buf, one_tile(f.w2).bytes);
   alignas(64) float xs1[kTileTokens], xs2[kTileTokens], amax[kTileTokens];
   const uint8_t flip = flip_of(kAvx512Vnni);
-  for (int64_t b = 0; b < kTileTokens / kTokenPad; ++b) {  // quantize + pack x, 16 tokens at a time
-    const int64_t m0 = b * kTokenPad, m1 = std::min(mt, m0 + kTokenPad);
-    if (m1 > m0) quantize_rows(kAvx512Vnni, x + (s + m0) * ldx, ldx, f.w1.k, 0, m1 - m0, f.q1, block, f.w1.k, xs1 + m0);
-    pack_block(kAvx512Vnni, f.w1, t1, block, f.w1.k, mt, b, flip, xt1);
-  }
+  pack_tile_avx512(f.w1, x, ldx, s, mt, f.q1, xt1, xs1);
   uint64_t nonfinite = 0;
   spmm_cols_avx512(f.w1, PackedActs{xt1, mt, kTileTokens, (f.w1.k + 3) / 4, flip, xs1}, f.w1_scale, f.b1, f.gelu,
-                   yt, amax, &nonfinite);
+                   yt, kTileTokens, amax, &nonfinite);
   quant_pack_cols_avx512(yt, f.w1.n, mt, amax, nonfinite, f.q2, f.w2.gather, flip, xt2, xs2);
   const Epilogue e{kOutFloat, f.w2_scale, f.b2, out + s * ldo, ldo, false};
   spmm_avx512(f.w2, PackedActs{xt2, mt, kTileTokens, (f.w2.k + 3) / 4, flip, xs2}, e, 0, task_count(mt, f.w2.n));

@@ -11,7 +11,9 @@ same input size, pattern, backend and activation quantization; HF "sdpa" attenti
   `torch.ops.sparse_ofa.cpu_attention` (csrc/cpu/attention_avx512.cpp: ~2.5x torch's SDPA at seq 128,
   writes the heads merged), elsewhere `F.scaled_dot_product_attention` on views of the fused output
   (no HF attention-interface dispatch, no extra copies of q/k/v). Both are fp32; they differ from
-  the plain path only in summation order (~1e-6). `attention="sdpa"` keeps torch's kernel.
+  the plain path only in summation order (~1e-6). `attention="sdpa"` keeps torch's kernel. On the
+  cpu backend the projection and the fused kernel are one op, `cpu_qkv_attention` (the projection
+  written channel-major, K^T read in place: no output transposes; same bits as the two ops).
 * optional bf16 attention (`attention="bf16"`, off by default): QK^T and PV in bfloat16 on CPUs with
   AVX-512 BF16; changes numerics slightly, hence opt-in. Since the fused fp32 kernel it is slower
   than the default on AVX-512 CPUs (bench/NOTES.md); kept so that code selecting it keeps working.
@@ -23,10 +25,13 @@ torch.compile/export tracing, with a KV cache, or when attention weights are ask
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import backends as _backends
 from .backends import cpu as _cpu_backend
 from .formats import PackedWeight
 from .modules import SparseInt8Linear
@@ -130,6 +135,22 @@ def _cpu_attention_runs(qkv: torch.Tensor, mask) -> bool:
         return False
 
 
+def _qkv_attention_plan(fused: SparseInt8Linear, x: torch.Tensor, heads: int, scale: float):
+    """fn(x, mask) running the fused projection + fp32 attention as one op (the backend's
+    qkv_attention_fn), or None; resolved once per input shape and cached with the layer's direct()
+    plans (dropped whenever its layouts are rebuilt)."""
+    key = ("qkv_attention", x.shape, x.dtype, x.device, os.environ.get("SPARSE_OFA_CPU_ISA"), heads, scale)
+    cache = fused._direct
+    if key not in cache:
+        if len(cache) >= 64:  # many distinct shapes: keep the cache small (as direct() does)
+            cache.clear()
+        backend = _backends.select(fused._chain, x.numel() // fused.in_features, fused._info)
+        cache[key] = backend.qkv_attention_fn(fused._prepared[backend.name], fused.weight_scale,
+                                              fused._epilogue_bias, fused.act, x.numel() // fused.in_features,
+                                              heads, scale)
+    return cache[key]
+
+
 def _uses_cache(args, kwargs) -> bool:
     cache_keys = ("cache", "past_key_values", "past_key_value", "encoder_hidden_states")
     return any(kwargs.get(key) is not None for key in cache_keys) or any(a is not None for a in args)
@@ -192,9 +213,13 @@ class FastSelfAttentionMixin(FastMixin):
         fused = fused_qkv(self)
         if fused is None:
             return None
-        qkv = fused.direct(hidden_states)
         scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
         mode = self._sparse_ofa_attention
+        if mode == "fp32" and _cpu_attention_runs(hidden_states, attention_mask):
+            fn = _qkv_attention_plan(fused, hidden_states, self.num_attention_heads, scale)
+            if fn is not None:  # projection + attention as one op (same bits as the two below)
+                return fn(hidden_states, attention_mask)
+        qkv = fused.direct(hidden_states)
         if mode == "fp32" and _cpu_attention_runs(qkv, attention_mask):
             return torch.ops.sparse_ofa.cpu_attention.default(qkv, attention_mask, self.num_attention_heads,
                                                               scale)

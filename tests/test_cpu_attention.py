@@ -199,3 +199,93 @@ def test_fast_path_runs_the_kernel(monkeypatch):
         sdpa = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert not calls  # "sdpa" never asks
     torch.testing.assert_close(fused, sdpa, rtol=1e-5, atol=1e-5)
+
+
+# ---- cpu_qkv_attention: the fused QKV projection + attention as one op ---------------------------
+DYNAMIC = (0.0, 0.0, 0, -127, 127)
+
+
+def _qkv_layer(hidden: int, k: int, seed: int, gathered: bool):
+    from sparse_ofa.formats import pack
+
+    from conftest import sparse_weight
+
+    g = torch.Generator().manual_seed(seed)
+    packed = pack(sparse_weight(3 * hidden, k, 0.7, generator=g), "unstructured")
+    prepared = cpu_backend.derive_gathered(packed) if gathered else cpu_backend.derive_quads(packed)
+    return packed, list(cpu_backend.CpuBackend._args(prepared)), torch.randn(3 * hidden, generator=g)
+
+
+@given(b=st.integers(1, 3), s=st.integers(1, 150), h=st.integers(1, 4), d=st.integers(1, 40),
+       k=st.integers(1, 90), seed=st.integers(0, 10_000), gathered=st.booleans(),
+       mask=st.sampled_from(["none", "bool_keys", "float_full", "bool_rows"]), quant=st.sampled_from(["dyn", "static"]),
+       nthreads=st.sampled_from([1, 2]), isa=st.sampled_from(PATHS))
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_qkv_attention_equals_projection_then_attention(b, s, h, d, k, seed, gathered, mask, quant, nthreads, isa):
+    """Bit for bit cpu_attention(cpu_linear(x)): the channel-major projection (K^T read in place, V
+    transposed) does the same sums in the same order; small token counts take the two ops."""
+    packed, args, bias = _qkv_layer(h * d, k, seed, gathered)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(b, s, k, generator=g)
+    masks = {"none": None, "bool_keys": torch.rand(b, 1, 1, s, generator=g) > 0.3,
+             "float_full": torch.randn(b, h, s, s, generator=g), "bool_rows": torch.rand(b, 1, s, s, generator=g) > 0.5}
+    act = (0.05, 20.0, 0, -127, 127) if quant == "static" else DYNAMIC
+    with threads(nthreads):
+        qkv = torch.ops.sparse_ofa.cpu_linear(x, *args, packed.scale, bias, *act, torch.float32, isa)
+        want = torch.ops.sparse_ofa.cpu_attention(qkv, masks[mask], h, 0.3, isa)
+        torch.full((b, s, h * d), float("nan"))  # a freed NaN block for the output's allocation
+        got = torch.ops.sparse_ofa.cpu_qkv_attention(x, args, packed.scale, bias, *act, masks[mask], h, 0.3, isa)
+    assert torch.equal(got, want)
+
+
+def test_qkv_attention_bad_input_is_named():
+    packed, args, bias = _qkv_layer(8, 16, 1, False)
+    x = torch.randn(2, 5, 16)
+    op = torch.ops.sparse_ofa.cpu_qkv_attention
+    with pytest.raises(RuntimeError, match="w must be the 5 layout tensors"):
+        op(x, args[:3], packed.scale, bias, *DYNAMIC, None, 2, 0.5)
+    with pytest.raises(RuntimeError, match="x must be 3-D"):
+        op(x[0], args, packed.scale, bias, *DYNAMIC, None, 2, 0.5)
+    with pytest.raises(RuntimeError, match=r"24 outputs are not 3 x heads x head_dim for heads = 5"):
+        op(x, args, packed.scale, bias, *DYNAMIC, None, 5, 0.5)
+    with pytest.raises(RuntimeError, match="has 15 input features, the weight has 16"):
+        op(torch.randn(2, 5, 15), args, packed.scale, bias, *DYNAMIC, None, 2, 0.5)
+    with pytest.raises(RuntimeError, match="bias must have shape"):
+        op(x, args, packed.scale, bias[:5], *DYNAMIC, None, 2, 0.5)
+    with pytest.raises(RuntimeError, match="does not broadcast"):
+        op(x, args, packed.scale, bias, *DYNAMIC, torch.ones(2, 1, 1, 4, dtype=torch.bool), 2, 0.5)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shapes = [a.shape for a in args]
+    with FakeTensorMode():
+        fake = op(torch.empty(2, 5, 16), [torch.empty(shape) for shape in shapes], torch.empty(24), None, *DYNAMIC,
+                  None, 2, 0.5)
+    assert fake.shape == (2, 5, 8)
+
+
+def test_fast_path_runs_projection_and_attention_as_one_op(monkeypatch):
+    """On an AVX-512 CPU the fast attention is cpu_qkv_attention, with the same output as the
+    projection op followed by the attention op."""
+    import copy
+
+    from sparse_ofa import fastpath, sparsify
+
+    from conftest import tiny_pruned_bert
+
+    if cpu_backend.best_isa() != "avx512vnni":
+        pytest.skip("the fused projection + attention runs on AVX-512 CPUs only")
+    fast = sparsify(tiny_pruned_bert(0.6), backend="cpu")
+    two_ops = copy.deepcopy(fast)
+    ids = torch.randint(0, 60, (2, 70))
+    mask = torch.ones_like(ids)
+    mask[1, 50:] = 0
+    with torch.inference_mode(), threads(1):
+        fast(input_ids=ids, attention_mask=mask)
+        got = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        fused = [key for layer in fast.encoder.layer
+                 for key, fn in layer.attention.self._sparse_ofa_qkv[1]._direct.items()
+                 if key[0] == "qkv_attention" and fn is not None]
+        monkeypatch.setattr(fastpath, "_qkv_attention_plan", lambda *a: None)
+        two_ops(input_ids=ids, attention_mask=mask)
+        want = two_ops(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert len(fused) == 2 and torch.equal(got, want)

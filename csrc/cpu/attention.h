@@ -17,9 +17,11 @@ namespace sparse_ofa_cpu {
 enum MaskKind : int { kMaskNone = 0, kMaskBool = 1, kMaskAdd = 2 };
 
 struct AttnProblem {
-  const float* qkv;          // q of (b, i, h, c) at qkv[b * sb + i * st + h * dim + c]
-  int64_t sb, st;            // element strides between batches and between tokens
-  int64_t k_off, v_off;      // where k and v start in a token's row (q starts at 0)
+  const float* qkv;          // q of (b, i, h, c) at qkv[b * sb + i * st + (h * dim + c) * sc]
+  int64_t sb, st, sc;        // element strides between batches, tokens and channels: sc = 1 for the
+                             // row-major [B, S, 3H] output of a linear, st = 1 for a channel-major
+                             // [3H][tokens] one (cpu_qkv_attention: K^T is then read in place)
+  int64_t k_off, v_off;      // channels where k and v start (q starts at 0)
   int64_t batch, seq, heads, dim;
   float scale;
   int mask_kind;             // MaskKind

@@ -1,5 +1,6 @@
 // AVX-512 attention (attention.h), one (batch, head) task at a time:
 //   1. K of the head, transposed once into kt[dim][seq_pad] (16x16 transposes, keys padded with 0);
+//      from a channel-major qkv (AttnProblem.sc != 1) K^T is read in place and V is transposed instead;
 //   2. for each block of R <= 6 query rows:
 //        scores[r][j] = scale * sum_c q[r][c] * kt[c][j]          (bcast_gemm: 6 x 64 accumulators)
 //        softmax of each row in place (mask, max, exp, sum)     -> unnormalised p and 1/sum
@@ -26,11 +27,11 @@ namespace {
 constexpr int kRows = 6;  // query rows per block
 constexpr int kVecs = 4;  // 16-float column vectors per bcast_gemm call
 
-// c[r][0 : 16 NV] = row_scale[r] * sum_k a[r * lda + k] * b[k * ldb + 0 : 16 NV]   (r < R); the
+// c[r][0 : 16 NV] = row_scale[r] * sum_k a[r * lda + k * ka] * b[k * ldb + 0 : 16 NV]   (r < R); the
 // last vector of every b row and c row is read/written under `last`.
 template <int R, int NV>
-void bcast_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kdim, const float* row_scale,
-                float* c, int64_t ldc, __mmask16 last) {
+void bcast_gemm(const float* a, int64_t lda, int64_t ka, const float* b, int64_t ldb, int64_t kdim,
+                const float* row_scale, float* c, int64_t ldc, __mmask16 last) {
   __m512 acc[R][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r)
@@ -44,7 +45,7 @@ void bcast_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_
     bv[NV - 1] = _mm512_maskz_loadu_ps(last, bk + 16 * (NV - 1));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 av = _mm512_set1_ps(a[r * lda + k * ka]);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
     }
@@ -59,8 +60,8 @@ void bcast_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, int64_
   }
 }
 
-using GemmFn = void (*)(const float*, int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t,
-                        __mmask16);
+using GemmFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float*,
+                        int64_t, __mmask16);
 
 template <int R>
 GemmFn gemm_for_vecs(int64_t nv) {
@@ -84,11 +85,11 @@ GemmFn gemm_for(int64_t rows, int64_t nv) {
 }
 
 // bcast_gemm over `cols` columns, kVecs vectors at a time
-void gemm_cols(int64_t rows, const float* a, int64_t lda, const float* b, int64_t ldb, int64_t kdim,
+void gemm_cols(int64_t rows, const float* a, int64_t lda, int64_t ka, const float* b, int64_t ldb, int64_t kdim,
                const float* row_scale, float* c, int64_t ldc, int64_t cols) {
   for (int64_t c0 = 0; c0 < cols; c0 += 16 * kVecs) {
     const int64_t left = cols - c0, nv = std::min<int64_t>(kVecs, (left + 15) / 16);
-    gemm_for(rows, nv)(a, lda, b + c0, ldb, kdim, row_scale, c + c0, ldc, first_n(left - 16 * (nv - 1)));
+    gemm_for(rows, nv)(a, lda, ka, b + c0, ldb, kdim, row_scale, c + c0, ldc, first_n(left - 16 * (nv - 1)));
   }
 }
 
@@ -144,26 +145,37 @@ float softmax_row(float* s, int64_t seq, int mask_kind, const void* mask) {
 }  // namespace
 
 void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch) {
-  const int64_t seq_pad = (p.seq + 15) / 16 * 16;
-  float* kt = scratch;                      // [dim][seq_pad]
-  float* scores = kt + p.dim * seq_pad;     // [kRows][seq_pad]
+  const int64_t seq_pad = (p.seq + 15) / 16 * 16, dim_pad = (p.dim + 15) / 16 * 16;
+  const bool channel_major = p.sc != 1;
+  float* kv = scratch;                                        // K^T [dim][seq_pad] or V [seq][dim_pad]
+  float* scores = kv + std::max(p.dim * seq_pad, p.seq * dim_pad);  // [kRows][seq_pad]
   float scale[kRows], inv_sum[kRows];
   std::fill(scale, scale + kRows, p.scale);
   const size_t mask_bytes = p.mask_kind == kMaskBool ? 1 : 4;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / p.heads, h = t % p.heads;
-    const float* q = p.qkv + b * p.sb + h * p.dim;
-    transpose_keys(q + p.k_off, p.st, p.seq, p.dim, seq_pad, kt);
+    const float* q = p.qkv + b * p.sb + h * p.dim * p.sc;
+    const float *kt, *v;  // K^T rows (ldk apart, nk columns read) and V rows (ldv apart)
+    int64_t ldk, nk, ldv;
+    if (channel_major) {  // K^T in place; V rows by transposing V^T (the roles of transpose_keys swap)
+      kt = q + p.k_off * p.sc, ldk = p.sc, nk = p.seq;
+      transpose_keys(q + p.v_off * p.sc, p.sc, p.dim, p.seq, dim_pad, kv);
+      v = kv, ldv = dim_pad;
+    } else {
+      transpose_keys(q + p.k_off, p.st, p.seq, p.dim, seq_pad, kv);
+      kt = kv, ldk = seq_pad, nk = seq_pad;
+      v = q + p.v_off, ldv = p.st;
+    }
     float* out = p.out + b * p.ob + h * p.dim;
     for (int64_t i0 = 0; i0 < p.seq; i0 += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, p.seq - i0);
-      gemm_cols(rows, q + i0 * p.st, p.st, kt, seq_pad, p.dim, scale, scores, seq_pad, seq_pad);
+      gemm_cols(rows, q + i0 * p.st, p.st, p.sc, kt, ldk, p.dim, scale, scores, seq_pad, nk);
       for (int64_t r = 0; r < rows; ++r) {
         const char* mask = static_cast<const char*>(p.mask) +
                            (b * p.mb + h * p.mh + (i0 + r) * p.mi) * (int64_t)mask_bytes;
         inv_sum[r] = softmax_row(scores + r * seq_pad, p.seq, p.mask_kind, p.mask ? mask : nullptr);
       }
-      gemm_cols(rows, scores, seq_pad, q + p.v_off, p.st, p.seq, inv_sum, out + i0 * p.ot, p.ot, p.dim);
+      gemm_cols(rows, scores, seq_pad, 1, v, ldv, p.seq, inv_sum, out + i0 * p.ot, p.ot, p.dim);
     }
   }
 }

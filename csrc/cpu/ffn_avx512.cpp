@@ -26,7 +26,7 @@
 namespace sparse_ofa_cpu {
 
 void spmm_cols_avx512(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
-                      float* yt, float* amax, uint64_t* nonfinite) {
+                      float* yt, int64_t ldy, float* amax, uint64_t* nonfinite) {
   constexpr int T = kTileTokens / 16;
   __m512 xs[T], mx[T];
   __mmask16 bad[T];
@@ -41,12 +41,14 @@ void spmm_cols_avx512(const QuadWeight& w, const PackedActs& a, const float* w_s
     else row_product<T, 2>(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp * 4, acc);
     __m512 y[T];
     float_epilogue<T>(acc, flip_correction(w, n, a.flip), xs, w_scale[n], bias ? bias + n : nullptr, gelu, y);
+    for (int t = 0; t < T; ++t) _mm512_storeu_ps(yt + n * ldy + 16 * t, y[t]);
+    if (amax == nullptr) continue;
     for (int t = 0; t < T; ++t) {
-      _mm512_store_ps(yt + n * kTileTokens + 16 * t, y[t]);
       mx[t] = _mm512_max_ps(mx[t], _mm512_abs_ps(y[t]));
       bad[t] |= _mm512_fpclass_ps_mask(y[t], 0x01 | 0x80 | 0x08 | 0x10);  // QNaN, SNaN, +Inf, -Inf
     }
   }
+  if (amax == nullptr) return;
   uint64_t bits = 0;
   for (int t = 0; t < T; ++t) {
     _mm512_storeu_ps(amax + 16 * t, mx[t]);

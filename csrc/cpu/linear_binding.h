@@ -40,6 +40,13 @@ void pack_block(int isa, const QuadWeight& w, const Tiles& t, const int8_t* xb, 
                 uint8_t flip, uint8_t* xt);
 void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m0, int64_t m1);
 
+// One tile of kTileTokens tokens in w's activation layout (mp = kTileTokens for both kinds), and
+// tokens [s, s + mt) (mt <= kTileTokens) of float rows x [*, ldx] quantized per token into it
+// (x_scale [mt]); AVX-512 only (cpu_ffn.cpp).
+Tiles one_tile(const QuadWeight& w);
+void pack_tile_avx512(const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
+                      uint8_t* xt, float* x_scale);
+
 void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Tensor& quad_k,
                     const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout,
                     const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, double static_scale,

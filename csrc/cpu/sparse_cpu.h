@@ -130,13 +130,14 @@ void spmm_avx2(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int6
 void spmm_avxvnni(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
 void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
 
-// The fused FFN's channel-major steps (ffn_avx512.cpp; x86 only), on one tile of kTileTokens tokens
-// (a.m <= kTileTokens live, a.mp == kTileTokens): yt [w.n][kTileTokens] float (64-byte aligned) gets
-// the float epilogue (+ GELU) of every output channel, amax [kTileTokens] the per-token max |y| and
-// *nonfinite bit m whether token m has a NaN/Inf; then yt -> xt of the next product (layout kind
-// `gather`, mp = kTileTokens) quantized per token, x_scale [m] its scales.
+// The channel-major steps of the fused FFN and QKV-attention ops (ffn_avx512.cpp; x86 only), on one
+// tile of kTileTokens tokens (a.m <= kTileTokens live, a.mp == kTileTokens): row n of yt (ldy floats
+// apart, kTileTokens written) gets the float epilogue (+ GELU) of output channel n; if amax is given,
+// amax [kTileTokens] the per-token max |y| and *nonfinite bit m whether token m has a NaN/Inf. Then
+// quant_pack_cols: yt [k][kTileTokens] -> xt of the next product (layout kind `gather`,
+// mp = kTileTokens) quantized per token, x_scale [m] its scales.
 void spmm_cols_avx512(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
-                      float* yt, float* amax, uint64_t* nonfinite);
+                      float* yt, int64_t ldy, float* amax, uint64_t* nonfinite);
 void quant_pack_cols_avx512(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
                             const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale);
 

@@ -69,5 +69,11 @@ class Backend:
         None: not offered (the caller composes two linear_fn calls)."""
         return None
 
+    def qkv_attention_fn(self, prepared: dict[str, torch.Tensor], w_scale: torch.Tensor, bias: torch.Tensor | None,
+                         act: ActQuant, m: int, heads: int, scale: float):
+        """Optional: fn(x [B, S, K], mask) -> [B, S, H], fp32 attention (sparse_ofa.fastpath) of the
+        fused QKV projection of x by this layer ([3H, K]: q | k | v), as one op. None: not offered."""
+        return None
+
     def __repr__(self) -> str:
         return f"<sparse_ofa backend {self.name!r}>"

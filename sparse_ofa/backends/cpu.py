@@ -116,6 +116,10 @@ def _register_fakes() -> None:
     def _(qkv, mask, heads, scale, out, isa=-1):
         return None
 
+    @torch.library.register_fake(lib + "cpu_qkv_attention")
+    def _(x, w, w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax, mask, heads, scale, isa=-1):
+        return x.new_empty((x.shape[0], x.shape[1], (w[2].shape[0] - 1) // 3), dtype=torch.float32)
+
     @torch.library.register_fake(lib + "cpu_ffn")
     def _(x, w1, w1_scale, b1, static_scale1, inv_scale1, zero_point1, qmin1, qmax1, w2, w2_scale, b2,
           static_scale2, inv_scale2, zero_point2, qmin2, qmax2, gelu=True, residual=None, ln_weight=None,
@@ -312,6 +316,16 @@ class CpuBackend(Backend):
             weight, bias_, eps = norm if has_norm else (None, None, 1e-12)
             return op(x, *args, residual if has_residual else None, gelu, weight, bias_, eps)
         return fn
+
+    def qkv_attention_fn(self, prepared, w_scale, bias, act, m, heads, scale):
+        # one cpu_qkv_attention op: the projection channel-major, K^T read in place (csrc/cpu_attention.cpp);
+        # AVX-512 only, like the fused attention kernel itself
+        isa = isa_code()
+        if (ISAS[best_isa()] if isa < 0 else isa) != ISAS["avx512vnni"]:
+            return None
+        args = (list(self.choose(m, prepared, isa)), w_scale, bias, *act.kernel_args())
+        op = torch.ops.sparse_ofa.cpu_qkv_attention.default
+        return lambda x, mask: op(x, *args, mask, heads, scale, isa)
 
     def ffn_fn(self, first, second, m, gelu, post):
         # one cpu_ffn op: the intermediate stays channel-major in each thread's cache (csrc/cpu_ffn.cpp);
