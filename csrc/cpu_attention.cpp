@@ -52,22 +52,10 @@ at::Tensor broadcast_mask(const at::Tensor& mask, int64_t b, int64_t heads, int6
   return m.stride(3) == 1 ? m : m.contiguous();
 }
 
-void attention_out(const at::Tensor& qkv_in, const c10::optional<at::Tensor>& mask_in, int64_t heads, double scale,
-                   at::Tensor& out, int64_t isa) {
-  const int is = (int)resolve_isa(isa);
-  const int64_t dim = head_dim(qkv_in, heads);
-  const int64_t b = qkv_in.size(0), s = qkv_in.size(1), hidden = heads * dim;
-  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat,
-              "sparse_ofa cpu_attention: out must be a float32 CPU tensor");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == b && out.size(1) == s && out.size(2) == hidden,
-              "sparse_ofa cpu_attention: out must have shape [", fmt_num(b), ", ", fmt_num(s), ", ", fmt_num(hidden),
-              "], got ", fmt_dims(out));
-  TORCH_CHECK(out.stride(2) == 1, "sparse_ofa cpu_attention: out's last dimension must be contiguous");
-  if (b == 0 || s == 0 || dim == 0) return;
-  AttnProblem p{};
-  p.qkv = qkv.data_ptr<float>();
-  p.sb = qkv.stride(0), p.st = qkv.stride(1), p.sc = 1, p.k_off = hidden, p.v_off = 2 * hidden;
+// p's qkv layout (qkv, sb, st, sc) is set; the rest from the arguments, then one task per (batch, head).
+void run_attention(AttnProblem& p, int64_t b, int64_t s, int64_t heads, int64_t dim, double scale,
+                   const c10::optional<at::Tensor>& mask_in, at::Tensor& out, int is) {
+  p.k_off = heads * dim, p.v_off = 2 * heads * dim;
   p.batch = b, p.seq = s, p.heads = heads, p.dim = dim, p.scale = (float)scale;
   at::Tensor mask;
   p.mask_kind = kMaskNone;
@@ -84,6 +72,25 @@ void attention_out(const at::Tensor& qkv_in, const c10::optional<at::Tensor>& ma
     if (is == kAvx512Vnni) attention_avx512(p, t0, t1, work);
     else attention_scalar(p, t0, t1, work);
   });
+}
+
+void attention_out(const at::Tensor& qkv_in, const c10::optional<at::Tensor>& mask_in, int64_t heads, double scale,
+                   at::Tensor& out, int64_t isa) {
+  const int is = (int)resolve_isa(isa);
+  const int64_t dim = head_dim(qkv_in, heads);
+  const int64_t b = qkv_in.size(0), s = qkv_in.size(1), hidden = heads * dim;
+  const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat,
+              "sparse_ofa cpu_attention: out must be a float32 CPU tensor");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == b && out.size(1) == s && out.size(2) == hidden,
+              "sparse_ofa cpu_attention: out must have shape [", fmt_num(b), ", ", fmt_num(s), ", ", fmt_num(hidden),
+              "], got ", fmt_dims(out));
+  TORCH_CHECK(out.stride(2) == 1, "sparse_ofa cpu_attention: out's last dimension must be contiguous");
+  if (b == 0 || s == 0 || dim == 0) return;
+  AttnProblem p{};
+  p.qkv = qkv.data_ptr<float>();
+  p.sb = qkv.stride(0), p.st = qkv.stride(1), p.sc = 1;
+  run_attention(p, b, s, heads, dim, scale, mask_in, out, is);
 }
 
 at::Tensor attention(const at::Tensor& qkv, const c10::optional<at::Tensor>& mask, int64_t heads, double scale,
@@ -148,21 +155,8 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   at::Tensor out = at::empty({b, s, hidden}, xf.options());
   AttnProblem p{};
   p.qkv = yt;
-  p.sb = s, p.st = 1, p.sc = mp, p.k_off = hidden, p.v_off = 2 * hidden;
-  p.batch = b, p.seq = s, p.heads = heads, p.dim = hidden / heads, p.scale = (float)scale;
-  at::Tensor mask;
-  p.mask_kind = kMaskNone;
-  if (mask_in.has_value() && mask_in->defined()) {
-    mask = broadcast_mask(*mask_in, b, heads, s, &p.mask_kind);
-    p.mask = mask.data_ptr();
-    p.mb = mask.stride(0), p.mh = mask.stride(1), p.mi = mask.stride(2);
-  }
-  p.out = out.data_ptr<float>(), p.ob = out.stride(0), p.ot = out.stride(1);
-  const int64_t scratch_floats = attention_scratch_floats(p);
-  at::parallel_for(0, b * heads, 1, [&](int64_t t0, int64_t t1) {
-    thread_local std::vector<uint8_t> buf;
-    attention_avx512(p, t0, t1, reinterpret_cast<float*>(scratch(buf, (size_t)scratch_floats * sizeof(float))));
-  });
+  p.sb = s, p.st = 1, p.sc = mp;  // token (b, i) is column b * s + i
+  run_attention(p, b, s, heads, hidden / heads, scale, mask_in, out, is);
   return out;
 }
 
