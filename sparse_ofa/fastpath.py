@@ -18,6 +18,9 @@ same input size, pattern, backend and activation quantization; HF "sdpa" attenti
   AVX-512 BF16; changes numerics slightly, hence opt-in. Since the fused fp32 kernel it is slower
   than the default on AVX-512 CPUs (bench/NOTES.md); kept so that code selecting it keeps working.
 
+Around them: the encoder layers get a lean forward (sparse_ofa/fastpath_layer.py: post-ops fused into
+the linears, the feed-forward block as one op) and the embeddings one too (sparse_ofa/fastpath_embed.py).
+
 The module's state_dict is untouched: the fused weight is derived (like a backend layout), held
 outside the module tree, and rebuilt when the q/k/v buffers change (load_state_dict, .to(device),
 set_backend). The fast forward steps aside, running the model's own forward, while training, under
