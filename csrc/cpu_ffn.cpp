@@ -23,23 +23,6 @@
 
 namespace sparse_ofa_cpu {
 
-Tiles one_tile(const QuadWeight& w) {
-  const int64_t bytes = w.gather ? w.k * kTileTokens : (w.k + 3) / 4 * kTileTokens * 4;
-  return Tiles{kTileTokens, kTileTokens, (bytes + 63) / 64 * 64, 1};
-}
-
-void pack_tile_avx512(const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
-                      uint8_t* xt, float* x_scale) {
-  thread_local std::vector<uint8_t> block_buf;
-  int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * w.k));
-  const Tiles tile = one_tile(w);
-  for (int64_t b = 0; b < kTileTokens / kTokenPad; ++b) {  // 16 tokens at a time, via an L1-sized block
-    const int64_t m0 = b * kTokenPad, m1 = std::min(mt, m0 + kTokenPad);
-    if (m1 > m0) quantize_rows(kAvx512Vnni, x + (s + m0) * ldx, ldx, w.k, 0, m1 - m0, q, block, w.k, x_scale + m0);
-    pack_block(kAvx512Vnni, w, tile, block, w.k, mt, b, flip_of(kAvx512Vnni), xt);  // (past mt: padding)
-  }
-}
-
 namespace {
 
 using sparse_ofa::fmt_dims;

@@ -213,6 +213,23 @@ QuantParams quant_params(double static_scale, double inv_scale, int64_t zero_poi
   return QuantParams{(float)static_scale, (float)inv_scale, (int)zero_point, (int)qmin, (int)qmax};
 }
 
+Tiles one_tile(const QuadWeight& w) {
+  const int64_t bytes = w.gather ? w.k * kTileTokens : (w.k + 3) / 4 * kTileTokens * 4;
+  return Tiles{kTileTokens, kTileTokens, (bytes + 63) / 64 * 64, 1};
+}
+
+void pack_tile_avx512(const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
+                      uint8_t* xt, float* x_scale) {
+  thread_local std::vector<uint8_t> block_buf;
+  int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * w.k));
+  const Tiles tile = one_tile(w);
+  for (int64_t b = 0; b < kTileTokens / kTokenPad; ++b) {  // 16 tokens at a time, via an L1-sized block
+    const int64_t m0 = b * kTokenPad, m1 = std::min(mt, m0 + kTokenPad);
+    if (m1 > m0) quantize_rows(kAvx512Vnni, x + (s + m0) * ldx, ldx, w.k, 0, m1 - m0, q, block, w.k, x_scale + m0);
+    pack_block(kAvx512Vnni, w, tile, block, w.k, mt, b, flip_of(kAvx512Vnni), xt);  // (past mt: padding)
+  }
+}
+
 at::Tensor float_input(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "sparse_ofa cpu: x must be float32/bfloat16/float16, got ", x.scalar_type());

@@ -218,12 +218,14 @@ class FastSelfAttentionMixin(FastMixin):
             return None
         scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
         mode = self._sparse_ofa_attention
-        if mode == "fp32" and _cpu_attention_runs(hidden_states, attention_mask):
+        # (qkv has hidden_states' dtype, device and rank: the check holds for both)
+        cpu_kernel = mode == "fp32" and _cpu_attention_runs(hidden_states, attention_mask)
+        if cpu_kernel:
             fn = _qkv_attention_plan(fused, hidden_states, self.num_attention_heads, scale)
             if fn is not None:  # projection + attention as one op (same bits as the two below)
                 return fn(hidden_states, attention_mask)
         qkv = fused.direct(hidden_states)
-        if mode == "fp32" and _cpu_attention_runs(qkv, attention_mask):
+        if cpu_kernel and qkv.dtype == torch.float32:
             return torch.ops.sparse_ofa.cpu_attention.default(qkv, attention_mask, self.num_attention_heads,
                                                               scale)
         if mode == "bf16" and qkv.device.type == "cpu" and qkv.dim() == 3 and qkv.dtype == torch.float32:

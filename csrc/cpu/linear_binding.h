@@ -42,7 +42,7 @@ void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m
 
 // One tile of kTileTokens tokens in w's activation layout (mp = kTileTokens for both kinds), and
 // tokens [s, s + mt) (mt <= kTileTokens) of float rows x [*, ldx] quantized per token into it
-// (x_scale [mt]); AVX-512 only (cpu_ffn.cpp).
+// (x_scale [mt]); AVX-512 only (the fused ops: cpu_ffn.cpp, cpu_attention.cpp).
 Tiles one_tile(const QuadWeight& w);
 void pack_tile_avx512(const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
                       uint8_t* xt, float* x_scale);
