@@ -1,9 +1,10 @@
-// The channel-major half of the fused FFN (csrc/cpu_ffn.cpp), AVX-512 VNNI, one 64-token tile:
+// The channel-major products of the fused ops, AVX-512 VNNI, one 64-token tile: the FFN's intermediate
+// (csrc/cpu_ffn.cpp) and the QKV projection read by the attention (csrc/cpu_attention.cpp).
 //
 //   spmm_cols_avx512:  y^T[n][0..64) = GELU(((acc[n] * x_scale) * w_scale[n]) + b[n])  for every row n
 //       The row kernels' accumulators hold 16 tokens of ONE channel: stored as they are, they ARE
-//       the channel-major output (no 16x16 transposes). On the way, per token lane: max |y| (the
-//       next linear's dynamic quantization scale) and whether any y is NaN/Inf.
+//       the channel-major output (no 16x16 transposes). On the way, if asked, per token lane: max |y|
+//       (the next linear's dynamic quantization scale) and whether any y is NaN/Inf.
 //   quant_pack_cols_avx512:  y^T -> the next linear's activation layout (sparse_cpu.h), quantized
 //       per token exactly as quantize_rows_avx512 does a row-major row:
 //           inv = (1 / amax) * 127, q = rne(y * inv)                     (dynamic, no clamp needed)
@@ -133,4 +134,4 @@ void quant_pack_cols_avx512(const float* yt, int64_t k, int64_t m, const float* 
 }  // namespace sparse_ofa_cpu
 
 #pragma GCC pop_options
-#endif  // x86 (elsewhere the fused FFN runs as two cpu_linear calls and these are never referenced)
+#endif  // x86 (elsewhere the fused ops run their op sequences and these are never referenced)
