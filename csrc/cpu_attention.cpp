@@ -110,23 +110,16 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
                          int64_t zero_point, int64_t qmin, int64_t qmax, const c10::optional<at::Tensor>& mask_in,
                          int64_t heads, double scale, int64_t isa) {
   const int is = (int)resolve_isa(isa);
-  TORCH_CHECK(w.size() == 5, "sparse_ofa cpu_qkv_attention: w must be the 5 layout tensors (quad_w, quad_k, "
-              "row_ptr, rowsum, layout), got ", fmt_num((int64_t)w.size()));
-  const QuadWeight wq = weight_of(w[0], w[1], w[2], w[3], w[4]);
+  const QuadWeight wq = layout_of(w, "cpu_qkv_attention", "w");
   TORCH_CHECK(x.dim() == 3, "sparse_ofa cpu_qkv_attention: x must be 3-D [batch, seq, hidden], got ", fmt_dims(x));
   TORCH_CHECK(heads >= 1 && wq.n % (3 * heads) == 0, "sparse_ofa cpu_qkv_attention: the weight's ",
               fmt_num(wq.n), " outputs are not 3 x heads x head_dim for heads = ", fmt_num(heads));
   check_vec(w_scale, "w_scale", at::kFloat, wq.n);
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    check_vec(*bias, "bias", at::kFloat, wq.n);
-    bp = bias->data_ptr<float>();
-  }
+  const float* bp = bias_of(bias, "bias", wq.n);
   const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
   const int64_t b = x.size(0), s = x.size(1), m = b * s, hidden = wq.n / 3;
   const at::Tensor xf = float_input(x.reshape({m, x.size(2)}), wq.k);
-  const int64_t threads = at::get_num_threads();
-  if (is != kAvx512Vnni || m == 0 || hidden == 0 || (threads > 1 && m < kTileTokens * threads)) {
+  if (is != kAvx512Vnni || m == 0 || hidden == 0 || !tiles_for_every_thread(m)) {
     at::Tensor qkv = at::empty({b, s, wq.n}, xf.options());
     at::Tensor qkv2 = qkv.view({m, wq.n});
     cpu_linear_out(xf, w[0], w[1], w[2], w[3], w[4], w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax,
@@ -139,17 +132,14 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   float* yt = qkv_t.data_ptr<float>();
   const float* xp = xf.data_ptr<float>();
   const int64_t ldx = xf.stride(0), nq = (wq.k + 3) / 4;
-  const int64_t chunk = ((m + threads - 1) / threads + kTileTokens - 1) / kTileTokens * kTileTokens;
-  at::parallel_for(0, (m + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+  const float* ws = w_scale.data_ptr<float>();
+  for_each_tile(m, [&](int64_t s0, int64_t mt) {
     thread_local std::vector<uint8_t> xt_buf;
     uint8_t* xt = scratch(xt_buf, one_tile(wq).bytes);
     alignas(64) float xs[kTileTokens];
-    for (int64_t s0 = c0 * chunk; s0 < std::min(m, c1 * chunk); s0 += kTileTokens) {
-      const int64_t mt = std::min<int64_t>(kTileTokens, m - s0);
-      pack_tile_avx512(wq, xp, ldx, s0, mt, qp, xt, xs);
-      spmm_cols_avx512(wq, PackedActs{xt, mt, kTileTokens, nq, flip_of(kAvx512Vnni), xs}, w_scale.data_ptr<float>(),
-                       bp, false, yt + s0, mp, nullptr, nullptr);
-    }
+    pack_tile_avx512(wq, xp, ldx, s0, mt, qp, xt, xs);
+    spmm_cols_avx512(wq, PackedActs{xt, mt, kTileTokens, nq, flip_of(kAvx512Vnni), xs}, ws, bp, false, yt + s0, mp,
+                     nullptr, nullptr);
   });
   // 2. the attention, reading q, k, v from it
   at::Tensor out = at::empty({b, s, hidden}, xf.options());

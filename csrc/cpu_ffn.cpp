@@ -28,18 +28,6 @@ namespace {
 using sparse_ofa::fmt_dims;
 using sparse_ofa::fmt_num;
 
-QuadWeight layout_of(const std::vector<at::Tensor>& w, const char* name) {
-  TORCH_CHECK(w.size() == 5, "sparse_ofa cpu_ffn: ", name, " must be the 5 layout tensors (quad_w, quad_k, "
-              "row_ptr, rowsum, layout), got ", fmt_num((int64_t)w.size()));
-  return weight_of(w[0], w[1], w[2], w[3], w[4]);
-}
-
-const float* bias_of(const c10::optional<at::Tensor>& bias, const char* name, int64_t n) {
-  if (!bias.has_value() || !bias->defined()) return nullptr;
-  check_vec(*bias, name, at::kFloat, n);
-  return bias->data_ptr<float>();
-}
-
 #if defined(__x86_64__) || defined(__i386__)
 struct FfnArgs {
   QuadWeight w1, w2;
@@ -76,7 +64,7 @@ at::Tensor cpu_ffn(const at::Tensor& x, const std::vector<at::Tensor>& w1, const
                    const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias, double ln_eps,
                    int64_t isa) {
   const int is = (int)resolve_isa(isa);
-  const QuadWeight wa = layout_of(w1, "w1"), wb = layout_of(w2, "w2");
+  const QuadWeight wa = layout_of(w1, "cpu_ffn", "w1"), wb = layout_of(w2, "cpu_ffn", "w2");
   TORCH_CHECK(wa.n == wb.k, "sparse_ofa cpu_ffn: w1 has ", fmt_num(wa.n), " outputs but w2 takes ", fmt_num(wb.k),
               " inputs");
   TORCH_CHECK(x.dim() >= 1, "sparse_ofa cpu_ffn: x must be [..., K], got a 0-d tensor");
@@ -98,8 +86,7 @@ at::Tensor cpu_ffn(const at::Tensor& x, const std::vector<at::Tensor>& w1, const
   check_vec(w2_scale, "w2_scale", at::kFloat, wb.n);
   const float* b1p = bias_of(b1, "b1", wa.n);
   const float* b2p = bias_of(b2, "b2", wb.n);
-  const int64_t threads = at::get_num_threads();
-  const bool fused = is == kAvx512Vnni && rows > 0 && (threads == 1 || rows >= kTileTokens * threads);
+  const bool fused = is == kAvx512Vnni && rows > 0 && tiles_for_every_thread(rows);
 #if defined(__x86_64__) || defined(__i386__)
   if (fused) {
     const FfnArgs f{wa, wb, w1_scale.data_ptr<float>(), b1p, w2_scale.data_ptr<float>(), b2p, quant_params(static_scale1, inv_scale1, zero_point1, qmin1, qmax1),
@@ -108,12 +95,7 @@ at::Tensor cpu_ffn(const at::Tensor& x, const std::vector<at::Tensor>& w1, const
     const float* xp = xf.data_ptr<float>();
     float* op = out2.data_ptr<float>();
     const int64_t ldx = xf.stride(0), ldo = out2.stride(0);
-    // each thread its own token range, whole tiles (as the fused linear's token split)
-    const int64_t chunk = ((rows + threads - 1) / threads + kTileTokens - 1) / kTileTokens * kTileTokens;
-    at::parallel_for(0, (rows + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t s = c0 * chunk; s < std::min(rows, c1 * chunk); s += kTileTokens)
-        ffn_tile(f, xp, ldx, op, ldo, s, std::min<int64_t>(kTileTokens, rows - s));
-    });
+    for_each_tile(rows, [&](int64_t s, int64_t mt) { ffn_tile(f, xp, ldx, op, ldo, s, mt); });
     return out;
   }
 #endif

@@ -84,6 +84,18 @@ void check_out(const at::Tensor& out, int64_t m, int64_t n) {
   TORCH_CHECK(out.stride(1) == 1 || n <= 1, "sparse_ofa cpu: out rows must be contiguous");
 }
 
+QuadWeight layout_of(const std::vector<at::Tensor>& w, const char* op, const char* name) {
+  TORCH_CHECK(w.size() == 5, "sparse_ofa ", op, ": ", name, " must be the 5 layout tensors (quad_w, quad_k, "
+              "row_ptr, rowsum, layout), got ", fmt_num((int64_t)w.size()));
+  return weight_of(w[0], w[1], w[2], w[3], w[4]);
+}
+
+const float* bias_of(const c10::optional<at::Tensor>& bias, const char* name, int64_t n) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  check_vec(*bias, name, at::kFloat, n);
+  return bias->data_ptr<float>();
+}
+
 void pack_acts(int isa, bool gather, const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
                int64_t mend, uint8_t flip, uint8_t* xt, int64_t mp) {
   if (gather) {
@@ -162,8 +174,8 @@ void pack_and_multiply(int isa, const QuadWeight& w, const PackedActs& a, const 
                        const PackBlocks& pack_blocks, const PostFn& post = nullptr) {
   const int64_t nblocks = t.count * t.tok / kTokenPad;
   const int64_t threads = at::get_num_threads();
-  if (threads > 1 && a.m >= 64 * threads) {
-    const int64_t chunk = ((a.m + threads - 1) / threads + 63) / 64 * 64;
+  if (threads > 1 && a.m >= kTileTokens * threads) {
+    const int64_t chunk = token_chunk(a.m, threads);
     const int64_t nchunks = (a.m + chunk - 1) / chunk;
     at::parallel_for(0, nchunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
@@ -344,11 +356,7 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
   const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
   const at::Tensor xf = float_input(x, w.k);
   check_vec(w_scale, "w_scale", at::kFloat, w.n);
-  const float* bp = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    check_vec(*bias, "bias", at::kFloat, w.n);
-    bp = bias->data_ptr<float>();
-  }
+  const float* bp = bias_of(bias, "bias", w.n);
   TORCH_CHECK(out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16,
               "sparse_ofa cpu: out must be float32 or bfloat16, got ", out.scalar_type());
   const int64_t m = xf.size(0), k = w.k;

@@ -143,15 +143,12 @@ def _qkv_attention_plan(fused: SparseInt8Linear, x: torch.Tensor, heads: int, sc
     qkv_attention_fn), or None; resolved once per input shape and cached with the layer's direct()
     plans (dropped whenever its layouts are rebuilt)."""
     key = ("qkv_attention", x.shape, x.dtype, x.device, os.environ.get("SPARSE_OFA_CPU_ISA"), heads, scale)
-    cache = fused._direct
-    if key not in cache:
-        if len(cache) >= 64:  # many distinct shapes: keep the cache small (as direct() does)
-            cache.clear()
-        backend = _backends.select(fused._chain, x.numel() // fused.in_features, fused._info)
-        cache[key] = backend.qkv_attention_fn(fused._prepared[backend.name], fused.weight_scale,
-                                              fused._epilogue_bias, fused.act, x.numel() // fused.in_features,
-                                              heads, scale)
-    return cache[key]
+    if key in fused._direct:
+        return fused._direct[key]
+    m = x.numel() // fused.in_features
+    backend = _backends.select(fused._chain, m, fused._info)
+    return fused._remember(key, backend.qkv_attention_fn(fused._prepared[backend.name], fused.weight_scale,
+                                                         fused._epilogue_bias, fused.act, m, heads, scale))
 
 
 def _uses_cache(args, kwargs) -> bool:

@@ -36,10 +36,8 @@ def feed_forward(first: SparseInt8Linear, second: SparseInt8Linear, x: torch.Ten
             raise ValueError(f"feed_forward: first has {first.out_features} output features but second "
                              f"takes {second.in_features}")
         fn = _plan(first, second, x, gelu, post)
-        for module in (first, second):
-            if len(module._direct) >= 64:  # many distinct shapes: keep the caches small
-                module._direct.clear()
-            module._direct[key] = fn
+        first._remember(key, fn)
+        second._remember(key, fn)
     return fn(x, residual, norm)
 
 

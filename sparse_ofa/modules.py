@@ -92,7 +92,7 @@ class SparseInt8Linear(nn.Module):
             rowsum = unpack_int8(packed).sum(1, dtype=torch.int32)
         self._epilogue_bias = (self.act.fold_zero_point(self.bias, rowsum, self.weight_scale)
                                if rowsum is not None else self.bias)
-        self._direct = {}  # direct(): (shape, dtype, device, $SPARSE_OFA_CPU_ISA, post-ops) -> callable
+        self._direct = {}  # call plans by key (_remember): direct(), sparse_ofa.ffn, the fast attention
 
     @property
     def packed(self) -> PackedWeight:
@@ -151,10 +151,16 @@ class SparseInt8Linear(nn.Module):
             if (x.dim() == 0 or x.shape[-1] != self.in_features or x.dtype not in _FLOAT_DTYPES
                     or x.device != self.weight_values.device):
                 self.forward(x)  # raises the error that names the problem
-            if len(self._direct) >= 64:  # many distinct shapes: keep the cache small
-                self._direct.clear()
-            fn = self._direct[key] = self._plan(x.numel() // self.in_features, x.dtype, post)
+            fn = self._remember(key, self._plan(x.numel() // self.in_features, x.dtype, post))
         return fn(x, residual, norm)
+
+    def _remember(self, key, plan):
+        """Cache a resolved call plan under `key` (direct(), sparse_ofa.ffn, the fast attention all keep
+        theirs here: rebuilding the layouts drops them all) and return it."""
+        if len(self._direct) >= 64:  # many distinct shapes: keep the cache small
+            self._direct.clear()
+        self._direct[key] = plan
+        return plan
 
     def _plan(self, m: int, dtype: torch.dtype, post: tuple[bool, bool, bool]):
         """fn(x, residual, norm) for direct() (x [..., K] -> [..., N]): the backend's own (post-ops

@@ -3,6 +3,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "sparse_cpu.h"
 
@@ -29,6 +33,10 @@ QuantParams quant_params(double static_scale, double inv_scale, int64_t zero_poi
 at::Tensor float_input(const at::Tensor& x, int64_t k);  // float32 [M, K] with contiguous rows
 void check_vec(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel);
 void check_out(const at::Tensor& out, int64_t m, int64_t n);
+// the 5 layout tensors (quad_w, quad_k, row_ptr, rowsum, layout) of a Tensor[] argument; `op` and
+// `name` name the op and the argument in messages
+QuadWeight layout_of(const std::vector<at::Tensor>& w, const char* op, const char* name);
+const float* bias_of(const c10::optional<at::Tensor>& bias, const char* name, int64_t n);  // null if none
 PostOps post_ops(const c10::optional<at::Tensor>& residual, bool gelu, const c10::optional<at::Tensor>& ln_weight,
                  const c10::optional<at::Tensor>& ln_bias, double ln_eps, const at::Tensor& out, int64_t m, int64_t n);
 
@@ -54,5 +62,29 @@ void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Ten
                     int64_t isa, const c10::optional<at::Tensor>& residual, bool gelu,
                     const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
                     double ln_eps);
+
+// The token split of the AVX-512 paths: each of `threads` threads its own run of whole
+// kTileTokens tiles, `token_chunk` tokens long (the split pays when m >= kTileTokens * threads).
+inline int64_t token_chunk(int64_t m, int64_t threads) {
+  return ((m + threads - 1) / threads + kTileTokens - 1) / kTileTokens * kTileTokens;
+}
+
+// Whether the fused ops' token split keeps every thread busy with m tokens (else they run their op
+// sequences, whose products split the output channels between threads instead).
+inline bool tiles_for_every_thread(int64_t m) {
+  const int64_t threads = at::get_num_threads();
+  return threads == 1 || m >= kTileTokens * threads;
+}
+
+// tile(s, mt) for every kTileTokens tile [s, s + mt) of m tokens, split by token_chunk (the fused
+// ops: their tile buffers are thread-local, so a thread keeps its tiles in its own cache)
+template <class Tile>
+void for_each_tile(int64_t m, const Tile& tile) {
+  const int64_t chunk = token_chunk(m, at::get_num_threads());
+  at::parallel_for(0, (m + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t s = c0 * chunk; s < std::min(m, c1 * chunk); s += kTileTokens)
+      tile(s, std::min<int64_t>(kTileTokens, m - s));
+  });
+}
 
 }  // namespace sparse_ofa_cpu
