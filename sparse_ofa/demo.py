@@ -24,6 +24,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -185,6 +186,38 @@ def layerwise_loss(student: nn.Module, teacher_inputs: TeacherLayerInputs, teach
     return torch.stack(losses).mean()
 
 
+class TeacherCache:
+    """The teacher's hidden states for every training sentence, computed once before training.
+
+    The teacher is frozen and the corpus is fixed, so its forward on a batch is the same every epoch:
+    caching it per sentence (unpadded, float32: ~7 x 384 x 4 bytes per token, ~0.7 GB for the demo's
+    3,000 sentences) takes the teacher out of the training step (~a fifth of it). A batch's outputs are
+    the sentences' cached states padded with zeros, which every loss masks out."""
+
+    def __init__(self, teacher: nn.Module, tokenizer, sentences: list[str], max_length: int, bf16: bool,
+                 batch_size: int = 64):
+        self.bf16 = bf16
+        self._rows: dict[str, torch.Tensor] = {}
+        ordered = sorted(dict.fromkeys(sentences), key=len)
+        for i in range(0, len(ordered), batch_size):
+            chunk = ordered[i:i + batch_size]
+            batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = teacher(**batch, output_hidden_states=True)
+            states = torch.stack([h.float() for h in out.hidden_states], dim=1)  # [B, layers+1, L, H]
+            for row, sentence in enumerate(chunk):
+                length = int(batch["attention_mask"][row].sum())
+                self._rows[sentence] = states[row, :, :length].clone()
+
+    def outputs(self, sentences: list[str], seq_len: int) -> "_FloatOutputs":
+        first = self._rows[sentences[0]]
+        padded = first.new_zeros(first.shape[0], len(sentences), seq_len, first.shape[-1])
+        for i, sentence in enumerate(sentences):
+            row = self._rows[sentence]
+            padded[:, i, :row.shape[1]] = row
+        return _FloatOutputs.of(tuple(padded.unbind(0)))
+
+
 class _FloatOutputs:
     """The hidden states the distillation loss reads, in float32 (from a bf16 autocast forward)."""
 
@@ -192,9 +225,50 @@ class _FloatOutputs:
         self.last_hidden_state = out.last_hidden_state.float()
         self.hidden_states = tuple(h.float() for h in out.hidden_states)
 
+    @classmethod
+    def of(cls, hidden_states: tuple) -> "_FloatOutputs":
+        self = cls.__new__(cls)
+        self.hidden_states, self.last_hidden_state = hidden_states, hidden_states[-1]
+        return self
+
+
+def _adamw(params: list, lr: float) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters: ~8 ms less per demo step on 2 cores) where this
+    torch has the fused CPU implementation, else the default one."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-6, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-6)
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """Train with Hugging Face's "eager" attention, then restore the model's own (sdpa, which
+    sparse_ofa's fast path needs). At the demo's shapes (16 sentences of ~22 tokens, 12 heads of 32)
+    torch's CPU flash-attention backward costs ~60 ms per step, the eager matmul + softmax backward a
+    few: the step drops from ~165 to ~103 ms (.dev measurements in bench/NOTES.md)."""
+    config = getattr(model, "config", None)
+    original = getattr(config, "_attn_implementation", None)
+    if original is None or original == "eager":
+        yield model
+        return
+    _set_attention(model, "eager")
+    try:
+        yield model
+    finally:
+        _set_attention(model, original)
+
+
+def _set_attention(model: nn.Module, implementation: str) -> None:
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(implementation)
+    else:  # older transformers: the attention layers read the shared config at call time
+        model.config._attn_implementation = implementation
+
 
 def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, lr: float, masker,
-           progress, phase: str, pruner=None, history=None, observe: bool = False, bf16: bool = False) -> None:
+           progress, phase: str, pruner=None, history=None, observe: bool = False, bf16: bool = False,
+           teacher_cache: TeacherCache | None = None) -> None:
     """AdamW on the distillation loss. `pruner` (GMP) or `masker` (pattern lock) keeps the zeros.
     bf16: both forwards (and so the backward) under CPU bf16 autocast, the loss in float32."""
     params = [p for p in student.parameters() if p.requires_grad]
@@ -202,7 +276,7 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
     # that removed little), and Adam's scale invariance would turn them into full-LR random steps
     # that damage the fragile MiniLM (observed: held-out cosine 0.75 after 2 steps at sparsity 0).
     # Real distillation gradients are 1e-5..1e-1, untouched by this eps.
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-6)
+    optimizer = _adamw(params, lr)
     ramp_end = pruner.schedule.ramp_end if pruner is not None else 0
     warmup = min(cfg.warmup_steps, max(1, steps // 10))
 
@@ -215,38 +289,47 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     batches = _batches(sentences, cfg.batch_size, cfg.seed + len(phase))
+    if cfg.layerwise_weight > 0 and teacher_cache is not None:
+        raise ValueError("the teacher-forced layerwise loss needs the teacher's forward: no teacher_cache")
     teacher_inputs = TeacherLayerInputs(teacher) if cfg.layerwise_weight > 0 else None
     student.eval()  # no dropout: see the module doc
     if observe:
         _set_observers_training(student, True)  # QAT observers learn activation ranges in train mode
-    for step in range(steps):
-        if pruner is not None:
-            pruner.step(step, optimizer)
-        batch = tokenizer(next(batches), padding=True, truncation=True, max_length=cfg.max_length,
-                          return_tensors="pt")
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            with torch.no_grad():
-                teacher_out = teacher(**batch, output_hidden_states=True)
-            student_out = student(**batch, output_hidden_states=True)
-        if bf16:
-            teacher_out, student_out = _FloatOutputs(teacher_out), _FloatOutputs(student_out)
-        parts: dict = {}
-        loss = distill_loss(student_out, teacher_out, batch["attention_mask"], cfg.hidden_weight, parts)
-        if teacher_inputs is not None:
-            loss = loss + cfg.layerwise_weight * layerwise_loss(student, teacher_inputs, teacher_out,
-                                                                batch["attention_mask"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        masker()
-        sparsity = pruner.current_sparsity if pruner is not None else cfg.sparsity
-        if history is not None:
-            history.append({"phase": phase, "step": step, "loss": float(loss.detach()), "sparsity": sparsity,
-                            "batch_cosine": parts["cosine"]})
-        progress.set_postfix_str(f"{phase} sparsity {sparsity:.0%} loss {float(loss.detach()):.4f} "
-                                 f"cosine {parts['cosine']:.4f}")
-        progress.update(1)
+    with eager_attention(student):
+        for step in range(steps):
+            if pruner is not None:
+                pruner.step(step, optimizer)
+            sentences = next(batches)
+            batch = tokenizer(sentences, padding=True, truncation=True, max_length=cfg.max_length,
+                              return_tensors="pt")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                if teacher_cache is not None:
+                    teacher_out = teacher_cache.outputs(sentences, batch["input_ids"].shape[1])
+                else:
+                    with torch.no_grad():
+                        teacher_out = teacher(**batch, output_hidden_states=True)
+                student_out = student(**batch, output_hidden_states=True)
+            if bf16:
+                student_out = _FloatOutputs(student_out)
+                if teacher_cache is None:
+                    teacher_out = _FloatOutputs(teacher_out)
+            parts: dict = {}
+            loss = distill_loss(student_out, teacher_out, batch["attention_mask"], cfg.hidden_weight, parts)
+            if teacher_inputs is not None:
+                loss = loss + cfg.layerwise_weight * layerwise_loss(student, teacher_inputs, teacher_out,
+                                                                    batch["attention_mask"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            masker()
+            sparsity = pruner.current_sparsity if pruner is not None else cfg.sparsity
+            if history is not None:
+                history.append({"phase": phase, "step": step, "loss": float(loss.detach()), "sparsity": sparsity,
+                                "batch_cosine": parts["cosine"]})
+            progress.set_postfix_str(f"{phase} sparsity {sparsity:.0%} loss {float(loss.detach()):.4f} "
+                                     f"cosine {parts['cosine']:.4f}")
+            progress.update(1)
     if teacher_inputs is not None:
         teacher_inputs.remove()
 
@@ -361,9 +444,15 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
                            update_every=cfg.update_every)
     pruner = Pruner(student, schedule, pattern=cfg.pattern, filter_fn=is_encoder_linear)
     history: list[dict] = []
+    cache = None
+    if cfg.layerwise_weight == 0:  # the teacher-forced loss needs the teacher's own forward
+        log(f"caching the teacher's hidden states for {len(train)} training sentences ...")
+        cache = TeacherCache(teacher, tokenizer, train, cfg.max_length, cfg.bf16)
+        lap("teacher_cache")
     with tqdm(total=cfg.steps + cfg.qat_steps, desc="Prune OFA", unit="step", dynamic_ncols=True) as bar:
         _train(student, teacher, tokenizer, train, cfg, cfg.steps, cfg.lr, pruner.apply_masks, bar,
-               "prune", pruner=pruner, history=history, bf16=cfg.bf16)
+               "prune", pruner=pruner, history=history, bf16=cfg.bf16, teacher_cache=cache)
+        del cache  # ~0.7 GB
         pruner.remove_hooks()
         lap("prune_ofa")
         student_fp32 = copy.deepcopy(student).eval()

@@ -102,3 +102,50 @@ def test_bf16_training_keeps_fp32_weights_and_float_loss():
     assert loss.dtype == torch.float32 and loss.item() < 1e-2  # identical models: ~0 up to bf16 noise
     loss.backward()
     assert all(p.dtype == torch.float32 and p.grad is not None for p in student.encoder.parameters())
+
+
+def _tiny_minilm_shaped_teacher():
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=64), add_pooling_layer=False).eval()
+
+
+def test_teacher_cache_gives_the_teachers_hidden_states():
+    import torch
+
+    from sparse_ofa.demo import TeacherCache
+    from sparse_ofa.minilm import load_minilm
+
+    tokenizer = load_minilm()[1]
+    teacher = _tiny_minilm_shaped_teacher()
+    sentences = ["A short one.", "This sentence is quite a bit longer than the first one is.",
+                 "Truncated: " + "word " * 40, "Medium length sentence here."]
+    cache = TeacherCache(teacher, tokenizer, sentences, max_length=24, bf16=False, batch_size=3)
+    batch = tokenizer(sentences[1:], padding=True, truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        want = teacher(**batch, output_hidden_states=True).hidden_states
+    got = cache.outputs(sentences[1:], batch["input_ids"].shape[1])
+    assert len(got.hidden_states) == len(want) == 3 and got.last_hidden_state is got.hidden_states[-1]
+    keep = batch["attention_mask"].bool()
+    for g, w in zip(got.hidden_states, want):
+        assert g.shape == w.shape and g.dtype == torch.float32
+        torch.testing.assert_close(g[keep], w[keep], rtol=1e-5, atol=1e-5)
+        assert not g[~keep].any()  # padding is zeros, which every loss masks out
+
+
+def test_eager_attention_is_restored_even_after_an_error():
+    import pytest
+
+    from sparse_ofa.demo import eager_attention
+
+    model = _tiny_minilm_shaped_teacher()
+    model.set_attn_implementation("sdpa")
+    with eager_attention(model):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(KeyError), eager_attention(model):
+        raise KeyError("boom")
+    assert model.config._attn_implementation == "sdpa"

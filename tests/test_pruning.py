@@ -153,3 +153,27 @@ def test_schedule_accepts_numpy_numbers():
     import numpy as np
 
     assert GMPSchedule(np.float32(0.5), ramp_steps=0).sparsity_at(0) == pytest.approx(0.5)
+
+
+def test_prune_lowest_matches_a_stable_argsort():
+    # the selection (kthvalue + earliest ties) must prune exactly what a stable argsort would:
+    # ties by position, NaN above +inf, -inf first, every count from 0 to all
+    from sparse_ofa.masks import _prune_lowest
+
+    def by_argsort(scores, count):
+        keep = torch.ones(scores.numel(), dtype=torch.bool)
+        keep[torch.argsort(scores.flatten(), stable=True)[:count]] = False
+        return keep.view(scores.shape)
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(400):
+        n = int(torch.randint(1, 200, (1,), generator=g))
+        if trial % 3 == 0:
+            scores = torch.randn(n, generator=g)
+        else:  # few distinct values: many ties, with inf, -inf and NaN among them
+            scores = torch.tensor([1.0, 2.0, float("inf"), float("nan"), -float("inf"), 0.5])[
+                torch.randint(0, 6 if trial % 3 == 2 else 2, (n,), generator=g)]
+        for count in {0, n, int(torch.randint(0, n + 1, (1,), generator=g))}:
+            got = _prune_lowest(scores.view(1, n), count)
+            assert torch.equal(got, by_argsort(scores.view(1, n), count)), (scores, count)
+            assert int((~got).sum()) == count
