@@ -206,7 +206,6 @@ class TeacherCache:
 
     def __init__(self, teacher: nn.Module, tokenizer, sentences: list[str], max_length: int, bf16: bool,
                  batch_size: int = 64):
-        self.bf16 = bf16
         self._rows: dict[str, torch.Tensor] = {}
         ordered = sorted(dict.fromkeys(sentences), key=len)
         for i in range(0, len(ordered), batch_size):
