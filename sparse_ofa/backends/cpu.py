@@ -233,7 +233,12 @@ def work_fraction(m: int, info: LayerInfo) -> float:
 #   M = 16:   1x4 90 % 2.8-3.7x; unstructured 90 % (aligned quads, 0.34) 1.1-1.3x; 80 % 0.7-1.0x
 #   M = 1:    dense INT8 reads a cache-hot weight in ~5 us; sparse loses (0.5x) except on 3072x768 1x4
 # so sparse is chosen where it won with a margin, else dense INT8 (never slower than dense).
-_THRESHOLDS = ((4, 0.05), (32, 0.2), (256, 0.35), (None, 0.2))  # (max M, max work fraction)
+# Above 256 tokens the limit was 0.2 (from the M = 1024 product-alone row) until stop 11 measured
+# whole models: all-MiniLM-L6-v2 at 80 % unstructured (work ~0.3), 2 threads, sparse forced vs
+# what 0.2 picked (dense INT8): 20.0 vs 47.3 ms at 32 x 44 tokens, 202 vs 1324 ms at 96 x 128
+# (`quantize_dynamic` 49.5 / 684 ms): the fused linear and the fused FFN / attention ops, which
+# only the sparse path has, outweigh the product's deficit, so large M takes M <= 256's limit.
+_THRESHOLDS = ((4, 0.05), (32, 0.2), (None, 0.35))  # (max M, max work fraction)
 
 
 class CpuBackend(Backend):
