@@ -279,6 +279,21 @@ def test_dispatch_without_avx512(monkeypatch):
     assert backend.prefers(128, info) and not backend.prefers(128, LayerInfo(768, 768, "1x4", 0.2))
 
 
+@pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="gathered kernel is AVX-512 only")
+def test_80_percent_unstructured_stays_sparse_at_many_tokens(monkeypatch):
+    # whole models ran 2.4-6.5x faster with these layers sparse than dense at 1,408-12,288 tokens
+    # (bench/NOTES.md, "CPU dispatch above 256 tokens"); 50 % stays dense, 1x4 80 % stays sparse
+    from sparse_ofa.backends.base import LayerInfo
+
+    monkeypatch.delenv("SPARSE_OFA_CPU_ISA", raising=False)
+    backend = cpu_backend.CpuBackend()
+    for k, n in ((384, 1536), (1536, 384), (768, 768)):
+        for m in (1408, 4096, 12288):
+            assert backend.prefers(m, LayerInfo(k, n, "unstructured", 0.2)), (k, n, m)
+            assert backend.prefers(m, LayerInfo(k, n, "1x4", 0.2)), (k, n, m)
+            assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.5)), (k, n, m)
+
+
 def test_isa_override(monkeypatch):
     monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")
     assert cpu_backend.isa_code() == 0
