@@ -20,8 +20,8 @@
    hidden-state weight 0.3 (worse) or 3-10 (+0.001-0.003, within noise), 6,000 more training
    sentences from the standard library's source docstrings (worse at equal steps: fewer repeats), an
    extra teacher-forced per-layer loss (`layerwise_weight`: < 0.01, and it needs the teacher's forward).
-   Quality is bought with steps (held-out cosine +0.024 per doubling around 2,000 steps), so the
-   training step is made cheap: the teacher's hidden states are computed once per sentence
+   Quality is bought with steps, with diminishing returns (held-out cosine +0.024 from 1,200 to
+   2,400 steps, +0.006 from 4,000 to 12,000), so the training step is made cheap: the teacher's hidden states are computed once per sentence
    (TeacherCache), attention runs "eager" while training (torch's CPU flash-attention backward is slow
    at ~22 tokens) and AdamW is fused: ~90 ms per bf16 step on 2 cores instead of ~150.
 3. QAT (per-channel int8 weights, uint8 asymmetric static activations, EMA observers) with pattern
@@ -56,7 +56,7 @@ class DemoConfig:
     pattern: str = "unstructured"
     steps: int | None = None      # Prune OFA optimizer steps (GMP ramp + recovery at the final masks);
                                   # default 4000 with bf16 (~90 ms each on 2 cores), else 2000 (fp32,
-                                  # ~190 ms): ~7.5 min end to end either way (measurements: docs/cli.md)
+                                  # ~190 ms): 6.5 / 7.2 min end to end on 2 cores (docs/cli.md)
     ramp_fraction: float = 0.85   # the cubic ramp covers this share of `steps`
     update_every: int | None = None  # GMP mask recomputation interval (default: 80 updates over `steps`)
     qat_steps: int = 60
