@@ -224,21 +224,16 @@ class TeacherCache:
         for i, sentence in enumerate(sentences):
             row = self._rows[sentence]
             padded[:, i, :row.shape[1]] = row
-        return _FloatOutputs.of(tuple(padded.unbind(0)))
+        return _FloatOutputs(padded.unbind(0))
 
 
 class _FloatOutputs:
-    """The hidden states the distillation loss reads, in float32 (from a bf16 autocast forward)."""
+    """The hidden states the distillation loss reads, in float32 (from a bf16 autocast forward or
+    the teacher cache); the last one is the model's last_hidden_state (the same tensor in HF Bert)."""
 
-    def __init__(self, out):
-        self.last_hidden_state = out.last_hidden_state.float()
-        self.hidden_states = tuple(h.float() for h in out.hidden_states)
-
-    @classmethod
-    def of(cls, hidden_states: tuple) -> "_FloatOutputs":
-        self = cls.__new__(cls)
-        self.hidden_states, self.last_hidden_state = hidden_states, hidden_states[-1]
-        return self
+    def __init__(self, hidden_states):
+        self.hidden_states = tuple(h.float() for h in hidden_states)
+        self.last_hidden_state = self.hidden_states[-1]
 
 
 def _adamw(params: list, lr: float) -> torch.optim.Optimizer:
@@ -319,9 +314,9 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
                         teacher_out = teacher(**batch, output_hidden_states=True)
                 student_out = student(**batch, output_hidden_states=True)
             if bf16:
-                student_out = _FloatOutputs(student_out)
+                student_out = _FloatOutputs(student_out.hidden_states)
                 if teacher_cache is None:
-                    teacher_out = _FloatOutputs(teacher_out)
+                    teacher_out = _FloatOutputs(teacher_out.hidden_states)
             parts: dict = {}
             loss = distill_loss(student_out, teacher_out, batch["attention_mask"], cfg.hidden_weight, parts)
             if teacher_inputs is not None:

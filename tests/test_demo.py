@@ -98,7 +98,7 @@ def test_bf16_training_keeps_fp32_weights_and_float_loss():
             t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     assert seen == [torch.bfloat16]  # autocast really ran the linears in bf16
-    loss = distill_loss(_FloatOutputs(s), _FloatOutputs(t), mask, 1.0)
+    loss = distill_loss(_FloatOutputs(s.hidden_states), _FloatOutputs(t.hidden_states), mask, 1.0)
     assert loss.dtype == torch.float32 and loss.item() < 1e-2  # identical models: ~0 up to bf16 noise
     loss.backward()
     assert all(p.dtype == torch.float32 and p.grad is not None for p in student.encoder.parameters())
