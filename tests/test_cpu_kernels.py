@@ -294,6 +294,23 @@ def test_80_percent_unstructured_stays_sparse_at_many_tokens(monkeypatch):
             assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.5)), (k, n, m)
 
 
+@pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="limits measured on AVX-512")
+def test_90_percent_goes_sparse_from_five_tokens(monkeypatch):
+    # whole models ran as fast or faster with these layers sparse from 5 to 32 tokens at 1 and 2
+    # threads (the `_THRESHOLDS` comment in backends/cpu.py); up to 4 tokens and 50 % stay dense
+    from sparse_ofa.backends.base import LayerInfo
+
+    monkeypatch.delenv("SPARSE_OFA_CPU_ISA", raising=False)
+    backend = cpu_backend.CpuBackend()
+    for k, n in ((384, 1536), (1536, 384), (768, 768)):
+        for m in (5, 12, 23, 32):
+            assert backend.prefers(m, LayerInfo(k, n, "unstructured", 0.1)), (k, n, m)
+            assert backend.prefers(m, LayerInfo(k, n, "1x4", 0.3)), (k, n, m)
+            assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.5)), (k, n, m)
+        for m in (1, 4):
+            assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.1)), (k, n, m)
+
+
 def test_isa_override(monkeypatch):
     monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")
     assert cpu_backend.isa_code() == 0

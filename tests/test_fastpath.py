@@ -83,7 +83,9 @@ def test_fused_weight_follows_load_state_dict():
     _hidden(fast, inputs)  # builds the fused QKV from seed-0 weights
     other = sparsify(_tiny("bert", seed=1), fastpath=False)
     fast.load_state_dict(other.state_dict())
-    torch.testing.assert_close(_hidden(fast, inputs), _hidden(other, inputs), rtol=1e-5, atol=1e-5)
+    # (fused GELU / LayerNorm within ~1e-6 of torch's; the next layer's int8 quantization can turn that
+    # into one activation step, ~1e-4 here. Stale fused weights would differ by O(1).)
+    torch.testing.assert_close(_hidden(fast, inputs), _hidden(other, inputs), rtol=1e-3, atol=1e-3)
 
 
 def test_fused_weight_follows_set_backend():
@@ -246,7 +248,10 @@ def test_lean_layer_notices_hooks_replacements_and_fuse_after_its_first_calls():
     assert layer.__dict__.get("_sparse_ofa_route") is not None
     seen = []
     handle = layer.intermediate.dense.register_forward_hook(lambda m, args, out: seen.append(out.shape))
-    assert torch.equal(_hidden(fast, inputs), base) and seen == [(3, 11, 128)]  # the hook ran, same output
+    # the hook ran, same output up to the unfused GELU (torch's, not the kernel's: ~1e-6, which a
+    # re-quantization downstream can turn into one int8 step, ~1e-4)
+    torch.testing.assert_close(_hidden(fast, inputs), base, rtol=1e-3, atol=1e-3)
+    assert seen == [(3, 11, 128)]
     handle.remove()
     doubled = layer.output.LayerNorm
 

@@ -47,6 +47,22 @@ void post_rows_avx512(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_
   }
 }
 
+void dequant_rows_avx512(const int32_t* acc, int64_t lda, const float* x_scale, const float* w_scale,
+                         const float* bias, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int32_t* a = acc + m * lda;
+    float* row = y + m * ldy;
+    const __m512 xs = _mm512_set1_ps(x_scale[m]);
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 live = first_n(n - j);
+      const __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(live, a + j));
+      __m512 r = _mm512_mul_ps(_mm512_mul_ps(v, xs), _mm512_maskz_loadu_ps(live, w_scale + j));
+      if (bias) r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(live, bias + j));
+      _mm512_mask_storeu_ps(row + j, live, r);
+    }
+  }
+}
+
 }  // namespace sparse_ofa_cpu
 
 #pragma GCC pop_options
@@ -54,6 +70,10 @@ void post_rows_avx512(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_
 namespace sparse_ofa_cpu {
 void post_rows_avx512(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1) {
   post_rows_scalar(p, y, ldy, n, m0, m1);
+}
+void dequant_rows_avx512(const int32_t* acc, int64_t lda, const float* x_scale, const float* w_scale,
+                         const float* bias, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1) {
+  dequant_rows_scalar(acc, lda, x_scale, w_scale, bias, y, ldy, n, m0, m1);
 }
 }  // namespace sparse_ofa_cpu
 #endif

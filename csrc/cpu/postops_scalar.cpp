@@ -29,4 +29,17 @@ void post_rows_scalar(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_
   }
 }
 
+void dequant_rows_scalar(const int32_t* acc, int64_t lda, const float* x_scale, const float* w_scale,
+                         const float* bias, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const int32_t* a = acc + m * lda;
+    float* row = y + m * ldy;
+    const float xs = x_scale[m];
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = ((float)a[j] * xs) * w_scale[j];
+      row[j] = bias ? v + bias[j] : v;
+    }
+  }
+}
+
 }  // namespace sparse_ofa_cpu

@@ -90,6 +90,14 @@ struct PostOps {
 void post_rows_scalar(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);
 void post_rows_avx512(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);
 
+// The dequantizing epilogue on finished int32 rows [m0, m1) of a dense product (cpu_dense.cpp):
+//   y[m, j] = (float(acc[m, j]) * x_scale[m]) * w_scale[j] + bias[j]   (bias may be null; no FMA)
+// acc and y may be the same memory (int32 -> float32 in place, element by element).
+void dequant_rows_scalar(const int32_t* acc, int64_t lda, const float* x_scale, const float* w_scale,
+                         const float* bias, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);
+void dequant_rows_avx512(const int32_t* acc, int64_t lda, const float* x_scale, const float* w_scale,
+                         const float* bias, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);
+
 // Activation quantization parameters (sparse_ofa/quant.py). static_scale == 0 means dynamic.
 struct QuantParams {
   float static_scale, inv_scale;

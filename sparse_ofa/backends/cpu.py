@@ -36,7 +36,8 @@ from .base import Backend, LayerInfo
 EXTENSION = "sparse_ofa_cpu"
 SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2.cpp", "cpu/avxvnni.cpp",
            "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp",
-           "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp"]
+           "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp",
+           "cpu_dense.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
 # -fopenmp: at::parallel_for is inline OpenMP in the ATen headers; without the flag its pragma is
 # ignored and every kernel runs on one thread (the OpenMP runtime is torch's own, already loaded).
@@ -125,6 +126,11 @@ def _register_fakes() -> None:
           static_scale2, inv_scale2, zero_point2, qmin2, qmax2, gelu=True, residual=None, ln_weight=None,
           ln_bias=None, ln_eps=1e-12, isa=-1):
         return x.new_empty((*x.shape[:-1], w2[2].shape[0] - 1), dtype=torch.float32)
+
+    @torch.library.register_fake(lib + "cpu_dense_linear")
+    def _(x, w_t, w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax, out_dtype, isa=-1,
+          residual=None, gelu=False, ln_weight=None, ln_bias=None, ln_eps=1e-12):
+        return x.new_empty((*x.shape[:-1], w_t.shape[1]), dtype=out_dtype)
 
     @torch.library.register_fake(lib + "cpu_linear_out")
     def _(x, quad_w, quad_k, row_ptr, rowsum, layout, w_scale, bias, static_scale, inv_scale, zero_point,
@@ -238,7 +244,35 @@ def work_fraction(m: int, info: LayerInfo) -> float:
 # what 0.2 picked (dense INT8): 20.0 vs 47.3 ms at 32 x 44 tokens, 202 vs 1324 ms at 96 x 128
 # (`quantize_dynamic` 49.5 / 684 ms): the fused linear and the fused FFN / attention ops, which
 # only the sparse path has, outweigh the product's deficit, so large M takes M <= 256's limit.
-_THRESHOLDS = ((4, 0.05), (32, 0.2), (None, 0.35))  # (max M, max work fraction)
+# Stop 12 measured whole models at 1-46 tokens (medians of 200 interleaved forwards, after the dense
+# path became one fused op as well): from 5 tokens on, sparse layers up to work 0.34 (90 %
+# unstructured, 70 % 1x4) were as fast or faster than dense INT8 at 1 and 2 threads (12 tokens:
+# 0.78 vs 1.07 ms at 2 threads, 1.38 vs 1.47 at 1; 32 tokens, 1 thread: 1.59 vs 2.61 ms): the
+# hot-cache product-alone rows behind the old 0.2 up to 32 tokens miss that a model's dense weights
+# stream from L3 while the sparse ones are 3-10x smaller. Up to 4 tokens dense INT8 won at 1 thread
+# (2 tokens: 1.19 vs 1.33 ms) though not at 2; one token always. Work 0.5-0.76 won at 2 threads but
+# lost at 1 (80 % unstructured, 12 tokens: 2.02 vs 1.88 ms), so the limit stays 0.35.
+_THRESHOLDS = ((4, 0.05), (None, 0.35))  # (max M, max work fraction)
+
+
+def fuses_post_ops(isa: int, out_dtype: torch.dtype, post: tuple[bool, bool, bool]) -> bool:
+    """Whether an op of this extension should run `post` (residual, GELU, LayerNorm) itself: only in
+    float32 and with the AVX-512 post-ops (the portable ones are no faster than torch's)."""
+    return not any(post) or (out_dtype == torch.float32
+                             and (ISAS[best_isa()] if isa < 0 else isa) == ISAS["avx512vnni"])
+
+
+def post_op_fn(op, args: tuple, post: tuple[bool, bool, bool]):
+    """fn(x, residual, norm) -> op(x, *args[, residual, gelu, ln_weight, ln_bias, ln_eps]): the
+    linear_fn of an op taking the post-op arguments after `args` (cpu_linear, cpu_dense_linear)."""
+    if not any(post):
+        return lambda x, residual=None, norm=None: op(x, *args)
+    has_residual, gelu, has_norm = post
+
+    def fn(x, residual, norm):
+        weight, bias, eps = norm if has_norm else (None, None, 1e-12)
+        return op(x, *args, residual if has_residual else None, gelu, weight, bias, eps)
+    return fn
 
 
 class CpuBackend(Backend):
@@ -308,19 +342,10 @@ class CpuBackend(Backend):
     def linear_fn(self, prepared, w_scale, bias, act, m, out_dtype, post):
         # the op takes x [..., K] and returns [..., N] itself (no reshapes from Python)
         isa = isa_code()
-        has_residual, gelu, has_norm = post
-        if any(post) and (out_dtype != torch.float32
-                          or (ISAS[best_isa()] if isa < 0 else isa) != ISAS["avx512vnni"]):
-            return None  # the portable post-ops are no faster than torch's: let the caller compose
+        if not fuses_post_ops(isa, out_dtype, post):
+            return None
         args = (*self.choose(m, prepared, isa), w_scale, bias, *act.kernel_args(), out_dtype, isa)
-        op = torch.ops.sparse_ofa.cpu_linear.default
-        if not any(post):
-            return lambda x, residual=None, norm=None: op(x, *args)
-
-        def fn(x, residual, norm):
-            weight, bias_, eps = norm if has_norm else (None, None, 1e-12)
-            return op(x, *args, residual if has_residual else None, gelu, weight, bias_, eps)
-        return fn
+        return post_op_fn(torch.ops.sparse_ofa.cpu_linear.default, args, post)
 
     def qkv_attention_fn(self, prepared, w_scale, bias, act, m, heads, scale):
         # one cpu_qkv_attention op: the projection channel-major, K^T read in place (csrc/cpu_attention.cpp);

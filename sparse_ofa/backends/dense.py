@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import PackedWeight, unpack_int8
-from ..quant import ActQuant, dequantize
+from ..quant import ActQuant
 from .base import Backend
 
 
@@ -28,6 +28,8 @@ class DenseInt8Backend(Backend):
     def int_mm(self, x_q, prepared):
         w_t = prepared["w_t"]
         if x_q.device.type != "cuda":
+            if w_t.shape[0] == 1:  # torch's CPU _int_mm is wrong for K = 1, N >= 2 (seen in 2.13)
+                return x_q.to(torch.int32) * w_t.to(torch.int32)
             return torch._int_mm(x_q, w_t)
         k, n = w_t.shape
         if k % 8 or n % 8:
@@ -44,10 +46,24 @@ class DenseInt8Backend(Backend):
             return self._linear_cuda(x, prepared, w_scale, bias, act, out_dtype)
         if not _cpu_quantizer_ready():
             return super().linear(x, prepared, w_scale, bias, act, out_dtype)
-        # One fused C++ pass instead of ~10 torch ops: what made dense layers slower than
-        # torch's quantize_dynamic (bench/NOTES.md "End to end").
-        x_q, x_scale = torch.ops.sparse_ofa.cpu_quantize(x, *act.kernel_args())
-        return dequantize(self.int_mm(x_q, prepared), x_scale, w_scale, bias, out_dtype)
+        from .cpu import isa_code
+
+        # One C++ op (csrc/cpu_dense.cpp): quantize, _int_mm, and the epilogue over the int32
+        # accumulators in place; as ~10 torch ops this was 2x slower than torch's quantize_dynamic.
+        return torch.ops.sparse_ofa.cpu_dense_linear(x, prepared["w_t"], w_scale, bias, *act.kernel_args(),
+                                                     out_dtype, isa_code())
+
+    def linear_fn(self, prepared, w_scale, bias, act, m, out_dtype, post):
+        # CPU: the same op, with the post-ops (residual, GELU, LayerNorm) on each row while in cache
+        if prepared["w_t"].device.type != "cpu" or not _cpu_quantizer_ready():
+            return None
+        from .cpu import fuses_post_ops, isa_code, post_op_fn
+
+        isa = isa_code()
+        if not fuses_post_ops(isa, out_dtype, post):
+            return None
+        args = (prepared["w_t"], w_scale, bias, *act.kernel_args(), out_dtype, isa)
+        return post_op_fn(torch.ops.sparse_ofa.cpu_dense_linear.default, args, post)
 
     def _linear_cuda(self, x, prepared, w_scale, bias, act, out_dtype):
         # Triton's one-launch quantizer and dequantizer where Triton is installed (same bits as

@@ -1,0 +1,102 @@
+// torch.ops.sparse_ofa.cpu_dense_linear: the dense INT8 fallback of backend="auto" on the CPU as ONE op,
+//     out = post(dequant(x_q @ W_q^T)),   x_q = quantize(x)        (numerics: sparse_ofa/quant.py)
+// for the layers where the sparse kernels would be slower (low sparsity, some token counts).
+//
+// Why one op: as torch ops the epilogue alone was four passes over the M x N output (int32 -> float,
+// * x_scale, * w_scale, + bias), each reading and writing a fresh tensor, and the post-ops three more;
+// at 12k tokens that made dense layers ~2x slower than torch's quantize_dynamic Linear
+// (bench/NOTES.md, "Dense INT8 fallback"). Here: the C++ per-token quantizer, torch's own _int_mm
+// (oneDNN) for the product, then ONE pass per row: the dequantizing epilogue written over the int32
+// accumulators in place (4-byte int -> 4-byte float: no second M x N buffer) and the optional
+// post-ops (+ residual, GELU, LayerNorm) while the row is in cache, as cpu_linear does.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "check_format.h"
+#include "cpu/binding_util.h"
+#include "cpu/linear_binding.h"
+#include "cpu/sparse_cpu.h"
+
+namespace sparse_ofa_cpu {
+
+namespace {
+
+using sparse_ofa::fmt_dims;
+using sparse_ofa::fmt_num;
+
+at::Tensor cpu_dense_linear(const at::Tensor& x, const at::Tensor& w_t, const at::Tensor& w_scale,
+                            const c10::optional<at::Tensor>& bias, double static_scale, double inv_scale,
+                            int64_t zero_point, int64_t qmin, int64_t qmax, at::ScalarType out_dtype, int64_t isa,
+                            const c10::optional<at::Tensor>& residual, bool gelu,
+                            const c10::optional<at::Tensor>& ln_weight, const c10::optional<at::Tensor>& ln_bias,
+                            double ln_eps) {
+  const int is = (int)resolve_isa(isa);
+  TORCH_CHECK(w_t.device().is_cpu(), "sparse_ofa cpu_dense_linear: w_t must be on the CPU, got ", w_t.device());
+  TORCH_CHECK(w_t.scalar_type() == at::kChar && w_t.dim() == 2,
+              "sparse_ofa cpu_dense_linear: w_t must be int8 [K, N], got ", w_t.scalar_type(), " ", fmt_dims(w_t));
+  TORCH_CHECK(x.dim() >= 1, "sparse_ofa cpu_dense_linear: x must be [..., K], got a 0-d tensor");
+  TORCH_CHECK(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
+              "sparse_ofa cpu_dense_linear: out_dtype must be float32/bfloat16/float16, got ", out_dtype);
+  const bool any_post = (residual.has_value() && residual->defined()) || gelu ||
+                        (ln_weight.has_value() && ln_weight->defined());
+  TORCH_CHECK(!any_post || out_dtype == at::kFloat,
+              "sparse_ofa cpu_dense_linear: residual / gelu / LayerNorm post-ops need out_dtype float32, got ", out_dtype);
+  const int64_t k = w_t.size(0), n = w_t.size(1);
+  const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
+  check_vec(w_scale, "w_scale", at::kFloat, n);
+  const float* bp = bias_of(bias, "bias", n);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = n;
+  const at::Tensor xf = float_input(x.reshape({-1, x.size(-1)}), k);
+  const int64_t m = xf.size(0);
+  c10::optional<at::Tensor> residual2;
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape), "sparse_ofa cpu_dense_linear: residual must have the "
+                "output's shape (x's leading dimensions, then ", fmt_num(n), "), got ", fmt_dims(*residual),
+                " for x ", fmt_dims(x));
+    residual2 = residual->reshape({m, n});
+  }
+
+  // quantize (per token or static) into int8 rows
+  at::Tensor xq = at::empty({m, k}, xf.options().dtype(at::kChar));
+  at::Tensor xs = at::empty({m}, xf.options());
+  const float* xp = xf.data_ptr<float>();
+  int8_t* qptr = xq.data_ptr<int8_t>();
+  float* sptr = xs.data_ptr<float>();
+  const int64_t ldx = xf.stride(0);
+  at::parallel_for(0, m, 16, [&](int64_t m0, int64_t m1) { quantize_rows(is, xp, ldx, k, m0, m1, qp, qptr, k, sptr); });
+
+  // exact int32 product, then the epilogue over the accumulators in place
+  // (torch 2.13's CPU _int_mm returns garbage for K = 1 and N >= 2: that product is an outer product)
+  at::Tensor acc = !(m && n) ? at::zeros({m, n}, xf.options().dtype(at::kInt))
+                   : k == 1  ? xq.to(at::kInt).mul(w_t.to(at::kInt)).contiguous()
+                             : at::_int_mm(xq, w_t);
+  TORCH_CHECK(acc.is_contiguous(), "sparse_ofa cpu_dense_linear: _int_mm returned a strided result");
+  at::Tensor out = acc.view(at::kFloat);
+  const PostOps po = post_ops(residual2, gelu, ln_weight, ln_bias, ln_eps, out, m, n);
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  float* yp = out.data_ptr<float>();
+  const float* wsp = w_scale.data_ptr<float>();
+  at::parallel_for(0, m, 16, [&](int64_t m0, int64_t m1) {
+    if (is == kAvx512Vnni) dequant_rows_avx512(ap, n, sptr, wsp, bp, yp, n, n, m0, m1);
+    else dequant_rows_scalar(ap, n, sptr, wsp, bp, yp, n, n, m0, m1);
+    if (po.any()) post_rows(is, po, out, n, m0, m1);
+  });
+  out = out.view(shape);
+  return out_dtype == at::kFloat ? out : out.to(out_dtype);
+}
+
+}  // namespace
+
+}  // namespace sparse_ofa_cpu
+
+TORCH_LIBRARY_FRAGMENT(sparse_ofa, m) {
+  m.def("cpu_dense_linear(Tensor x, Tensor w_t, Tensor w_scale, Tensor? bias, float static_scale, float inv_scale, "
+        "int zero_point, int qmin, int qmax, ScalarType out_dtype, int isa=-1, Tensor? residual=None, "
+        "bool gelu=False, Tensor? ln_weight=None, Tensor? ln_bias=None, float ln_eps=1e-12) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(sparse_ofa, CPU, m) { m.impl("cpu_dense_linear", &sparse_ofa_cpu::cpu_dense_linear); }
