@@ -198,12 +198,29 @@ def test_direct_equals_forward(backend, monkeypatch):
     for shape in [(1, 40), (5, 40), (2, 70, 40), (128, 40), (5, 40)]:  # a repeated M reuses its plan
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape).to(dtype)
-            assert torch.equal(m.direct(x), m(x)), (shape, dtype)
-    assert len(m._direct) == 8  # one plan per (input shape, dtype)
+            # forward() runs the cached plan too; _forward_traced dispatches afresh (torch.compile's path)
+            want = m._forward_traced(x)
+            assert torch.equal(m.direct(x), want) and torch.equal(m(x), want), (shape, dtype)
+    assert len(m._direct) == 8  # one plan per (input shape, dtype), shared by forward() and direct()
     if backend == "cpu":  # the ISA knob is part of the plan's key
         monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")
         x = torch.randn(5, 40)
-        assert torch.equal(m.direct(x), m(x)) and len(m._direct) == 9
+        assert torch.equal(m.direct(x), m._forward_traced(x)) and len(m._direct) == 9
+
+
+def test_forward_plan_follows_set_backend(monkeypatch):
+    """forward() caches its call plan per input shape; switching the backend must drop it."""
+    from sparse_ofa.backends.reference import ReferenceBackend
+
+    calls = []
+    original = ReferenceBackend.int_mm
+    monkeypatch.setattr(ReferenceBackend, "int_mm", lambda self, *a: calls.append(1) or original(self, *a))
+    m = SparseInt8Linear.from_linear(_linear(24, 40, 0.8), backend="dense")
+    x = torch.randn(6, 40)
+    y = m(x)
+    assert m(x) is not None and not calls
+    m.set_backend("reference")
+    assert torch.equal(m(x), y) and len(calls) == 1
 
 
 def test_direct_follows_rebuilds_and_pickles():
