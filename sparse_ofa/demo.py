@@ -393,6 +393,16 @@ def _speed(models: dict[str, nn.Module], tokenizer, sentences: list[str], cfg: D
     ms = result["median_ms"]
     result["speedup_sparse_int8_vs_dense_fp32"] = ms["dense_fp32"] / ms["sparse_int8"]
     result["speedup_sparse_int8_vs_dense_int8"] = ms["dense_int8"] / ms["sparse_int8"]
+    # one query at a time (retrieval, an API call per sentence): the sentence of median length
+    pool = sentences[:cfg.speed_batch]
+    one = tokenizer(sorted(pool, key=lambda t: len(tokenizer.tokenize(t)))[len(pool) // 2:][:1],
+                    truncation=True, max_length=128, return_tensors="pt")
+    repeats = 5 * cfg.speed_repeats  # a forward is ~1-3 ms: more repeats for a stable median
+    single = _median_ms(models, dict(one), repeats)
+    result["single_sentence"] = {
+        "seq": int(one["input_ids"].shape[1]), "repeats": repeats, "median_ms": single,
+        "speedup_sparse_int8_vs_dense_fp32": single["dense_fp32"] / single["sparse_int8"],
+        "speedup_sparse_int8_vs_dense_int8": single["dense_int8"] / single["sparse_int8"]}
     return result
 
 
@@ -537,6 +547,12 @@ def format_summary(report: dict) -> str:
     lines.append(f"  dense fp32 {ms['dense_fp32']:.1f} ms | dense INT8 {ms['dense_int8']:.1f} ms | "
                  f"sparse INT8 {ms['sparse_int8']:.1f} ms  -> {s['speedup_sparse_int8_vs_dense_fp32']:.2f}x vs "
                  f"fp32, {s['speedup_sparse_int8_vs_dense_int8']:.2f}x vs dense INT8")
+    one = s["single_sentence"]
+    ms1 = one["median_ms"]
+    lines.append(f"one sentence of {one['seq']} tokens (median of {one['repeats']}): dense fp32 {ms1['dense_fp32']:.2f} ms | "
+                 f"dense INT8 {ms1['dense_int8']:.2f} ms | sparse INT8 {ms1['sparse_int8']:.2f} ms  -> "
+                 f"{one['speedup_sparse_int8_vs_dense_fp32']:.2f}x vs fp32, "
+                 f"{one['speedup_sparse_int8_vs_dense_int8']:.2f}x vs dense INT8")
     goal = report["goal"]
     lines.append(f"goal mean cosine >= {goal['mean_cosine_min']}: {'met' if goal['met'] else 'NOT met'}; "
                  f"total {report['timings_s']['total']:.0f} s")

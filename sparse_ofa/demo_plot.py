@@ -74,7 +74,13 @@ def plot_report(report: dict, path: str | Path) -> Path:
     ax_speed.set_xticklabels([n for _, n in names], fontsize=9)
     ax_speed.set_ylim(0, max(ms) * 1.3)
     ax_speed.set_ylabel("median ms per batch")
-    ax_speed.set_title(f"speed: batch {s['batch']} x seq {s['seq']}, {s['threads']} threads")
+    title = f"speed: batch {s['batch']} x seq {s['seq']}, {s['threads']} threads"
+    one = s.get("single_sentence")  # (reports from before it was measured have none)
+    if one:
+        ms1 = one["median_ms"]
+        title += (f"\n1 sentence, {one['seq']} tokens: {ms1['dense_fp32']:.1f} / "
+                  f"{ms1['dense_int8']:.1f} / {ms1['sparse_int8']:.1f} ms")
+    ax_speed.set_title(title, fontsize=10)
 
     fig.tight_layout()
     path = Path(path)

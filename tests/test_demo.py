@@ -50,6 +50,11 @@ def test_report_is_complete_and_consistent(report):
     assert s["speedup_sparse_int8_vs_dense_fp32"] == pytest.approx(ms["dense_fp32"] / ms["sparse_int8"])
     assert s["speedup_sparse_int8_vs_dense_int8"] == pytest.approx(ms["dense_int8"] / ms["sparse_int8"])
     assert 1 <= s["seq"] <= 128 and s["batch"] == cfg["speed_batch"]
+    one = s["single_sentence"]  # one query at a time: batch 1, timed for the same three models
+    assert set(one["median_ms"]) == set(ms) and all(v > 0 for v in one["median_ms"].values())
+    assert 3 <= one["seq"] <= s["seq"] and one["repeats"] == 5 * cfg["speed_repeats"]
+    assert one["speedup_sparse_int8_vs_dense_int8"] == pytest.approx(
+        one["median_ms"]["dense_int8"] / one["median_ms"]["sparse_int8"])
     assert rep["timings_s"]["total"] >= rep["timings_s"]["prune_ofa"] > 0
 
     png = (out / "report.png").read_bytes()
