@@ -251,8 +251,12 @@ def work_fraction(m: int, info: LayerInfo) -> float:
 # hot-cache product-alone rows behind the old 0.2 up to 32 tokens miss that a model's dense weights
 # stream from L3 while the sparse ones are 3-10x smaller. Up to 4 tokens dense INT8 won at 1 thread
 # (2 tokens: 1.19 vs 1.33 ms) though not at 2; one token always. Work 0.5-0.76 won at 2 threads but
-# lost at 1 (80 % unstructured, 12 tokens: 2.02 vs 1.88 ms), so the limit stays 0.35.
-_THRESHOLDS = ((4, 0.05), (None, 0.35))  # (max M, max work fraction)
+# lost at 1 (80 % unstructured, 12 tokens: 2.02 vs 1.88 ms), so the limit there stays 0.35.
+# Above 32 tokens whole models (all-MiniLM-L6-v2 and the BERT-base shape) ran faster sparse at every
+# work fraction up to 0.56 measured, at 1 and 2 threads: 70 % unstructured (0.45) 8-25 % at
+# 64-1,024 tokens, 1x4 60 % (0.4) 13-20 %, 1x4 50 % (0.5) 17 % at 46 tokens; 0.6 lost 6 % (70 %
+# unstructured, 46 tokens), 0.75 (50 % unstructured) lost at 1,408 tokens: the limit is 0.5.
+_THRESHOLDS = ((4, 0.05), (32, 0.35), (None, 0.5))  # (max M, max work fraction)
 
 
 def fuses_post_ops(isa: int, out_dtype: torch.dtype, post: tuple[bool, bool, bool]) -> bool:
@@ -297,8 +301,10 @@ class CpuBackend(Backend):
         if isa != ISAS["avx512vnni"]:
             # the 256-bit paths (measured on this Zen 5 with the ISA forced: AVX-VNNI 1x4 90 %
             # product 0.115 ms, AVX2 0.189 ms against the AVX-512 path's 0.043 ms) are 2.7-4.4x slower,
-            # dense INT8 on such a CPU about 2x: demand half the work
-            limit /= 2
+            # dense INT8 on such a CPU about 2x: demand half the work. (And no more than half of
+            # 0.35: the whole-model wins behind 0.5 above 32 tokens came with the fused FFN /
+            # attention ops and post-ops, which are AVX-512 only.)
+            limit = min(limit, 0.35) / 2
         return work_fraction(m, info) <= limit + 1e-9  # (a 1x4 layer at exactly 80 % is 0.2000...04)
 
     def prepare(self, packed: PackedWeight) -> dict[str, torch.Tensor]:
