@@ -153,8 +153,9 @@ class SparseInt8Linear(nn.Module):
         and cached (cleared whenever the layouts are rebuilt), so a call is the kernel op alone,
         without forward()'s checks and dispatch (~7 us less per call). Optional post-ops, in order:
         `+ residual` (same shape as the output), GELU (erf), LayerNorm over the output features with
-        norm = (weight, bias, eps). The cpu backend (AVX-512, float32) runs them inside its kernel on
-        rows still in cache, to within ~1e-6 of torch's ops; elsewhere they are those torch ops."""
+        norm = (weight, bias, eps). On the CPU (AVX-512, float32) the cpu and dense backends run them
+        inside their op on rows still in cache, to within ~1e-6 of torch's ops; elsewhere they are
+        those torch ops. forward(x) is direct(x) outside torch.compile / jit tracing."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SparseInt8Linear expects a tensor, got {type(x).__name__}")
         post = (residual is not None, gelu, norm is not None)
