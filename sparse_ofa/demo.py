@@ -25,7 +25,9 @@
    (TeacherCache), attention runs "eager" while training (torch's CPU flash-attention backward is slow
    at ~22 tokens) and AdamW is fused: ~90 ms per bf16 step on 2 cores instead of ~150.
 3. QAT (per-channel int8 weights, uint8 asymmetric static activations, EMA observers) with pattern
-   lock and the same distillation still on; convert -> SparseInt8Linear with the learned scales.
+   lock and the same distillation still on; convert -> SparseInt8Linear with the learned scales, except
+   for layers whose static range outliers have stretched (sparse_ofa.outliers, calibrated on 256
+   training sentences: the first FFN output layers after long training), which run dynamic per token.
 4. baseline: one-shot magnitude pruning of the teacher to the same sparsity, no training, sparsify().
 5. quality on held-out text against the teacher: mean cosine of mean-pooled embeddings and
    nearest-neighbour retrieval agreement (top-1 and top-5 overlap among the held-out sentences);
@@ -422,6 +424,7 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
     from .lock import PatternLock
     from .minilm import load_minilm
     from .pruning import GMPSchedule, Pruner
+    from .outliers import outlier_layers, static_vs_dynamic_error
     from .qat import QATConfig, convert_qat, prepare_qat
     from .sparsify import is_encoder_linear
 
@@ -482,7 +485,14 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
         lap("qat")
     # the lock's promise: every weight pruned before QAT is still exactly zero after it
     lock_held = all(bool((layer.weight[~lock.masks[n]] == 0).all()) for n, layer in lock.layers.items())
-    convert_qat(student)
+    # layers whose one static range outliers have stretched run dynamic per-token (sparse_ofa.outliers):
+    # calibrated on 256 training sentences (~2 s)
+    calibration = [dict(tokenizer(train[i:i + 32], padding=True, truncation=True, max_length=cfg.max_length,
+                                  return_tensors="pt")) for i in range(0, min(len(train), 256), 32)]
+    with torch.no_grad():
+        act_errors = static_vs_dynamic_error(student, calibration)
+    dynamic_layers = outlier_layers(act_errors)
+    convert_qat(student, dynamic=dynamic_layers)
     student_int8 = student.eval()
     lap("convert")
 
@@ -515,6 +525,9 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
                      "overall": sum(layer_sparsity.values()) / max(1, len(layer_sparsity)),
                      "min_layer": min(layer_sparsity.values()), "max_layer": max(layer_sparsity.values()),
                      "pattern_lock_held_through_qat": lock_held, "layers": layer_sparsity},
+        "activation_quantization": {
+            "dynamic_per_token_layers": dynamic_layers,
+            "static_vs_dynamic_error": {name: {"static": st, "dynamic": dy} for name, (st, dy) in act_errors.items()}},
         "history": history,
         "timings_s": {**timings, "total": time.perf_counter() - clock["start"]},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),

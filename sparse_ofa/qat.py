@@ -24,6 +24,7 @@ model up to float summation order. Gradients: straight-through, zero where the i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,10 @@ class FakeQuantLinear(nn.Linear):
         return F.linear(x, self.weight_fake_quant(), self.bias)
 
     def sparse_ofa_act_quant(self) -> ActQuant:
-        """The learned static activation quantization, in SparseInt8Linear's int8 terms."""
+        """The learned static activation quantization, in SparseInt8Linear's int8 terms (dynamic
+        per-token instead where convert_qat was told so: `dynamic_activations`)."""
+        if getattr(self, "dynamic_activations", False):
+            return ActQuant()
         if not bool(self.act_observed):
             raise ValueError("FakeQuantLinear has observed no activations: run training (or calibration) "
                              "forward passes in train mode before convert_qat")
@@ -164,17 +168,25 @@ def prepare_qat(model: nn.Module, config: QATConfig | None = None, filter_fn: Fi
     return model
 
 
-def convert_qat(model: nn.Module, backend: str = "auto") -> nn.Module:
+def convert_qat(model: nn.Module, backend: str = "auto", dynamic: Iterable[str] = ()) -> nn.Module:
     """Every FakeQuantLinear -> SparseInt8Linear with its learned static activation scale (weight zeros
-    = sparsity pattern, detected per layer). Per-tensor QAT weights are re-quantized per channel."""
+    = sparsity pattern, detected per layer). Per-tensor QAT weights are re-quantized per channel.
+    dynamic: names of layers to run with dynamic per-token activations instead (e.g. those
+    sparse_ofa.outliers.outlier_layers finds, whose static range outliers have stretched)."""
     from .sparsify import sparsify
 
     base = unwrap(model)
     fake = [name for name, m in base.named_modules() if isinstance(m, FakeQuantLinear)]
     if not fake:
         raise ValueError("convert_qat: the model has no FakeQuantLinear layer; call prepare_qat first")
+    dynamic = list(dynamic)
+    unknown = sorted(set(dynamic) - set(fake))
+    if unknown:
+        raise ValueError(f"convert_qat: dynamic names {unknown} are not FakeQuantLinear layers of the model")
+    for name in dynamic:
+        base.get_submodule(name).dynamic_activations = True
     for name in fake:
-        if not bool(base.get_submodule(name).act_observed):
+        if name not in dynamic and not bool(base.get_submodule(name).act_observed):
             raise ValueError(f"convert_qat: {name} has observed no activations; run forward passes in train "
                              "mode (QAT or calibration) first")
     sparsify(base, filter_fn=lambda m, n: isinstance(m, FakeQuantLinear), backend=backend)

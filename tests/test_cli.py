@@ -124,11 +124,14 @@ def test_finetune_keeps_masks_and_quantize_packs_them(workdir, pruned):
     model = sparse_ofa.from_pretrained(q, model_class=AutoModelForSequenceClassification)
     layers = {n: m for n, m in model.named_modules() if isinstance(m, sparse_ofa.SparseInt8Linear)}
     assert len(layers) == 13  # 12 encoder linears + pooler, all converted by QAT
+    q_config = json.loads((q / "run_config.json").read_text())
+    dynamic = q_config["dynamic_per_token_layers"]  # (sparse_ofa.outliers: static range >> inputs)
+    assert set(dynamic) <= set(layers)
     for name, m in layers.items():
-        assert m.act.is_static, name  # QAT's learned activation scales travel with the packed model
+        # QAT's learned activation scales travel with the packed model; outlier layers run per token
+        assert m.act.is_static != (name in dynamic), name
         if ".encoder." in name:
             assert m.pattern == "1x4" and m.sparsity == pytest.approx(0.75, abs=0.01)
-    q_config = json.loads((q / "run_config.json").read_text())
     # the reloaded packed model reproduces the metrics measured in the quantize run
     from sparse_ofa.commands._shared import evaluate
     from sparse_ofa.data import load_glue

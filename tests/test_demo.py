@@ -33,6 +33,10 @@ def test_report_is_complete_and_consistent(report):
     assert len(sp["layers"]) == 36  # 6 layers x (q, k, v, attention output, intermediate, output)
     assert all(0.9 - 1e-4 <= s < 0.93 for s in sp["layers"].values())  # round(0.9 * n) pruned
     assert sp["pattern_lock_held_through_qat"] is True
+    aq = rep["activation_quantization"]  # per layer: static vs dynamic input-quantization error
+    assert set(aq["static_vs_dynamic_error"]) == set(sp["layers"])
+    assert all(e["static"] >= 0 and e["dynamic"] >= 0 for e in aq["static_vs_dynamic_error"].values())
+    assert set(aq["dynamic_per_token_layers"]) <= set(sp["layers"])
 
     q = rep["quality_vs_teacher"]
     assert set(q) == {"prune_ofa_fp32", "prune_ofa_sparse_int8", "oneshot_fp32", "oneshot_sparse_int8", "dense_int8"}

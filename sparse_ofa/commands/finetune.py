@@ -101,7 +101,7 @@ def train_task(args, command: str, qat_config=None) -> dict:
         raise RuntimeError(f"pattern lock failed: pruned weights became non-zero in {revived}")
     identical = all(torch.equal(lock.layers[n].weight.detach() != 0, m) for n, m in masks_at_load.items())
     return {"student": student, "tokenizer": tokenizer, "evaluation": evaluation, "output": output,
-            "result": result, "sparsity": _shared.mask_sparsity(masks_at_load), "masks_identical": identical}
+            "loader": loader, "result": result, "sparsity": _shared.mask_sparsity(masks_at_load), "masks_identical": identical}
 
 
 def run(args) -> int:
