@@ -45,7 +45,7 @@ at::Tensor cpu_dense_linear(const at::Tensor& x, const at::Tensor& w_t, const at
   TORCH_CHECK(!any_post || out_dtype == at::kFloat,
               "sparse_ofa cpu_dense_linear: residual / gelu / LayerNorm post-ops need out_dtype float32, got ", out_dtype);
   const int64_t k = w_t.size(0), n = w_t.size(1);
-  const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
+  quant_params(static_scale, inv_scale, zero_point, qmin, qmax);  // validates before any work
   check_vec(w_scale, "w_scale", at::kFloat, n);
   const float* bp = bias_of(bias, "bias", n);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -60,14 +60,9 @@ at::Tensor cpu_dense_linear(const at::Tensor& x, const at::Tensor& w_t, const at
     residual2 = residual->reshape({m, n});
   }
 
-  // quantize (per token or static) into int8 rows
-  at::Tensor xq = at::empty({m, k}, xf.options().dtype(at::kChar));
-  at::Tensor xs = at::empty({m}, xf.options());
-  const float* xp = xf.data_ptr<float>();
-  int8_t* qptr = xq.data_ptr<int8_t>();
-  float* sptr = xs.data_ptr<float>();
-  const int64_t ldx = xf.stride(0);
-  at::parallel_for(0, m, 16, [&](int64_t m0, int64_t m1) { quantize_rows(is, xp, ldx, k, m0, m1, qp, qptr, k, sptr); });
+  // quantize (per token or static) into int8 rows: the cpu_quantize op's own body
+  const auto [xq, xs] = cpu_quantize(xf, static_scale, inv_scale, zero_point, qmin, qmax, is);
+  const float* sptr = xs.data_ptr<float>();
 
   // exact int32 product, then the epilogue over the accumulators in place
   // (torch 2.13's CPU _int_mm returns garbage for K = 1 and N >= 2: that product is an outer product)

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <tuple>
 #include <vector>
 
 #include "sparse_cpu.h"
@@ -54,6 +55,10 @@ void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m
 Tiles one_tile(const QuadWeight& w);
 void pack_tile_avx512(const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
                       uint8_t* xt, float* x_scale);
+
+// torch.ops.sparse_ofa.cpu_quantize: x [M, K] float -> (x_q int8 [M, K], x_scale float32 [M])
+std::tuple<at::Tensor, at::Tensor> cpu_quantize(const at::Tensor& x, double static_scale, double inv_scale,
+                                                int64_t zero_point, int64_t qmin, int64_t qmax, int64_t isa);
 
 void cpu_linear_out(const at::Tensor& x, const at::Tensor& quad_w, const at::Tensor& quad_k,
                     const at::Tensor& row_ptr, const at::Tensor& rowsum, const at::Tensor& layout,
