@@ -392,20 +392,21 @@ def _speed(models: dict[str, nn.Module], tokenizer, sentences: list[str], cfg: D
     result = {"batch": int(batch["input_ids"].shape[0]), "seq": int(batch["input_ids"].shape[1]),
               "repeats": cfg.speed_repeats, "threads": torch.get_num_threads(),
               "median_ms": _median_ms(models, dict(batch), cfg.speed_repeats)}
-    ms = result["median_ms"]
-    result["speedup_sparse_int8_vs_dense_fp32"] = ms["dense_fp32"] / ms["sparse_int8"]
-    result["speedup_sparse_int8_vs_dense_int8"] = ms["dense_int8"] / ms["sparse_int8"]
+    result.update(_speedups(result["median_ms"]))
     # one query at a time (retrieval, an API call per sentence): the sentence of median length
     pool = sentences[:cfg.speed_batch]
     one = tokenizer(sorted(pool, key=lambda t: len(tokenizer.tokenize(t)))[len(pool) // 2:][:1],
                     truncation=True, max_length=128, return_tensors="pt")
     repeats = 5 * cfg.speed_repeats  # a forward is ~1-3 ms: more repeats for a stable median
     single = _median_ms(models, dict(one), repeats)
-    result["single_sentence"] = {
-        "seq": int(one["input_ids"].shape[1]), "repeats": repeats, "median_ms": single,
-        "speedup_sparse_int8_vs_dense_fp32": single["dense_fp32"] / single["sparse_int8"],
-        "speedup_sparse_int8_vs_dense_int8": single["dense_int8"] / single["sparse_int8"]}
+    result["single_sentence"] = {"seq": int(one["input_ids"].shape[1]), "repeats": repeats, "median_ms": single,
+                                 **_speedups(single)}
     return result
+
+
+def _speedups(ms: dict[str, float]) -> dict[str, float]:
+    return {"speedup_sparse_int8_vs_dense_fp32": ms["dense_fp32"] / ms["sparse_int8"],
+            "speedup_sparse_int8_vs_dense_int8": ms["dense_int8"] / ms["sparse_int8"]}
 
 
 def _layer_sparsity(model: nn.Module) -> dict[str, float]:
@@ -489,8 +490,7 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
     # calibrated on 256 training sentences (~2 s)
     calibration = [dict(tokenizer(train[i:i + 32], padding=True, truncation=True, max_length=cfg.max_length,
                                   return_tensors="pt")) for i in range(0, min(len(train), 256), 32)]
-    with torch.no_grad():
-        act_errors = static_vs_dynamic_error(student, calibration)
+    act_errors = static_vs_dynamic_error(student, calibration)  # (runs under no_grad itself)
     dynamic_layers = outlier_layers(act_errors)
     convert_qat(student, dynamic=dynamic_layers)
     student_int8 = student.eval()

@@ -72,14 +72,11 @@ def _outlier_layers(student, loader, n_batches: int) -> list[str]:
         return []
     import itertools
 
-    import torch
-
     from ..outliers import outlier_layers, static_vs_dynamic_error
 
     device = next(student.parameters()).device
     batches = ({k: v.to(device) for k, v in batch.items()} for batch in itertools.islice(iter(loader), n_batches))
-    with torch.no_grad():
-        dynamic = outlier_layers(static_vs_dynamic_error(student, batches))
+    dynamic = outlier_layers(static_vs_dynamic_error(student, batches))  # (runs under no_grad itself)
     print(f"layers whose static activation range outliers stretched (converted with dynamic per-token "
           f"activations): {', '.join(dynamic) if dynamic else 'none'}")
     return dynamic
