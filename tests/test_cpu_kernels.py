@@ -176,6 +176,39 @@ def test_quantize_matches_quant_py(m, k, isa, static, dtype, seed):
     assert torch.allclose(got_s, want_s, equal_nan=True, rtol=0, atol=0)  # NaN rows stay NaN
 
 
+
+@SETTINGS
+@given(m=st.integers(1, 300), n=st.integers(1, 600), k=st.integers(1, 90), row=st.sampled_from([512, 1024, 2048]),
+       sparsity=st.sampled_from([0.0, 0.9, 1.0]), out_dtype=st.sampled_from([torch.int32, torch.float32, torch.bfloat16]),
+       nthreads=st.sampled_from([1, 2]), isa=st.sampled_from(ISAS), layout=st.sampled_from(["quads", "gathered"]),
+       seed=st.integers(0, 999))
+def test_outputs_with_rows_4kb_apart(m, n, k, row, sparsity, out_dtype, nthreads, isa, layout, seed):
+    # output rows whose byte stride is a multiple of 2 KB take the AVX-512 epilogue's long runs
+    # (up to 256 channels of a row written at once): every channel of the slice written exactly,
+    # nothing to its left or right touched
+    row = max(row, (n + 3 + 511) // 512 * 512)
+    packed = pack(make_weight(n, k, sparsity, "unstructured", seed), "unstructured")
+    prepared = derive(packed, layout)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    x_q, x_scale = quantize_activations(x, ActQuant())
+    acc = ref_int_mm(x_q, packed)
+    if out_dtype == torch.int32:
+        want, wide = acc, torch.full((m, row), POISON_INT, dtype=torch.int32)
+    else:
+        want = dequantize(acc, x_scale, packed.scale, None, out_dtype)
+        wide = torch.full((m, row), -1234.0, dtype=out_dtype)  # finite: compared below
+        wide[:, 3:3 + n] = float("nan")
+    before = wide.clone()
+    out = wide[:, 3:3 + n]
+    with threads(nthreads):
+        if out_dtype == torch.int32:
+            torch.ops.sparse_ofa.cpu_int_mm_out(x_q, *args_of(prepared), out, isa)
+        else:
+            torch.ops.sparse_ofa.cpu_linear_out(x, *args_of(prepared), packed.scale, None, 0.0, 0.0, 0, -127, 127,
+                                                out, isa)
+    assert torch.equal(out, want)
+    assert torch.equal(wide[:, :3], before[:, :3]) and torch.equal(wide[:, 3 + n:], before[:, 3 + n:])
+
 # ------------------------------------------------------------------------------------- linear
 @SETTINGS
 @given(m=st.integers(1, 200), n=st.integers(1, 100), k=st.integers(1, 150),

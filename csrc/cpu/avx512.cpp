@@ -7,6 +7,7 @@
 // T vpdpbusd, so the loop is bound by the VNNI ports as long as the activation block stays in L1/L2.
 // c[t] holds 16 tokens of ONE channel; the epilogue turns 16 channels x 16 tokens into 16 output
 // rows with a 16x16 transpose (64 shuffles per 256 outputs).
+#include <algorithm>
 #include <cstring>
 
 #include "sparse_cpu.h"
@@ -148,17 +149,39 @@ void quantize_rows_avx512(const float* x, int64_t ldx, int64_t k, int64_t m0, in
 
 namespace {
 
-// One task: channels [n0, n0 + nr) x tokens [m0, m0 + mt), T = ceil(mt / 16) token vectors.
-// Accumulators stay in registers (T is a compile-time constant), results go to tile[channel][token]
-// then out[token][channel] through 16x16 transposes held in registers.
+// Output channels the product runs into one tile before a staged epilogue (spmm_task): up to
+// kRunGroups consecutive tasks of a thread (same token block), so that each output row is written
+// as one run of up to 1 KB.
+constexpr int kRunGroups = 4;
+constexpr int kRunRows = kRunGroups * kRowGroup;
+constexpr int kTileInts = kRunRows * 64;  // 64 KB: 256 channels x 64 tokens, or 128 x 128
+
+// out[off .. off + nc) = v (int32 / float bits, or bf16 of the floats); masked only for a partial
+// group (masked stores are slow on some cores).
+inline void store16(const Epilogue& e, int64_t off, __m512i v, int64_t nc) {
+  if (e.kind == kOutBFloat16) {
+    const __m256i h = to_bf16(_mm512_castsi512_ps(v));
+    if (nc == 16) _mm256_storeu_si256((__m256i*)((uint16_t*)e.out + off), h);
+    else _mm256_mask_storeu_epi16((uint16_t*)e.out + off, first_n(nc), h);
+  } else if (nc == 16) {
+    _mm512_storeu_si512((int32_t*)e.out + off, v);
+  } else {
+    _mm512_mask_storeu_epi32((int32_t*)e.out + off, first_n(nc), v);
+  }
+}
+
+// Channels [n0, n0 + nr) (nr <= kTileInts / (16 T)) x tokens [m0, m0 + mt), T = ceil(mt / 16) token
+// vectors. Accumulators stay in registers (T is a compile-time constant); each channel's results go
+// to tile[channel][token], then to out[token][channel] through 16x16 transposes (see below).
 template <int T, int U, bool Gather>
 void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t m0, int64_t mt,
-               int64_t n0, int64_t nr, int32_t (*tile_buf)[kTokenBlock]) {
-  // rows of 16 * T tokens, contiguous (a 64-token task's tile is 16 KB, not 256 B used of every 512 B)
-  int32_t (*tile)[16 * T] = reinterpret_cast<int32_t (*)[16 * T]>(&tile_buf[0][0]);
+               int64_t n0, int64_t nr, bool staged, int32_t* tile_buf) {
+  // rows of 16 * T tokens, contiguous (a 64-token tile row is 256 B, not 256 B used of every 512 B)
+  int32_t (*tile)[16 * T] = reinterpret_cast<int32_t (*)[16 * T]>(tile_buf);
   const int64_t qstride = a.mp * 4;
   const uint8_t* base = a.xt + m0 * 4;
-  if (nr % 16) std::memset(tile, 0, sizeof(int32_t) * kRowGroup * 16 * T);  // whole 16-row groups are read
+  const int64_t nr16 = (nr + 15) / 16 * 16;  // the transposes read whole 16-row groups
+  if (nr16 != nr) std::memset(tile[nr], 0, sizeof(int32_t) * (nr16 - nr) * 16 * T);
   __m512 xs[T];
   if (e.kind != kOutInt32)
     for (int t = 0; t < T; ++t) xs[t] = _mm512_maskz_loadu_ps(first_n(mt - 16 * t), a.x_scale + m0 + 16 * t);
@@ -177,31 +200,33 @@ void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int6
     float_epilogue<T>(acc, corr, xs, e.w_scale[n], e.bias ? e.bias + n : nullptr, e.gelu, y);
     for (int t = 0; t < T; ++t) _mm512_store_ps((float*)&tile[r][16 * t], y[t]);
   }
-  // tile[channel][token] -> out[token][channel], 16 x 16 at a time
+  // tile[channel][token] -> out[token][channel], 16 x 16 at a time. Direct: each transpose's 16
+  // rows stored at once, 64 B into each of 16 output rows. Staged (output rows a multiple of 2 KB
+  // apart, where those 16 stores share one or two L1 sets: N = 1024, 3072, 4096 paid 6x for them,
+  // bench/NOTES.md stop 13): the transposes fill a 16-token row-major stage, then each token row is
+  // written as one run of up to kRunRows channels.
+  alignas(64) int32_t stage[16][kRunRows];
   for (int t = 0; t < T && 16 * t < mt; ++t) {
-    const int64_t rows = mt - 16 * t < 16 ? mt - 16 * t : 16;
+    const int rows = mt - 16 * t < 16 ? (int)(mt - 16 * t) : 16;
     for (int64_t c0 = 0; c0 < nr; c0 += 16) {
       const int64_t nc = nr - c0 < 16 ? nr - c0 : 16;
-      const __mmask16 cols = first_n(nc);
       __m512i v[16];
       for (int r = 0; r < 16; ++r) v[r] = _mm512_load_si512(&tile[c0 + r][16 * t]);
       transpose16x16(v);
+      if (staged) {
+        for (int j = 0; j < 16; ++j) _mm512_store_si512(&stage[j][c0], v[j]);
+        continue;
+      }
 #pragma GCC unroll 16
       for (int j = 0; j < 16; ++j) {
         if (j >= rows) break;
-        const int64_t off = (m0 + 16 * t + j) * e.ldo + n0 + c0;
-        // (masked stores only for a partial group: they are slow on some cores)
-        if (e.kind == kOutBFloat16) {
-          const __m256i h = to_bf16(_mm512_castsi512_ps(v[j]));
-          if (nc == 16) _mm256_storeu_si256((__m256i*)((uint16_t*)e.out + off), h);
-          else _mm256_mask_storeu_epi16((uint16_t*)e.out + off, cols, h);
-        } else if (nc == 16) {
-          _mm512_storeu_si512((int32_t*)e.out + off, v[j]);
-        } else {
-          _mm512_mask_storeu_epi32((int32_t*)e.out + off, cols, v[j]);
-        }
+        store16(e, (m0 + 16 * t + j) * e.ldo + n0 + c0, v[j], nc);
       }
     }
+    if (!staged) continue;
+    for (int j = 0; j < rows; ++j)
+      for (int64_t c0 = 0; c0 < nr; c0 += 16)
+        store16(e, (m0 + 16 * t + j) * e.ldo + n0 + c0, _mm512_load_si512(&stage[j][c0]), nr - c0 < 16 ? nr - c0 : 16);
   }
 }
 
@@ -209,26 +234,35 @@ void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int6
 
 void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   const int64_t ngroups = (w.n + kRowGroup - 1) / kRowGroup;
-  alignas(64) int32_t tile[kRowGroup][kTokenBlock];
-  for (int64_t task = t0; task < t1; ++task) {
-    const int64_t m0 = (task / ngroups) * kTokenBlock, n0 = (task % ngroups) * kRowGroup;
+  alignas(64) int32_t tile[kTileInts];
+  const int64_t row_bytes = e.ldo * (e.kind == kOutBFloat16 ? 2 : 4);
+  const bool staged = row_bytes % 2048 == 0;
+  const int64_t run_groups = staged ? kRunGroups : 1;
+  for (int64_t task = t0; task < t1;) {
+    const int64_t m0 = (task / ngroups) * kTokenBlock, g = task % ngroups, n0 = g * kRowGroup;
     const int64_t mt = a.m - m0 < kTokenBlock ? a.m - m0 : kTokenBlock;
-    const int64_t nr = w.n - n0 < kRowGroup ? w.n - n0 : kRowGroup;
+    const int64_t tv = (mt + 15) / 16;
+    const int64_t tile_t = w.gather ? (mt > 64 ? 8 : 4) : tv;  // the T of the spmm_task below
+    // this thread's next tasks of the same token block, as many as the tile holds
+    const int64_t fit = kTileInts / (16 * tile_t * kRowGroup);
+    const int64_t run = std::min({t1 - task, ngroups - g, fit < run_groups ? fit : run_groups});
+    const int64_t nr = std::min(w.n - n0, run * kRowGroup);
+    task += run;
     if (w.gather) {  // 64-token groups (xk is padded to a multiple of 64 tokens)
-      if (mt > 64) spmm_task<8, 1, true>(w, a, e, m0, mt, n0, nr, tile);
-      else spmm_task<4, 4, true>(w, a, e, m0, mt, n0, nr, tile);  // 4 quads in flight: 16 chains
+      if (mt > 64) spmm_task<8, 1, true>(w, a, e, m0, mt, n0, nr, staged, tile);
+      else spmm_task<4, 4, true>(w, a, e, m0, mt, n0, nr, staged, tile);  // 4 quads in flight: 16 chains
       continue;
     }
     // U quads in flight so that short T still has U * T independent vpdpbusd chains
-    switch ((mt + 15) / 16) {
-      case 1: spmm_task<1, 4, false>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 2: spmm_task<2, 4, false>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 3: spmm_task<3, 2, false>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 4: spmm_task<4, 2, false>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 5: spmm_task<5, 1, false>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 6: spmm_task<6, 1, false>(w, a, e, m0, mt, n0, nr, tile); break;
-      case 7: spmm_task<7, 1, false>(w, a, e, m0, mt, n0, nr, tile); break;
-      default: spmm_task<8, 1, false>(w, a, e, m0, mt, n0, nr, tile); break;
+    switch (tv) {
+      case 1: spmm_task<1, 4, false>(w, a, e, m0, mt, n0, nr, staged, tile); break;
+      case 2: spmm_task<2, 4, false>(w, a, e, m0, mt, n0, nr, staged, tile); break;
+      case 3: spmm_task<3, 2, false>(w, a, e, m0, mt, n0, nr, staged, tile); break;
+      case 4: spmm_task<4, 2, false>(w, a, e, m0, mt, n0, nr, staged, tile); break;
+      case 5: spmm_task<5, 1, false>(w, a, e, m0, mt, n0, nr, staged, tile); break;
+      case 6: spmm_task<6, 1, false>(w, a, e, m0, mt, n0, nr, staged, tile); break;
+      case 7: spmm_task<7, 1, false>(w, a, e, m0, mt, n0, nr, staged, tile); break;
+      default: spmm_task<8, 1, false>(w, a, e, m0, mt, n0, nr, staged, tile); break;
     }
   }
 }
