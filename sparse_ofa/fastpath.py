@@ -28,8 +28,6 @@ torch.compile/export tracing, with a KV cache, or when attention weights are ask
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -142,7 +140,7 @@ def _qkv_attention_plan(fused: SparseInt8Linear, x: torch.Tensor, heads: int, sc
     """fn(x, mask) running the fused projection + fp32 attention as one op (the backend's
     qkv_attention_fn), or None; resolved once per input shape and cached with the layer's direct()
     plans (dropped whenever its layouts are rebuilt)."""
-    key = ("qkv_attention", x.shape, x.dtype, x.device, os.environ.get("SPARSE_OFA_CPU_ISA"), heads, scale)
+    key = ("qkv_attention", x.shape, x.dtype, x.device, _backends.plan_context(), heads, scale)
     if key in fused._direct:
         return fused._direct[key]
     m = x.numel() // fused.in_features

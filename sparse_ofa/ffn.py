@@ -11,8 +11,6 @@ that composition is what runs on every other backend. The fast path's lean layer
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import backends as _backends
@@ -29,7 +27,7 @@ def feed_forward(first: SparseInt8Linear, second: SparseInt8Linear, x: torch.Ten
     call and cached in both modules' caches: rebuilding either one's layouts drops it, and a plan is
     used only while both caches hold it (so a reused id of `second` cannot pick up a stale one)."""
     post = (residual is not None, norm is not None)
-    key = ("ffn", id(second), x.shape, x.dtype, x.device, os.environ.get("SPARSE_OFA_CPU_ISA"), gelu, post)
+    key = ("ffn", id(second), x.shape, x.dtype, x.device, _backends.plan_context(), gelu, post)
     fn = first._direct.get(key)
     if fn is None or second._direct.get(key) is not fn:
         if first.out_features != second.in_features:

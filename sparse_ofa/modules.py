@@ -7,8 +7,6 @@ at construction, after load_state_dict and after a device move; they are never s
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
@@ -159,7 +157,7 @@ class SparseInt8Linear(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SparseInt8Linear expects a tensor, got {type(x).__name__}")
         post = (residual is not None, gelu, norm is not None)
-        key = (x.shape, x.dtype, x.device, os.environ.get("SPARSE_OFA_CPU_ISA"), post)
+        key = (x.shape, x.dtype, x.device, _backends.plan_context(), post)
         fn = self._direct.get(key)
         if fn is None:
             self._check_input(x)  # raises the error that names the problem

@@ -333,18 +333,67 @@ def test_80_percent_unstructured_stays_sparse_at_many_tokens(monkeypatch):
 @pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="limits measured on AVX-512")
 def test_90_percent_goes_sparse_from_five_tokens(monkeypatch):
     # whole models ran as fast or faster with these layers sparse from 5 to 32 tokens at 1 and 2
-    # threads (the `_THRESHOLDS` comment in backends/cpu.py); up to 4 tokens and 50 % stay dense
+    # threads (the `_THRESHOLDS` comment in backends/cpu.py); one token and 50 % stay dense
     from sparse_ofa.backends.base import LayerInfo
 
     monkeypatch.delenv("SPARSE_OFA_CPU_ISA", raising=False)
     backend = cpu_backend.CpuBackend()
-    for k, n in ((384, 1536), (1536, 384), (768, 768)):
-        for m in (5, 12, 23, 32):
-            assert backend.prefers(m, LayerInfo(k, n, "unstructured", 0.1)), (k, n, m)
-            assert backend.prefers(m, LayerInfo(k, n, "1x4", 0.3)), (k, n, m)
-            assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.5)), (k, n, m)
-        for m in (1, 4):
-            assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.1)), (k, n, m)
+    for nthreads in (1, 2):
+        with threads(nthreads):
+            for k, n in ((384, 1536), (1536, 384), (768, 768)):
+                for m in (5, 12, 23, 32):
+                    assert backend.prefers(m, LayerInfo(k, n, "unstructured", 0.1)), (k, n, m)
+                    assert backend.prefers(m, LayerInfo(k, n, "1x4", 0.3)), (k, n, m)
+                    assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.5)), (k, n, m)
+                assert not backend.prefers(1, LayerInfo(k, n, "unstructured", 0.1)), (k, n)
+
+
+@pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="limits measured on AVX-512")
+def test_few_tokens_go_sparse_at_two_threads_only(monkeypatch):
+    # 80 % unstructured (aligned-quad work 0.59) and 90 % at 2-4 tokens: faster sparse at 2 threads,
+    # slower at 1 (bench/NOTES.md, "Thread-aware dispatch"); 50 % and a single token stay dense
+    from sparse_ofa.backends.base import LayerInfo
+
+    monkeypatch.delenv("SPARSE_OFA_CPU_ISA", raising=False)
+    backend = cpu_backend.CpuBackend()
+    for k, n in ((384, 1536), (768, 3072)):
+        for m in (2, 4, 12, 32):
+            eighty, ninety = LayerInfo(k, n, "unstructured", 0.2), LayerInfo(k, n, "unstructured", 0.1)
+            with threads(2):
+                assert backend.prefers(m, eighty) and backend.prefers(m, ninety), (k, n, m)
+                assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.5)), (k, n, m)
+            with threads(1):
+                assert not backend.prefers(m, eighty), (k, n, m)
+                assert backend.prefers(m, ninety) == (m > 4), (k, n, m)
+        with threads(2):
+            assert not backend.prefers(1, LayerInfo(k, n, "unstructured", 0.1))
+
+
+@pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="limits measured on AVX-512")
+def test_cached_plan_follows_the_thread_count(monkeypatch):
+    # forward() caches its backend choice per input shape: a later torch.set_num_threads must not
+    # keep running the choice made for the old thread count
+    from sparse_ofa import SparseInt8Linear
+
+    monkeypatch.delenv("SPARSE_OFA_CPU_ISA", raising=False)
+    calls = []
+    for cls in (cpu_backend.CpuBackend, type(__import__("sparse_ofa").backends.get_backend("dense"))):
+        original = cls.linear_fn
+        monkeypatch.setattr(cls, "linear_fn", lambda self, *a, _o=original, _n=cls.name: calls.append(_n) or _o(self, *a))
+    lin = torch.nn.Linear(384, 1536)
+    with torch.no_grad():
+        lin.weight.mul_(make_weight(1536, 384, 0.8, "unstructured", 5) != 0)
+    mod = SparseInt8Linear.from_linear(lin, backend="auto")
+    x = torch.randn(12, 384)
+    ref = SparseInt8Linear.from_linear(lin, backend="reference")(x)
+    # planned once per (shape, thread count), then taken from the cache
+    for nthreads, want, planned in ((1, "dense", ["dense"]), (2, "cpu", ["cpu"]), (1, "dense", [])):
+        calls.clear()
+        with threads(nthreads):
+            assert mod.dispatch(12) == want
+            torch.testing.assert_close(mod(x), ref, rtol=0, atol=1e-4)
+            mod(x)
+        assert calls == planned, (nthreads, calls)
 
 
 def test_isa_override(monkeypatch):

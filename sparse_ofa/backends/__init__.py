@@ -7,6 +7,7 @@ dense INT8 (then the reference) otherwise. New backends register with `register_
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -90,6 +91,12 @@ def resolve(requested: str, device: torch.device, info: LayerInfo) -> list[Backe
     return chain
 
 
+def plan_context() -> tuple:
+    """What a cached call plan depends on besides its input: the CPU ISA override and the intra-op
+    thread count (backend="auto" has other limits at one thread than at several)."""
+    return os.environ.get("SPARSE_OFA_CPU_ISA"), torch.get_num_threads()
+
+
 def select(chain: list[Backend], m: int, info: LayerInfo) -> Backend:
     """First backend in the chain that expects to win at M tokens; the last one otherwise."""
     for backend in chain[:-1]:
@@ -99,4 +106,4 @@ def select(chain: list[Backend], m: int, info: LayerInfo) -> Backend:
 
 
 __all__ = ["Backend", "LayerInfo", "AUTO_ORDER", "register_backend", "backend_names", "list_backends",
-           "get_backend", "resolve", "select", "availability"]
+           "get_backend", "resolve", "select", "availability", "plan_context"]

@@ -256,7 +256,15 @@ def work_fraction(m: int, info: LayerInfo) -> float:
 # work fraction up to 0.56 measured, at 1 and 2 threads: 70 % unstructured (0.45) 8-25 % at
 # 64-1,024 tokens, 1x4 60 % (0.4) 13-20 %, 1x4 50 % (0.5) 17 % at 46 tokens; 0.6 lost 6 % (70 %
 # unstructured, 46 tokens), 0.75 (50 % unstructured) lost at 1,408 tokens: the limit is 0.5.
-_THRESHOLDS = ((4, 0.05), (32, 0.35), (None, 0.5))  # (max M, max work fraction)
+_THRESHOLDS = ((4, 0.05), (32, 0.35), (None, 0.5))  # (max M, max work fraction), one thread
+# Two or more threads (stop 13, `.dev/small_m.py` / `.dev/base_m.py`, auto / sparse / dense forced
+# interleaved, 2 threads): at 2-32 tokens sparse scales better than dense INT8 (~2x vs ~1.5x from 1
+# to 2 threads: it splits the output channels, `_int_mm` at few rows barely splits). all-MiniLM-L6-v2
+# 80 % unstructured (work 0.59) 1.01-1.43 vs 1.17-1.79 ms at 5-32 tokens, 0.97-1.01 vs 1.12-1.15 at
+# 2-4; 70 % (0.76) 1.09-1.51 vs 1.19-1.76 at 2-32; BERT-base shape 80 % 4.94-8.09 vs 6.10-9.21 ms at
+# 2-32 tokens, 70 % won at 2-12 tokens (5.96-6.24 vs 6.32-7.59) but lost at 32 (10.31 vs 9.45).
+# One token stays dense (0.73-0.88 vs 0.78-1.11 ms: `_int_mm` has a fast vector path there).
+_THRESHOLDS_THREADS = ((1, 0.05), (32, 0.65), (None, 0.5))
 
 
 def fuses_post_ops(isa: int, out_dtype: torch.dtype, post: tuple[bool, bool, bool]) -> bool:
@@ -297,7 +305,8 @@ class CpuBackend(Backend):
         isa = effective_isa()
         if isa == ISAS["scalar"]:
             return False  # the portable loop never beats oneDNN's dense INT8
-        limit = next(t for max_m, t in _THRESHOLDS if max_m is None or m <= max_m)
+        table = _THRESHOLDS if torch.get_num_threads() < 2 else _THRESHOLDS_THREADS
+        limit = next(t for max_m, t in table if max_m is None or m <= max_m)
         if isa != ISAS["avx512vnni"]:
             # the 256-bit paths (measured on this Zen 5 with the ISA forced: AVX-VNNI 1x4 90 %
             # product 0.115 ms, AVX2 0.189 ms against the AVX-512 path's 0.043 ms) are 2.7-4.4x slower,
