@@ -103,6 +103,8 @@ void pack_acts(int isa, bool gather, const int8_t* xq, int64_t ldx, int64_t k, i
     else pack_cols_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp);
   } else if (isa == kAvx512Vnni) {
     pack_acts_avx512(xq, ldx, k, m0, m1, mend, flip, xt, mp);
+  } else if (isa >= kAvx2) {
+    pack_acts_avx2(xq, ldx, k, m0, m1, mend, flip, xt, mp);
   } else {
     pack_acts_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp);
   }

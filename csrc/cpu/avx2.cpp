@@ -15,6 +15,28 @@
 
 namespace sparse_ofa_cpu {
 
+// The layout-0 pack of the 256-bit paths (AVX2 and AVX-VNNI: the same layout, `flip` differs):
+// xt[(q * mp + m) * 4 ..] = quad q of token m ^ flip. 8 tokens x 8 quads per 8x8 dword transpose (one
+// 32-byte load per token row, one 32-byte store per quad); the quads past the last 8-quad block,
+// the partial quad at K, padding tokens and partial token blocks go through pack_quads_scalar.
+void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                    uint8_t* xt, int64_t mp) {
+  const int64_t q8 = k / 4 / 8 * 8;  // quads in whole 8-quad blocks, all inside K
+  const __m256i flipv = _mm256_set1_epi8((char)flip);
+  int64_t m = m0;
+  for (; m + 8 <= m1 && q8 > 0; m += 8) {
+    for (int64_t q0 = 0; q0 < q8; q0 += 8) {
+      __m256i r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(xq + (m + i) * ldx + 4 * q0)), flipv);
+      transpose8x8(r);
+      for (int j = 0; j < 8; ++j) _mm256_storeu_si256((__m256i*)(xt + ((q0 + j) * mp + m) * 4), r[j]);
+    }
+    if (q8 * 4 < k) pack_quads_scalar(xq, ldx, k, q8, m, m + 8, m + 8, flip, xt, mp);
+  }
+  if (m < mend) pack_quads_scalar(xq, ldx, k, 0, m, m1, mend, flip, xt, mp);
+}
+
 // quant.py numerics, 8 floats at a time; rows with NaN/Inf go to quantize_row_exact.
 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
                         const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
@@ -78,6 +100,8 @@ void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int6
 
 #else
 namespace sparse_ofa_cpu {
+void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                    uint8_t* xt, int64_t mp) { pack_acts_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp); }
 void spmm_avx2(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   spmm_scalar(w, a, e, t0, t1);
 }

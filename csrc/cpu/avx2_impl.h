@@ -6,13 +6,90 @@
 // quads are split into sign-extended int16 halves and multiplied with vpmaddwd, exactly:
 //     even = (x0, x2), odd = (x1, x3) per dword;  c += madd(even_x, even_w) + madd(odd_x, odd_w)
 // each madd lane is x0*w0 + x2*w2, |.| <= 2 * 128 * 127, so nothing saturates.
-// The epilogue writes a [16 channels][128 tokens] tile and stores it transposed with scalar code.
+// The epilogue writes a [64 channels][128 tokens] tile and stores it transposed, 8x8 dwords at a
+// time (store_tile8).
 #include <immintrin.h>
+
+#include <cstring>
 
 #include "sparse_cpu.h"
 
 namespace sparse_ofa_cpu {
 namespace {
+
+// r[i] lane j <-> r[j] lane i (8x8 dwords: 24 shuffles)
+inline void transpose8x8(__m256i r[8]) {
+  __m256i a[8], b[8];
+  for (int i = 0; i < 8; i += 2) {
+    a[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    b[i] = _mm256_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm256_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm256_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm256_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x31);
+  }
+}
+
+// 8 floats -> 8 bf16 (round to nearest even, NaN -> 0x7FC0), as float_to_bf16
+inline __m128i to_bf16_8(__m256 f) {
+  const __m256i b = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0), nan);
+  // dwords (< 2^16) -> words: packus in 128-bit lanes, then the two lanes' low halves together
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  return _mm256_castsi256_si128(w);
+}
+
+// out rows m0 + i (i < mt) x channels n0 + r (r < nr) from tile[r][i], 8 x 8 at a time; the float
+// epilogue y = ((float)acc * x_scale[m]) * w_scale[n] + bias[n] in vector form (same operations, same
+// order as store_epilogue_scalar). Tile rows [nr, nr rounded up to 8) must be readable.
+template <int LD>
+inline void store_tile8(const Epilogue& e, const PackedActs& a, const int32_t (*tile)[LD], int64_t m0, int64_t mt,
+                        int64_t n0, int64_t nr) {
+  for (int64_t i0 = 0; i0 < mt; i0 += 8) {
+    const int rows = mt - i0 < 8 ? (int)(mt - i0) : 8;
+    for (int64_t r0 = 0; r0 < nr; r0 += 8) {
+      const int nc = nr - r0 < 8 ? (int)(nr - r0) : 8;
+      __m256i v[8];
+      for (int j = 0; j < 8; ++j) v[j] = _mm256_load_si256((const __m256i*)&tile[r0 + j][i0]);
+      transpose8x8(v);  // v[t] = channels r0 .. r0 + 7 of token i0 + t
+      const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(nc), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      __m256 ws = _mm256_setzero_ps(), b = _mm256_setzero_ps();
+      if (e.kind != kOutInt32) {
+        ws = _mm256_maskload_ps(e.w_scale + n0 + r0, live);
+        if (e.bias) b = _mm256_maskload_ps(e.bias + n0 + r0, live);
+      }
+      for (int t = 0; t < rows; ++t) {
+        const int64_t off = (m0 + i0 + t) * e.ldo + n0 + r0;
+        if (e.kind == kOutInt32) {
+          if (nc == 8) _mm256_storeu_si256((__m256i*)((int32_t*)e.out + off), v[t]);
+          else _mm256_maskstore_epi32((int32_t*)e.out + off, live, v[t]);
+          continue;
+        }
+        __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(v[t]), _mm256_set1_ps(a.x_scale[m0 + i0 + t])), ws);
+        if (e.bias) y = _mm256_add_ps(y, b);
+        if (e.kind == kOutFloat) {
+          if (nc == 8) _mm256_storeu_ps((float*)e.out + off, y);
+          else _mm256_maskstore_ps((float*)e.out + off, live, y);
+        } else if (nc == 8) {
+          _mm_storeu_si128((__m128i*)((uint16_t*)e.out + off), to_bf16_8(y));
+        } else {
+          alignas(16) uint16_t h[8];
+          _mm_store_si128((__m128i*)h, to_bf16_8(y));
+          std::memcpy((uint16_t*)e.out + off, h, sizeof(uint16_t) * nc);
+        }
+      }
+    }
+  }
+}
 
 template <int T>
 inline void row_product8(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
@@ -64,6 +141,8 @@ void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e
     const int64_t m0 = (task / ngroups) * kTokenBlock, n0 = (task % ngroups) * kRowGroup;
     const int64_t mt = a.m - m0 < kTokenBlock ? a.m - m0 : kTokenBlock;
     const int64_t nr = w.n - n0 < kRowGroup ? w.n - n0 : kRowGroup;
+    const int64_t nr8 = (nr + 7) / 8 * 8, mt8 = (mt + 7) / 8 * 8;  // the 8x8 transposes read these
+    for (int64_t r = nr; r < nr8; ++r) std::memset(tile[r], 0, sizeof(int32_t) * mt8);
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t n = n0 + r;
       const uint32_t corr = (uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u);
@@ -77,24 +156,7 @@ void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e
                              _mm256_sub_epi32(acc[t], _mm256_set1_epi32((int32_t)corr)));
       }
     }
-    // tile[channel][token] -> out[token][channel]; the epilogue inline (a call per element was
-    // most of this path's time)
-    for (int64_t i = 0; i < mt; ++i) {
-      const int64_t m = m0 + i;
-      if (e.kind == kOutInt32) {
-        int32_t* o = (int32_t*)e.out + m * e.ldo + n0;
-        for (int64_t r = 0; r < nr; ++r) o[r] = tile[r][i];
-        continue;
-      }
-      const float xs = a.x_scale[m];
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t n = n0 + r;
-        float y = ((float)tile[r][i] * xs) * e.w_scale[n];
-        if (e.bias) y = y + e.bias[n];
-        if (e.kind == kOutFloat) ((float*)e.out)[m * e.ldo + n] = y;
-        else ((uint16_t*)e.out)[m * e.ldo + n] = float_to_bf16(y);
-      }
-    }
+    store_tile8<kTokenBlock>(e, a, tile, m0, mt, n0, nr);
   }
 }
 

@@ -70,14 +70,14 @@ void quantize_rows_scalar(const float* x, int64_t ldx, int64_t k, int64_t m0, in
 
 // xt[(q * mp + m) * 4 + j] = x_q[m, 4q + j] ^ flip for tokens [m0, m1) (m0 a multiple of 16); the
 // padding tokens up to the next multiple of 16 and the channels past K get 0 ^ flip.
-void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
-                      uint8_t* xt, int64_t mp) {
-  // one 4-byte quad per copy (the AVX2 paths use this too); the quad past K is assembled bytewise
+void pack_quads_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t q0, int64_t m0, int64_t m1, int64_t mend,
+                       uint8_t flip, uint8_t* xt, int64_t mp) {
+  // one 4-byte quad per copy; the quad past K is assembled bytewise
   const int64_t nq = (k + 3) / 4, full = k / 4;
   const uint32_t flip4 = 0x01010101u * flip;
   for (int64_t m = m0; m < mend; ++m) {
     const int8_t* row = xq + m * ldx;
-    for (int64_t q = 0; q < nq; ++q) {
+    for (int64_t q = q0; q < nq; ++q) {
       uint32_t v = 0;
       if (m < m1) {
         if (q < full) {
@@ -92,6 +92,11 @@ void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int6
       std::memcpy(xt + (q * mp + m) * 4, &v, 4);
     }
   }
+}
+
+void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                      uint8_t* xt, int64_t mp) {
+  pack_quads_scalar(xq, ldx, k, 0, m0, m1, mend, flip, xt, mp);
 }
 
 void pack_cols_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,

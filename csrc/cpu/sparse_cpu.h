@@ -115,8 +115,13 @@ inline int64_t task_count(int64_t m, int64_t n) {
 // (a multiple of 16, >= m1) are written, rows past m1 and channels past K as 0 ^ flip.
 void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xt, int64_t mp);
+void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                    uint8_t* xt, int64_t mp);  // AVX2 and AVX-VNNI
 void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xt, int64_t mp);
+// pack_acts_scalar for quads [q0, nq) only (the tails of the vector packs)
+void pack_quads_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t q0, int64_t m0, int64_t m1, int64_t mend,
+                       uint8_t flip, uint8_t* xt, int64_t mp);
 
 // x_q rows [m0, m1) -> xk columns (layout kind 1), padding tokens up to the next multiple of 16.
 void pack_cols_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
