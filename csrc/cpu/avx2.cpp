@@ -79,12 +79,28 @@ void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int6
     }
     const __m256 invv = _mm256_set1_ps(inv), lov = _mm256_set1_ps(lo), hiv = _mm256_set1_ps(hi),
                  zpv = _mm256_set1_ps(zp);
-    for (int64_t i = 0; i < kv; i += 8) {
-      __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + i), invv),
-                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zpv), lov), hiv);
+    // q = clamp(rne(x * inv) + zp, lo, hi); dynamic rows need no clamp (|x * inv| <= 127 * (1 + 2^-23)
+    // rounds to at most 127), as in quantize_rows_avx512
+    auto quant8 = [&](const float* p) -> __m256i {
+      __m256 r = _mm256_mul_ps(_mm256_loadu_ps(p), invv);
+      if (!dynamic) {
+        r = _mm256_round_ps(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, zpv), lov), hiv);
+      }
+      return _mm256_cvtps_epi32(r);  // round half to even (MXCSR default)
+    };
+    // 32 values -> 32 bytes: two saturating packs (values already in range), in-lane order
+    // [a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7] as dwords, put back in order by one permute
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const int64_t k32 = k / 32 * 32;
+    for (int64_t i = 0; i < k32; i += 32) {
+      const __m256i ab = _mm256_packs_epi32(quant8(xr + i), quant8(xr + i + 8));
+      const __m256i cd = _mm256_packs_epi32(quant8(xr + i + 16), quant8(xr + i + 24));
+      _mm256_storeu_si256((__m256i*)(qr + i), _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order));
+    }
+    for (int64_t i = k32; i < kv; i += 8) {
       alignas(32) int32_t qi[8];
-      _mm256_store_si256((__m256i*)qi, _mm256_cvtps_epi32(r));
+      _mm256_store_si256((__m256i*)qi, quant8(xr + i));
       for (int j = 0; j < 8; ++j) qr[i + j] = (int8_t)qi[j];
     }
     for (int64_t i = kv; i < k; ++i) {
