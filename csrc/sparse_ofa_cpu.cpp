@@ -100,6 +100,7 @@ void pack_acts(int isa, bool gather, const int8_t* xq, int64_t ldx, int64_t k, i
                int64_t mend, uint8_t flip, uint8_t* xt, int64_t mp) {
   if (gather) {
     if (isa == kAvx512Vnni) pack_cols_avx512(xq, ldx, k, m0, m1, mend, flip, xt, mp);
+    else if (isa >= kAvx2) pack_cols_avx2(xq, ldx, k, m0, m1, mend, flip, xt, mp);
     else pack_cols_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp);
   } else if (isa == kAvx512Vnni) {
     pack_acts_avx512(xq, ldx, k, m0, m1, mend, flip, xt, mp);
@@ -138,8 +139,8 @@ void quantize_rows(int isa, const float* x, int64_t ldx, int64_t k, int64_t m0, 
 void spmm_tasks(int isa, const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   switch (isa) {
     case kAvx512Vnni: return spmm_avx512(w, a, e, t0, t1);
-    case kAvxVnni: return w.gather ? spmm_scalar(w, a, e, t0, t1) : spmm_avxvnni(w, a, e, t0, t1);
-    case kAvx2: return w.gather ? spmm_scalar(w, a, e, t0, t1) : spmm_avx2(w, a, e, t0, t1);
+    case kAvxVnni: return spmm_avxvnni(w, a, e, t0, t1);
+    case kAvx2: return spmm_avx2(w, a, e, t0, t1);
     default: return spmm_scalar(w, a, e, t0, t1);
   }
 }

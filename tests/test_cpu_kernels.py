@@ -288,12 +288,15 @@ def test_auto_dispatch_prefers_sparse_only_where_it_wins():
     assert torch.equal(dense(x), SparseInt8Linear.from_linear(lin, backend="reference")(x))
 
 
-@pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="gathered kernel is AVX-512 only")
+@pytest.mark.skipif(ok and cpu_backend.ISAS[cpu_backend.best_isa()] < cpu_backend.ISAS["avx2"],
+                    reason="gathered kernels need AVX2 or AVX-512")
 def test_layout_choice_by_token_count(monkeypatch):
     packed = pack(make_weight(96, 256, 0.9, "unstructured", 9), "unstructured")
     prepared = cpu_backend.CpuBackend().prepare(packed)
-    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "avx2")  # no gathered kernel there: aligned quads
+    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")  # no gathered kernel there: aligned quads
     assert int(cpu_backend.CpuBackend.choose(128, prepared)[-1][4]) == 0
+    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "avx2")  # the 256-bit paths have one
+    assert int(cpu_backend.CpuBackend.choose(128, prepared)[-1][4]) == 1
     monkeypatch.delenv("SPARSE_OFA_CPU_ISA")
     kind = {m: int(cpu_backend.CpuBackend.choose(m, prepared)[-1][4]) for m in (1, 128)}
     assert kind == {1: 0, 128: 1}  # 1 token: aligned quads (gathered works on 64); 128: gathered

@@ -37,6 +37,39 @@ void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_
   if (m < mend) pack_quads_scalar(xq, ldx, k, 0, m, m1, mend, flip, xt, mp);
 }
 
+// Layout kind 1 (gathered quads): xk[kk * mp + m] = x_q[m, kk] ^ flip. 8 tokens x 8 quads per 8x8
+// dword transpose, then per quad the bytes regrouped by channel (vpshufb in lanes: 4 tokens x 4
+// channels -> 4 channels x 4 tokens; vpermd: the two lanes' halves of a channel together) and 8 bytes
+// stored per channel; channels past the last 8-quad block, padding tokens and partial blocks: scalar.
+void pack_cols_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                    uint8_t* xk, int64_t mp) {
+  const int64_t q8 = k / 4 / 8 * 8;
+  const __m256i flipv = _mm256_set1_epi8((char)flip);
+  const __m256i by_channel =
+      _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  const __m256i halves = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t m = m0;
+  for (; m + 8 <= m1 && q8 > 0; m += 8) {
+    for (int64_t q0 = 0; q0 < q8; q0 += 8) {
+      __m256i r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(xq + (m + i) * ldx + 4 * q0)), flipv);
+      transpose8x8(r);  // r[j] dword t = quad q0 + j of token m + t
+      for (int j = 0; j < 8; ++j) {
+        const __m256i v = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(r[j], by_channel), halves);
+        uint8_t* dst = xk + 4 * (q0 + j) * mp + m;  // qword c of v = channel 4 (q0 + j) + c, tokens m .. m + 7
+        const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+        _mm_storel_epi64((__m128i*)dst, lo);
+        _mm_storeh_pd((double*)(dst + mp), _mm_castsi128_pd(lo));
+        _mm_storel_epi64((__m128i*)(dst + 2 * mp), hi);
+        _mm_storeh_pd((double*)(dst + 3 * mp), _mm_castsi128_pd(hi));
+      }
+    }
+    if (4 * q8 < k) pack_cols_range_scalar(xq, ldx, k, 4 * q8, m, m + 8, m + 8, flip, xk, mp);
+  }
+  if (m < mend) pack_cols_range_scalar(xq, ldx, k, 0, m, m1, mend, flip, xk, mp);
+}
+
 // quant.py numerics, 8 floats at a time; rows with NaN/Inf go to quantize_row_exact.
 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
                         const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
@@ -118,6 +151,8 @@ void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int6
 namespace sparse_ofa_cpu {
 void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                     uint8_t* xt, int64_t mp) { pack_acts_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp); }
+void pack_cols_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                    uint8_t* xk, int64_t mp) { pack_cols_scalar(xq, ldx, k, m0, m1, mend, flip, xk, mp); }
 void spmm_avx2(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   spmm_scalar(w, a, e, t0, t1);
 }

@@ -1,11 +1,10 @@
 // The AVX2 product (8 tokens per ymm), included by avx2.cpp (plain AVX2) and avxvnni.cpp (AVX-VNNI)
 // under their own `#pragma GCC target`, with SPARSE_OFA_VNNI 0 or 1 and SPARSE_OFA_SPMM the name.
+// Both layouts: aligned quads (row_product8) and gathered quads (row_gather8).
 //
 // VNNI (flip 0x80, xt holds u8 = x + 128):  c += vpdpbusd(x_u8 quads, w quads)   (AVX-VNNI, ymm)
 // plain AVX2 (flip 0, xt holds s8): vpmaddubsw would saturate int16 (255 * 127 * 2 > 32767), so the
-// quads are split into sign-extended int16 halves and multiplied with vpmaddwd, exactly:
-//     even = (x0, x2), odd = (x1, x3) per dword;  c += madd(even_x, even_w) + madd(odd_x, odd_w)
-// each madd lane is x0*w0 + x2*w2, |.| <= 2 * 128 * 127, so nothing saturates.
+// quads are split into sign-extended int16 halves for vpmaddwd (dot4).
 // The epilogue writes a [64 channels][128 tokens] tile and stores it transposed, 8x8 dwords at a
 // time (store_tile8).
 #include <immintrin.h>
@@ -91,30 +90,79 @@ inline void store_tile8(const Epilogue& e, const PackedActs& a, const int32_t (*
   }
 }
 
+// c += sum over the 4 bytes of each dword of x * w: vpdpbusd (u8 x s8) with VNNI; without it x is s8
+// (flip 0) and the product is split into sign-extended int16 halves for vpmaddwd, exactly:
+// even = (x0, x2), odd = (x1, x3) per dword; each madd lane is x0*w0 + x2*w2, |.| <= 2 * 128 * 127.
+struct Weight4 {
+#if SPARSE_OFA_VNNI
+  __m256i w;
+  explicit Weight4(int32_t q) : w(_mm256_set1_epi32(q)) {}
+#else
+  __m256i even, odd;
+  explicit Weight4(int32_t q) {
+    const __m256i w = _mm256_set1_epi32(q);
+    even = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8);
+    odd = _mm256_srai_epi16(w, 8);
+  }
+#endif
+};
+
+inline __m256i dot4(__m256i c, __m256i x, const Weight4& w) {
+#if SPARSE_OFA_VNNI
+  return _mm256_dpbusd_avx_epi32(c, x, w.w);
+#else
+  const __m256i x_even = _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 8);
+  const __m256i x_odd = _mm256_srai_epi16(x, 8);
+  return _mm256_add_epi32(c, _mm256_add_epi32(_mm256_madd_epi16(x_even, w.even), _mm256_madd_epi16(x_odd, w.odd)));
+#endif
+}
+
 template <int T>
 inline void row_product8(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
                          const uint8_t* base, int64_t qstride, __m256i* out) {
   __m256i c[T];
   for (int t = 0; t < T; ++t) c[t] = _mm256_setzero_si256();
   for (int32_t p = p0; p < p1; ++p) {
-    const __m256i w = _mm256_set1_epi32(qw[p]);
+    const Weight4 w(qw[p]);
     const uint8_t* src = base + (int64_t)qk[p] * qstride;
-#if SPARSE_OFA_VNNI
-    for (int t = 0; t < T; ++t)
-      c[t] = _mm256_dpbusd_avx_epi32(c[t], _mm256_loadu_si256((const __m256i*)(src + 32 * t)), w);
-#else
-    const __m256i w_even = _mm256_srai_epi16(_mm256_slli_epi16(w, 8), 8);
-    const __m256i w_odd = _mm256_srai_epi16(w, 8);
-    for (int t = 0; t < T; ++t) {
-      const __m256i x = _mm256_loadu_si256((const __m256i*)(src + 32 * t));
-      const __m256i x_even = _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 8);
-      const __m256i x_odd = _mm256_srai_epi16(x, 8);
-      c[t] = _mm256_add_epi32(c[t], _mm256_add_epi32(_mm256_madd_epi16(x_even, w_even),
-                                                     _mm256_madd_epi16(x_odd, w_odd)));
-    }
-#endif
+    for (int t = 0; t < T; ++t) c[t] = dot4(c[t], _mm256_loadu_si256((const __m256i*)(src + 32 * t)), w);
   }
   for (int t = 0; t < T; ++t) out[t] = c[t];
+}
+
+// Layout kind 1 (gathered quads: 4 arbitrary input channels per quad, activations column-major
+// xk[k][token]): out[0..4) = the sums of tokens 0..31 from `base` (8 per ymm, natural order). Per quad:
+// 4 row loads, then ab = unpack{lo,hi}_epi8(a, b), cd = ..(c, d), q_j = unpack{lo,hi}_epi16(ab, cd):
+// q_j holds, in 128-bit lane L, tokens 16L + 4j .. 16L + 4j + 3; two quads in flight (8 chains).
+inline void row_gather8(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1, const uint8_t* base,
+                        int64_t mp, __m256i* out) {
+  __m256i acc[2][4];
+  for (int u = 0; u < 2; ++u)
+    for (int j = 0; j < 4; ++j) acc[u][j] = _mm256_setzero_si256();
+  auto step = [&](int u, int32_t p) {
+    const Weight4 w(qw[p]);
+    const uint16_t* ks = qk + 4 * (int64_t)p;
+    const __m256i xa = _mm256_loadu_si256((const __m256i*)(base + ks[0] * mp));
+    const __m256i xb = _mm256_loadu_si256((const __m256i*)(base + ks[1] * mp));
+    const __m256i xc = _mm256_loadu_si256((const __m256i*)(base + ks[2] * mp));
+    const __m256i xd = _mm256_loadu_si256((const __m256i*)(base + ks[3] * mp));
+    const __m256i ab_lo = _mm256_unpacklo_epi8(xa, xb), ab_hi = _mm256_unpackhi_epi8(xa, xb);
+    const __m256i cd_lo = _mm256_unpacklo_epi8(xc, xd), cd_hi = _mm256_unpackhi_epi8(xc, xd);
+    acc[u][0] = dot4(acc[u][0], _mm256_unpacklo_epi16(ab_lo, cd_lo), w);
+    acc[u][1] = dot4(acc[u][1], _mm256_unpackhi_epi16(ab_lo, cd_lo), w);
+    acc[u][2] = dot4(acc[u][2], _mm256_unpacklo_epi16(ab_hi, cd_hi), w);
+    acc[u][3] = dot4(acc[u][3], _mm256_unpackhi_epi16(ab_hi, cd_hi), w);
+  };
+  int32_t p = p0;
+  for (; p + 2 <= p1; p += 2) step(0, p), step(1, p + 1);
+  if (p < p1) step(0, p);
+  __m256i c[4];
+  for (int j = 0; j < 4; ++j) c[j] = _mm256_add_epi32(acc[0][j], acc[1][j]);
+  // c[j] lane L = tokens 16L + 4j ..: tokens 0-7 = lane 0 of c0, c1; 8-15 lane 0 of c2, c3; 16-31 lane 1
+  out[0] = _mm256_permute2x128_si256(c[0], c[1], 0x20);
+  out[1] = _mm256_permute2x128_si256(c[2], c[3], 0x20);
+  out[2] = _mm256_permute2x128_si256(c[0], c[1], 0x31);
+  out[3] = _mm256_permute2x128_si256(c[2], c[3], 0x31);
 }
 
 inline void row_product8_any(int T, const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
@@ -146,6 +194,16 @@ void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t n = n0 + r;
       const uint32_t corr = (uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u);
+      if (w.gather) {  // 32 tokens at a time (the columns are padded to 64 tokens)
+        for (int64_t h = 0; h < mt; h += 32) {
+          __m256i acc[4];
+          row_gather8(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + m0 + h, a.mp, acc);
+          for (int t = 0; t < 4 && h + 8 * t < mt8; ++t)
+            _mm256_store_si256((__m256i*)&tile[r][h + 8 * t],
+                               _mm256_sub_epi32(acc[t], _mm256_set1_epi32((int32_t)corr)));
+        }
+        continue;
+      }
       for (int64_t h = 0; h < mt; h += 64) {  // 64 tokens (8 ymm) at a time: 16 registers only
         const int T = (int)((mt - h < 64 ? mt - h : 64) + 7) / 8;
         __m256i acc[8];

@@ -99,10 +99,15 @@ void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int6
   pack_quads_scalar(xq, ldx, k, 0, m0, m1, mend, flip, xt, mp);
 }
 
+void pack_cols_range_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t kk0, int64_t m0, int64_t m1,
+                            int64_t mend, uint8_t flip, uint8_t* xk, int64_t mp) {
+  for (int64_t kk = kk0; kk < k; ++kk)
+    for (int64_t m = m0; m < mend; ++m) xk[kk * mp + m] = (m < m1 ? (uint8_t)xq[m * ldx + kk] : 0) ^ flip;
+}
+
 void pack_cols_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xk, int64_t mp) {
-  for (int64_t kk = 0; kk < k; ++kk)
-    for (int64_t m = m0; m < mend; ++m) xk[kk * mp + m] = (m < m1 ? (uint8_t)xq[m * ldx + kk] : 0) ^ flip;
+  pack_cols_range_scalar(xq, ldx, k, 0, m0, m1, mend, flip, xk, mp);
 }
 
 // byte j of quad p for token m, in either layout kind

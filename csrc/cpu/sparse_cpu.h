@@ -126,8 +126,13 @@ void pack_quads_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t q0, int
 // x_q rows [m0, m1) -> xk columns (layout kind 1), padding tokens up to the next multiple of 16.
 void pack_cols_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xk, int64_t mp);
+void pack_cols_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                    uint8_t* xk, int64_t mp);  // AVX2 and AVX-VNNI
 void pack_cols_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xk, int64_t mp);
+// pack_cols_scalar for input channels [kk0, k) only (the tails of the vector packs)
+void pack_cols_range_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t kk0, int64_t m0, int64_t m1,
+                            int64_t mend, uint8_t flip, uint8_t* xk, int64_t mp);
 
 // Quantize float rows [m0, m1) of x (row stride ldx) into xq [M, ldq] int8 and x_scale [M].
 void quantize_rows_scalar(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,

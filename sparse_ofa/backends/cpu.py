@@ -226,7 +226,7 @@ def work_fraction(m: int, info: LayerInfo) -> float:
     per_row = -(-info.in_features // 4)
     quads = quad_density(info) * per_row
     gathered = None
-    if info.pattern != "1x4" and effective_isa() == ISAS["avx512vnni"]:
+    if info.pattern != "1x4" and effective_isa() >= ISAS["avx2"]:
         gathered = -(-info.density * info.in_features // 4)
     aligned, gath = layout_costs(m, quads, gathered)
     return min(aligned, gath) / (per_row * -(-m // 16))
@@ -325,14 +325,14 @@ class CpuBackend(Backend):
 
     @staticmethod
     def choose(m: int, prepared: dict[str, torch.Tensor], isa: int | None = None) -> tuple[torch.Tensor, ...]:
-        """The op arguments of the cheaper layout for m tokens (gathered quads only have an
-        AVX-512 kernel; the other ISAs run them with the scalar loop, so they keep aligned quads).
-        isa: the op's ISA code if the caller has it (-1 = best), else read like effective_isa()."""
+        """The op arguments of the cheaper layout for m tokens (gathered quads have AVX-512 and
+        AVX2 / AVX-VNNI kernels; the portable path runs them with its scalar loop, so it keeps aligned
+        quads). isa: the op's ISA code if the caller has it (-1 = best), else read like effective_isa()."""
         n_quads = prepared["q_quad_w"].numel()
         n_gathered = prepared["g_quad_w"].numel() if "g_quad_w" in prepared else None
         if n_gathered is not None:
             eff = effective_isa() if isa is None else (ISAS[best_isa()] if isa < 0 else isa)
-            if eff != ISAS["avx512vnni"]:
+            if eff < ISAS["avx2"]:
                 n_gathered = None
         aligned, gathered = layout_costs(m, n_quads, n_gathered)
         p = "g_" if gathered < aligned else "q_"
