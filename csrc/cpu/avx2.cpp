@@ -15,6 +15,13 @@
 
 namespace sparse_ofa_cpu {
 
+// r[j] dword t = quad q0 + j (4 input channels) of token m + t, each byte ^ flip
+static inline void load_quads8x8(const int8_t* xq, int64_t ldx, int64_t m, int64_t q0, __m256i flipv, __m256i r[8]) {
+  for (int i = 0; i < 8; ++i)
+    r[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(xq + (m + i) * ldx + 4 * q0)), flipv);
+  transpose8x8(r);
+}
+
 // The layout-0 pack of the 256-bit paths (AVX2 and AVX-VNNI: the same layout, `flip` differs):
 // xt[(q * mp + m) * 4 ..] = quad q of token m ^ flip. 8 tokens x 8 quads per 8x8 dword transpose (one
 // 32-byte load per token row, one 32-byte store per quad); the quads past the last 8-quad block,
@@ -27,9 +34,7 @@ void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_
   for (; m + 8 <= m1 && q8 > 0; m += 8) {
     for (int64_t q0 = 0; q0 < q8; q0 += 8) {
       __m256i r[8];
-      for (int i = 0; i < 8; ++i)
-        r[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(xq + (m + i) * ldx + 4 * q0)), flipv);
-      transpose8x8(r);
+      load_quads8x8(xq, ldx, m, q0, flipv, r);
       for (int j = 0; j < 8; ++j) _mm256_storeu_si256((__m256i*)(xt + ((q0 + j) * mp + m) * 4), r[j]);
     }
     if (q8 * 4 < k) pack_quads_scalar(xq, ldx, k, q8, m, m + 8, m + 8, flip, xt, mp);
@@ -52,9 +57,7 @@ void pack_cols_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_
   for (; m + 8 <= m1 && q8 > 0; m += 8) {
     for (int64_t q0 = 0; q0 < q8; q0 += 8) {
       __m256i r[8];
-      for (int i = 0; i < 8; ++i)
-        r[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(xq + (m + i) * ldx + 4 * q0)), flipv);
-      transpose8x8(r);  // r[j] dword t = quad q0 + j of token m + t
+      load_quads8x8(xq, ldx, m, q0, flipv, r);
       for (int j = 0; j < 8; ++j) {
         const __m256i v = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(r[j], by_channel), halves);
         uint8_t* dst = xk + 4 * (q0 + j) * mp + m;  // qword c of v = channel 4 (q0 + j) + c, tokens m .. m + 7
