@@ -315,7 +315,7 @@ def test_dispatch_without_avx512(monkeypatch):
     assert backend.prefers(128, info) and not backend.prefers(128, LayerInfo(768, 768, "1x4", 0.2))
 
 
-@pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="gathered kernel is AVX-512 only")
+@pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="limits measured on AVX-512")
 def test_80_percent_unstructured_stays_sparse_at_many_tokens(monkeypatch):
     # whole models ran 2.4-6.5x faster with these layers sparse than dense at 1,408-12,288 tokens
     # (bench/NOTES.md, "CPU dispatch above 256 tokens"); 50 % stays dense, 1x4 80 % stays sparse
