@@ -167,7 +167,8 @@ class FastMixin:
     class, which any process can import, instead of the class generated here; derived caches
     (keys in _DERIVED) are dropped and rebuilt on the next forward."""
 
-    _DERIVED = ("_sparse_ofa_qkv", "_sparse_ofa_layer_mode", "_sparse_ofa_route", "_sparse_ofa_embed_mode")
+    _DERIVED = ("_sparse_ofa_qkv", "_sparse_ofa_layer_mode", "_sparse_ofa_route", "_sparse_ofa_embed_mode",
+                "_sparse_ofa_model_mode")
 
     def __reduce_ex__(self, protocol):
         state = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
@@ -257,13 +258,15 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
 
     Every fusable self-attention gets fused QKV + fused attention; every BERT-style layer around one
     gets the lean layer forward (sparse_ofa/fastpath_layer.py), and the model's BERT-style embeddings
-    a lean forward (sparse_ofa/fastpath_embed.py, same output bit for bit). attention: "fp32" (default: the
+    a lean forward (sparse_ofa/fastpath_embed.py, same output bit for bit), and a BERT-style base model
+    around them a lean forward of its own (sparse_ofa/fastpath_model.py). attention: "fp32" (default: the
     fused CPU kernel where AVX-512 runs, else torch's SDPA; fp32 numerics), "sdpa" (always torch's
     SDPA) or "bf16" (attention products in bfloat16 on CPU, slightly different numerics).
     fuse: run residual add + LayerNorm and GELU as post-ops inside the linear kernels (cpu backend,
     AVX-512). attention="sdpa", fuse=False computes exactly what the plain sparsified model does."""
     from .fastpath_embed import FastEmbeddingsMixin, is_lean_embeddings
     from .fastpath_layer import FastLayerMixin, is_lean_layer
+    from .fastpath_model import FastModelMixin, is_lean_model
 
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -282,10 +285,14 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
             changed.append(name)
         if isinstance(module, FastLayerMixin):
             module._sparse_ofa_fuse = bool(fuse)
-    if changed:  # a BERT-style encoder: its embeddings too (sparse_ofa/fastpath_embed.py)
+    if changed:  # a BERT-style encoder: its embeddings and base model too
         for name, module in model.named_modules():
             if not isinstance(module, FastEmbeddingsMixin) and is_lean_embeddings(module):
                 module.__class__ = fast_class(type(module), FastEmbeddingsMixin)
+                changed.append(name)
+        for name, module in model.named_modules():
+            if not isinstance(module, FastModelMixin) and is_lean_model(module):
+                module.__class__ = fast_class(type(module), FastModelMixin)
                 changed.append(name)
     return changed
 

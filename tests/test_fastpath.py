@@ -114,7 +114,7 @@ def test_training_mode_and_remove_use_the_model_forward():
     torch.manual_seed(3)
     b = plain(**inputs).last_hidden_state
     torch.testing.assert_close(a, b)  # same dropout draws only if the same code path ran
-    assert remove_fastpath(fast) == 5  # 2 attentions + 2 layers + the embeddings
+    assert remove_fastpath(fast) == 6  # 2 attentions + 2 layers + the embeddings + the model
     assert not any(isinstance(m, FastMixin) for m in fast.modules())
     assert type(fast.encoder.layer[0]).__name__ == "BertLayer"
 
@@ -196,7 +196,7 @@ def test_from_pretrained_gets_the_fast_path(tmp_path):
     fast = sparsify(model)
     save_pretrained(fast, tmp_path / "m")
     loaded = from_pretrained(tmp_path / "m")
-    assert sum(isinstance(m, FastMixin) for m in loaded.modules()) == 5  # 2 attentions, 2 layers, embeddings
+    assert sum(isinstance(m, FastMixin) for m in loaded.modules()) == 6  # 2 attentions, 2 layers, embeddings, model
     inputs = _inputs()
     torch.testing.assert_close(_hidden(loaded, inputs), _hidden(fast, inputs))
 
@@ -298,3 +298,92 @@ def test_lean_embeddings_equal_the_model_forward_or_step_aside(arch):
     a = emb(input_ids=ids)
     torch.manual_seed(1)
     assert torch.equal(a, own(input_ids=ids))  # same dropout draws: the model's own forward ran
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_lean_model_forward_equals_the_model_forward_or_steps_aside(arch, monkeypatch):
+    """The base model's lean forward (embeddings, mask, lean layers, pooler) gives the model's own
+    output object with the same values as the model's own forward (same layers underneath: same
+    bits), and steps aside for options that change the output, extra inputs, hooks and training."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, RobertaConfig, RobertaModel
+
+    from sparse_ofa.fastpath_model import FastModelMixin
+
+    torch.manual_seed(0)
+    if arch == "bert":
+        fp32 = BertModel(BertConfig(**TINY)).eval()  # with its pooler
+    else:
+        fp32 = RobertaModel(RobertaConfig(**TINY, pad_token_id=1)).eval()
+    magnitude_prune_(fp32, 0.7)
+    fast, plain = sparsify(copy.deepcopy(fp32)), sparsify(copy.deepcopy(fp32), fastpath=False)
+    assert isinstance(fast, FastModelMixin) and not isinstance(plain, FastModelMixin)
+    encoder_calls = []
+    encoder_cls = type(fast.encoder)
+    own_encoder = encoder_cls.forward
+    monkeypatch.setattr(encoder_cls, "forward", lambda self, *a, **k: encoder_calls.append(1) or own_encoder(self, *a, **k))
+
+    def own(**kwargs):  # the fast model through the model's own forward (same layers underneath)
+        mode = fast.__dict__["_sparse_ofa_model_mode"]
+        fast.__dict__["_sparse_ofa_model_mode"] = "off"
+        try:
+            return fast(**kwargs)
+        finally:
+            fast.__dict__["_sparse_ofa_model_mode"] = mode
+
+    inputs = _inputs()
+    with torch.inference_mode():
+        plain_out = plain(**inputs)
+        for call in range(3):  # the first call checks (and runs the model's own forward too)
+            encoder_calls.clear()
+            got = fast(**inputs)
+            assert len(encoder_calls) == (1 if call == 0 else 0)  # lean from the second call on
+            want = own(**inputs)
+            assert type(got) is type(want) and set(got.keys()) == set(want.keys()) == {"last_hidden_state", "pooler_output"}
+            if call:  # (the first call returns what the layers' own first-call checks return)
+                assert torch.equal(got.last_hidden_state, want.last_hidden_state)
+                assert torch.equal(got.pooler_output, want.pooler_output)
+            # against the plain path: the fused post-ops' ~1e-6 can move an int8 step (bench/NOTES.md)
+            torch.testing.assert_close(got.last_hidden_state, plain_out.last_hidden_state, rtol=1e-3, atol=1e-3)
+        assert fast.__dict__["_sparse_ofa_model_mode"] is type(want)
+        types = torch.randint(0, 2, inputs["input_ids"].shape) if arch == "bert" else None
+        for extra, lean in (({"token_type_ids": types, "output_attentions": False, "return_dict": True}, True),
+                            ({"output_hidden_states": True}, False), ({"return_dict": False}, False),
+                            ({"position_ids": torch.arange(11).expand(3, 11)}, False)):
+            encoder_calls.clear()
+            got = fast(**inputs, **extra)
+            assert len(encoder_calls) == (0 if lean else 1), extra
+            want = own(**inputs, **extra)
+            assert type(got) is type(want), extra
+            assert torch.equal(got[0], want[0]), extra
+            if extra.get("output_hidden_states"):
+                assert len(got.hidden_states) == 3
+        seen = []
+        handle = fast.register_forward_hook(lambda m, args, out: seen.append(1))
+        encoder_calls.clear()
+        fast(**inputs)
+        handle.remove()
+        assert seen == [1] and encoder_calls == []  # a hook on the model itself runs around either forward
+        handle = fast.encoder.register_forward_pre_hook(lambda m, args: seen.append(2))
+        fast(**inputs)
+        handle.remove()
+        assert seen == [1, 2]  # a hook on the encoder: the model's own forward, which calls it
+        handle = fast.encoder.layer[1].register_forward_hook(lambda m, args, out: seen.append(3))
+        encoder_calls.clear()
+        got = fast(**inputs)
+        handle.remove()
+        assert seen == [1, 2, 3] and encoder_calls == []  # a hooked layer: called as a module, lean otherwise
+        assert torch.equal(got.last_hidden_state, own(**inputs).last_hidden_state)
+    fast.train()
+    encoder_calls.clear()
+    fast(**inputs)
+    assert encoder_calls == [1]  # training: the model's own forward (dropout and all)
+    if arch == "bert":  # inside a task model
+        torch.manual_seed(0)
+        head = BertForSequenceClassification(BertConfig(**TINY)).eval()
+        magnitude_prune_(head, 0.7)
+        fast_head, plain_head = sparsify(copy.deepcopy(head)), sparsify(copy.deepcopy(head), fastpath=False)
+        with torch.inference_mode():
+            for _ in range(2):
+                torch.testing.assert_close(fast_head(**inputs).logits, plain_head(**inputs).logits,
+                                           rtol=1e-3, atol=1e-3)
+        assert fast_head.bert.__dict__["_sparse_ofa_model_mode"] not in (None, "off")

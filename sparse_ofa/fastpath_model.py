@@ -1,0 +1,128 @@
+"""Lean forward for a BERT-style base model: embeddings -> encoder layers -> pooler.
+
+Around ~0.5 ms of kernels (all-MiniLM-L6-v2, one sentence) the model's own forward spends ~100-150 us
+of Python: four decorators (config defaults, output capturing, kwarg deprecation), the encoder module,
+each layer's module and gradient-checkpointing wrappers, config lookups and two output objects. This
+forward calls, in the model's own order:
+
+    h = self.embeddings(input_ids, token_type_ids)        (a module call: hooks and lean forward apply)
+    mask = self._create_attention_masks(...)               (the model's own mask, whatever its form)
+    h = lean_layer(h, mask) for each encoder layer         (sparse_ofa/fastpath_layer.py)
+    return OwnOutput(last_hidden_state=h, pooler_output=self.pooler(h))
+
+It steps aside (the model's forward runs) while training, under tracing, with hooks on its encoder
+(a hooked layer is called as a module), with any input beyond input_ids / attention_mask / token_type_ids or an option that changes
+the output (output_attentions / output_hidden_states / return_dict=False, in the call or the config),
+with a cache or cross-attention, on transformers versions without `_create_attention_masks`, and for
+good if its first call (run both ways) does not match the model's own output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.modules import module as _nn_module
+
+from .fastpath import FastMixin, base_class
+from .fastpath_layer import FastLayerMixin, _eligible as _layer_eligible, _lean_forward, _same
+
+try:  # transformers 5: what output_hidden_states / output_attentions record, keyed by the model's class
+    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+except ImportError:  # older versions pass those options down as arguments
+    _CAN_RECORD_REGISTRY = None
+
+# options the lean forward honours as long as they ask for the default output
+_DEFAULT_OPTIONS = {"output_attentions": (None, False), "output_hidden_states": (None, False),
+                    "return_dict": (None, True), "use_cache": (None, False)}
+_OUTPUTS = {"last_hidden_state", "pooler_output"}
+
+
+def is_lean_model(module: nn.Module) -> bool:
+    """embeddings + an encoder of lean layers (+ pooler), with the model's own mask builder."""
+    mods = module._modules
+    encoder = mods.get("encoder")
+    layers = encoder._modules.get("layer") if encoder is not None else None
+    config = getattr(module, "config", None)
+    return (set(mods) <= {"embeddings", "encoder", "pooler"} and mods.get("embeddings") is not None
+            and isinstance(layers, nn.ModuleList) and set(encoder._modules) == {"layer"} and len(layers) > 0
+            and all(isinstance(layer, FastLayerMixin) for layer in layers)
+            and callable(getattr(module, "_create_attention_masks", None))
+            and config is not None and not getattr(config, "is_decoder", False)
+            and not getattr(config, "add_cross_attention", False))
+
+
+def _eligible(model: nn.Module, input_ids, args, kwargs) -> bool:
+    config = model.config
+    if (model.training or args or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+            or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+            or getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False)
+            or not getattr(config, "return_dict", True)):
+        return False
+    for key, value in kwargs.items():
+        if value is not None and value not in _DEFAULT_OPTIONS.get(key, ()):
+            return False
+    if not is_lean_model(model):  # a part replaced since apply_fastpath
+        return False
+    encoder = model._modules["encoder"]  # (the model's own hooks run around either forward)
+    return not (encoder._forward_hooks or encoder._forward_pre_hooks)
+
+
+def _lean_model(model: nn.Module, input_ids: torch.Tensor, attention_mask, token_type_ids):
+    mods = model._modules
+    h = mods["embeddings"](input_ids=input_ids, token_type_ids=token_type_ids)
+    mask, _ = model._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
+                                            embedding_output=h, encoder_hidden_states=None, cache=None)
+    for layer in mods["encoder"]._modules["layer"]:
+        if (layer.__dict__.get("_sparse_ofa_layer_mode") in ("tensor", "tuple")
+                and not (layer._forward_hooks or layer._forward_pre_hooks)
+                and _layer_eligible(layer, (), {})):  # (which also brings its route up to date)
+            h = _lean_forward(layer, h, mask, layer.__dict__.get("_sparse_ofa_route"))
+        else:  # not checked yet, off, or hooked: the layer module as the encoder calls it
+            out = layer(h, mask)
+            h = out[0] if isinstance(out, tuple) else out
+    pooler = mods.get("pooler")
+    return h, (pooler(h) if pooler is not None else None)
+
+
+def _matches(mine, theirs) -> bool:
+    """theirs: the model's own output holding exactly last_hidden_state (+ pooler_output) ~ mine."""
+    keys = getattr(theirs, "keys", None)
+    if keys is None or not set(keys()) <= _OUTPUTS or "last_hidden_state" not in set(keys()):
+        return False
+    if _same(mine[0], theirs["last_hidden_state"]) != "tensor":
+        return False
+    pooled = theirs.get("pooler_output")
+    return (pooled is None) == (mine[1] is None) and (pooled is None or _same(mine[1], pooled) == "tensor")
+
+
+def _share_recordable_outputs(model: nn.Module) -> None:
+    """transformers 5 finds what output_hidden_states records (BertLayer outputs, ...) by the model's class
+    name: give the fast class the entry of the model's own class, or the option returns nothing."""
+    registry = _CAN_RECORD_REGISTRY
+    if registry is None or str(type(model)) in registry:
+        return
+    own = dict.get(registry, str(base_class(model)))
+    if own is not None:
+        dict.__setitem__(registry, str(type(model)), own)
+
+
+class FastModelMixin(FastMixin):
+    """Mixed in front of a BERT-style base model class (see apply_fastpath)."""
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, *args, **kwargs):
+        output_class = self.__dict__.get("_sparse_ofa_model_mode")
+        if output_class == "off" or not _eligible(self, input_ids, args, kwargs):
+            _share_recordable_outputs(self)
+            return super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
+        if output_class is None:  # first call: check against the model's own forward, learn its output
+            _share_recordable_outputs(self)
+            # the model's own forward first: it runs each layer's own first-call check, so both sides
+            # below use the same (lean or not) layers and give the same bits
+            theirs = super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
+            mine = _lean_model(self, input_ids, attention_mask, token_type_ids)
+            self.__dict__["_sparse_ofa_model_mode"] = type(theirs) if _matches(mine, theirs) else "off"
+            return theirs
+        mine = _lean_model(self, input_ids, attention_mask, token_type_ids)
+        if mine[1] is None:
+            return output_class(last_hidden_state=mine[0])
+        return output_class(last_hidden_state=mine[0], pooler_output=mine[1])
