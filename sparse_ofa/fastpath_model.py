@@ -116,9 +116,15 @@ class FastModelMixin(FastMixin):
             return super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
         if output_class is None:  # first call: check against the model's own forward, learn its output
             _share_recordable_outputs(self)
-            # the model's own forward first: it runs each layer's own first-call check, so both sides
-            # below use the same (lean or not) layers and give the same bits
+            # the model's own forward first. A layer's own first-call check returns the model's layer
+            # output, not its lean one (they differ by int8 rounding flips, ~2 % relative L2 over six
+            # 90 %-sparse MiniLM layers): after such checks, run it once more, so that both sides
+            # below use the layers as they will run and give the same bits
+            layers = self._modules["encoder"]._modules["layer"]
+            checking = any(layer.__dict__.get("_sparse_ofa_layer_mode") is None for layer in layers)
             theirs = super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
+            if checking:
+                theirs = super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
             mine = _lean_model(self, input_ids, attention_mask, token_type_ids)
             self.__dict__["_sparse_ofa_model_mode"] = type(theirs) if _matches(mine, theirs) else "off"
             return theirs
