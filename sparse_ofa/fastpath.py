@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _nn_module
 
 from . import backends as _backends
 from .backends import cpu as _cpu_backend
@@ -147,6 +148,12 @@ def _qkv_attention_plan(fused: SparseInt8Linear, x: torch.Tensor, heads: int, sc
     backend = _backends.select(fused._chain, m, fused._info)
     return fused._remember(key, backend.qkv_attention_fn(fused._prepared[backend.name], fused.weight_scale,
                                                          fused._epilogue_bias, fused.act, m, heads, scale))
+
+
+def traced_or_hooked_globally() -> bool:
+    """Under torch.compile / jit tracing, or with global module hooks: the lean forwards step aside."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks)
 
 
 def _uses_cache(args, kwargs) -> bool:

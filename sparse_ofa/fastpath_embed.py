@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _nn_module
 
-from .fastpath import FastMixin
+from .fastpath import FastMixin, traced_or_hooked_globally
 
 _PARTS = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
 
@@ -36,8 +35,7 @@ def _eligible(module: nn.Module, input_ids, position_ids, inputs_embeds, args, k
     if (module.training or args or position_ids is not None or inputs_embeds is not None
             or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
             or not all(v is None or (type(v) is int and v == 0) for v in kwargs.values())  # cache offsets
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks):
+            or traced_or_hooked_globally()):
         return False
     if module._forward_hooks or module._forward_pre_hooks:
         return False

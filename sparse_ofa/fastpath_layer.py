@@ -27,9 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _nn_module
 
-from .fastpath import FastMixin, FastSelfAttentionMixin, _uses_cache
+from .fastpath import FastMixin, FastSelfAttentionMixin, _uses_cache, traced_or_hooked_globally
 from .ffn import feed_forward
 from .modules import SparseInt8Linear
 
@@ -47,9 +46,8 @@ def _containers(layer: nn.Module):
 
 
 def _eligible(layer: nn.Module, args, kwargs) -> bool:
-    if (layer.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or kwargs.get("output_attentions") or _uses_cache(args, kwargs)
-            or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks):
+    if (layer.training or traced_or_hooked_globally()
+            or kwargs.get("output_attentions") or _uses_cache(args, kwargs)):
         return False
     if _route(layer) is not None:  # nothing hooked in the layer
         return True

@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _nn_module
 
-from .fastpath import FastMixin, base_class
+from .fastpath import FastMixin, base_class, traced_or_hooked_globally
 from .fastpath_layer import FastLayerMixin, _eligible as _layer_eligible, _lean_forward, _same
 
 try:  # transformers 5: what output_hidden_states / output_attentions record, keyed by the model's class
@@ -53,8 +52,7 @@ def is_lean_model(module: nn.Module) -> bool:
 def _eligible(model: nn.Module, input_ids, args, kwargs) -> bool:
     config = model.config
     if (model.training or args or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
-            or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks
+            or traced_or_hooked_globally()
             or getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False)
             or not getattr(config, "return_dict", True)):
         return False
