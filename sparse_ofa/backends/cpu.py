@@ -220,13 +220,19 @@ def layout_costs(m: int, n_quads: int, n_gathered: int | None) -> tuple[float, f
     return aligned, GATHER_COST * n_gathered * 4 * -(-m // 64)  # gathered works on 64 tokens
 
 
+def runs_gathered(isa: int) -> bool:
+    """Whether ISA code `isa` has a gathered-quad kernel (AVX-512 and AVX2 / AVX-VNNI; the portable
+    path would run them with its scalar loop, so it keeps aligned quads)."""
+    return isa >= ISAS["avx2"]
+
+
 def work_fraction(m: int, info: LayerInfo) -> float:
     """Sparse VNNI work relative to dense INT8 for m tokens (the better of the two layouts)."""
     m = max(m, 1)
     per_row = -(-info.in_features // 4)
     quads = quad_density(info) * per_row
     gathered = None
-    if info.pattern != "1x4" and effective_isa() >= ISAS["avx2"]:
+    if info.pattern != "1x4" and runs_gathered(effective_isa()):
         gathered = -(-info.density * info.in_features // 4)
     aligned, gath = layout_costs(m, quads, gathered)
     return min(aligned, gath) / (per_row * -(-m // 16))
@@ -308,9 +314,10 @@ class CpuBackend(Backend):
         table = _THRESHOLDS if torch.get_num_threads() < 2 else _THRESHOLDS_THREADS
         limit = next(t for max_m, t in table if max_m is None or m <= max_m)
         if isa != ISAS["avx512vnni"]:
-            # the 256-bit paths (measured on this Zen 5 with the ISA forced: AVX-VNNI 1x4 90 %
-            # product 0.115 ms, AVX2 0.189 ms against the AVX-512 path's 0.043 ms) are 2.7-4.4x slower,
-            # dense INT8 on such a CPU about 2x: demand half the work. (And no more than half of
+            # the 256-bit paths (measured on this Zen 5 with the ISA forced, 768x768, M = 128: at
+            # stop 12 AVX-VNNI 1x4 90 % product 0.115 ms, AVX2 0.189 ms against the AVX-512 path's
+            # 0.043 ms; after stop 13's vectorised pack and epilogue 0.061 / 0.077 vs 0.023 ms at 2
+            # threads) are 2.6-4.4x slower, dense INT8 on such a CPU about 2x: demand half the work. (And no more than half of
             # 0.35: the whole-model wins behind 0.5 above 32 tokens came with the fused FFN /
             # attention ops and post-ops, which are AVX-512 only.)
             limit = min(limit, 0.35) / 2
@@ -332,7 +339,7 @@ class CpuBackend(Backend):
         n_gathered = prepared["g_quad_w"].numel() if "g_quad_w" in prepared else None
         if n_gathered is not None:
             eff = effective_isa() if isa is None else (ISAS[best_isa()] if isa < 0 else isa)
-            if eff < ISAS["avx2"]:
+            if not runs_gathered(eff):
                 n_gathered = None
         aligned, gathered = layout_costs(m, n_quads, n_gathered)
         p = "g_" if gathered < aligned else "q_"
