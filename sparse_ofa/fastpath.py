@@ -1,7 +1,8 @@
 """Forward-path speedups around the sparse linears, applied by `sparsify()` (opt out: fastpath=False).
 
-What it does, per BERT-style self-attention module (query/key/value are SparseInt8Linear with the
-same input size, pattern, backend and activation quantization; HF "sdpa" attention):
+What it does, per BERT-style self-attention module (query/key/value, or DistilBERT's q_lin/k_lin/v_lin,
+are SparseInt8Linear with the same input size, pattern, backend and activation quantization; HF "sdpa"
+attention):
 
 * fused QKV: one packed weight [3H, K] built from the three (format v1 concatenated along the output
   rows, no requantization), so the activations are quantized once instead of three times and one
@@ -27,6 +28,8 @@ set_backend). The fast forward steps aside, running the model's own forward, whi
 torch.compile/export tracing, with a KV cache, or when attention weights are asked for.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -60,12 +63,23 @@ def concat_packed(parts: list[PackedWeight]) -> PackedWeight:
                         meta=meta)
 
 
+# Where a self-attention module keeps its q/k/v projections: BERT-style names, DistilBERT's.
+QKV_NAMES = (("query", "key", "value"), ("q_lin", "k_lin", "v_lin"))
+
+
+def _qkv_names(module: nn.Module) -> tuple[str, str, str]:
+    names = getattr(type(module), "_qkv_names", None)  # a fast-path class knows its own
+    if names is None:
+        names = next((n for n in QKV_NAMES if n[0] in module._modules), QKV_NAMES[0])
+    return names
+
+
 def _qkv_signature(module: nn.Module) -> tuple | None:
     """What the fused weight is built from (None if q/k/v are not all SparseInt8Linear). Reads
     _modules/_buffers directly: this runs every forward and nn.Module.__getattr__ is slow. Holding
     the tensors keeps their ids from being reused."""
     mods = module._modules
-    parts = (mods.get("query"), mods.get("key"), mods.get("value"))
+    parts = tuple(mods.get(name) for name in _qkv_names(module))
     if not all(isinstance(m, SparseInt8Linear) for m in parts):
         return None
     return tuple((m._buffers["weight_values"], m._buffers["weight_values"]._version,
@@ -78,7 +92,7 @@ def _signature_matches(old: tuple, new: tuple) -> bool:
 
 
 def _build_fused_qkv(module: nn.Module) -> SparseInt8Linear:
-    parts = (module.query, module.key, module.value)
+    parts = tuple(module._modules[name] for name in _qkv_names(module))
     packed = concat_packed([m.packed for m in parts])
     biases = [m.bias if m.bias is not None else torch.zeros_like(m.weight_scale) for m in parts]
     return SparseInt8Linear.from_packed(packed, torch.cat(biases), backend=parts[0].backend,
@@ -209,7 +223,12 @@ class FastSelfAttentionMixin(FastMixin):
         out = self.fast_attention(hidden_states, attention_mask)
         if out is None:
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        return out, None
+        return self.project_output(out), None
+
+    def project_output(self, out: torch.Tensor) -> torch.Tensor:
+        """What the module's own forward applies after the attention: nothing for BERT-style modules
+        (the layer's attention.output holds the projection)."""
+        return out
 
     def fast_attention(self, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor | None:
         """The attention output [..., S, H] by fused QKV, or None where the model's forward must run
@@ -241,8 +260,21 @@ class FastSelfAttentionMixin(FastMixin):
         return out.transpose(-3, -2).reshape(*input_shape, -1)
 
 
+class FastDistilSelfAttentionMixin(FastSelfAttentionMixin):
+    """Mixed in front of DistilBERT's self-attention (transformers 5: DistilBertSelfAttention), which
+    names its projections q_lin/k_lin/v_lin, its head count n_heads and applies its output projection
+    out_lin itself."""
+
+    _qkv_names = QKV_NAMES[1]
+    num_attention_heads = property(lambda self: self.n_heads)
+    all_head_size = property(lambda self: self.dim)
+
+    def project_output(self, out: torch.Tensor) -> torch.Tensor:
+        return self.out_lin(out)
+
+
 def _fusable(module: nn.Module) -> bool:
-    parts = [getattr(module, name, None) for name in ("query", "key", "value")]
+    parts = [module._modules.get(name) for name in _qkv_names(module)]
     if not all(isinstance(m, SparseInt8Linear) for m in parts):
         return False
     q = parts[0]
@@ -251,12 +283,28 @@ def _fusable(module: nn.Module) -> bool:
                for m in parts)
 
 
-def _is_self_attention(module: nn.Module) -> bool:
+def _attention_mixin(module: nn.Module) -> type | None:
+    """The fast-path mixin for a BERT-style or DistilBERT self-attention module, None for others."""
     name = type(module).__name__
-    return (name.endswith("SelfAttention") and "Cross" not in name
-            and all(hasattr(module, a) for a in ("query", "key", "value", "attention_head_size",
-                                                  "all_head_size", "config"))
-            and not getattr(module, "is_decoder", False) and not getattr(module, "is_causal", False))
+    if (not name.endswith("SelfAttention") or "Cross" in name or getattr(module, "is_decoder", False)
+            or getattr(module, "is_causal", False) or not hasattr(module, "config")):
+        return None
+    if all(hasattr(module, a) for a in ("query", "key", "value", "attention_head_size", "all_head_size")):
+        return FastSelfAttentionMixin
+    # DistilBERT: only transformers 5's form, forward(hidden_states, attention_mask, ...) -> (out, weights);
+    # transformers 4's MultiHeadSelfAttention takes (query, key, value, mask, ...) and is left alone.
+    if (all(hasattr(module, a) for a in ("q_lin", "k_lin", "v_lin", "out_lin", "n_heads", "dim",
+                                         "attention_head_size", "scaling"))
+            and _first_arguments(type(module).forward) == ("self", "hidden_states", "attention_mask")):
+        return FastDistilSelfAttentionMixin
+    return None
+
+
+def _first_arguments(fn) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(fn).parameters)[:3]  # (follows decorators' __wrapped__)
+    except (TypeError, ValueError):
+        return ()
 
 
 def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = True) -> list[str]:
@@ -272,23 +320,25 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
     fuse: run residual add + LayerNorm and GELU as post-ops inside the linear kernels (cpu backend,
     AVX-512). attention="sdpa", fuse=False computes exactly what the plain sparsified model does."""
     from .fastpath_embed import FastEmbeddingsMixin, is_lean_embeddings
-    from .fastpath_layer import FastLayerMixin, is_lean_layer
+    from .fastpath_layer import FastLayerMixin, lean_layer_mixin
     from .fastpath_model import FastModelMixin, is_lean_model
 
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     changed = []
     for name, module in model.named_modules():
-        if isinstance(module, FastSelfAttentionMixin) or _is_self_attention(module):
+        mixin = None if isinstance(module, FastSelfAttentionMixin) else _attention_mixin(module)
+        if isinstance(module, FastSelfAttentionMixin) or mixin is not None:
             if not _fusable(module):
                 continue
-            if not isinstance(module, FastSelfAttentionMixin):
-                module.__class__ = fast_class(type(module), FastSelfAttentionMixin)
+            if mixin is not None:
+                module.__class__ = fast_class(type(module), mixin)
             module._sparse_ofa_attention = attention
             changed.append(name)
     for name, module in model.named_modules():  # after the attentions: a lean layer needs one
-        if not isinstance(module, FastLayerMixin) and is_lean_layer(module):
-            module.__class__ = fast_class(type(module), FastLayerMixin)
+        mixin = None if isinstance(module, FastLayerMixin) else lean_layer_mixin(module)
+        if mixin is not None:
+            module.__class__ = fast_class(type(module), mixin)
             changed.append(name)
         if isinstance(module, FastLayerMixin):
             module._sparse_ofa_fuse = bool(fuse)

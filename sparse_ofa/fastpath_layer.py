@@ -1,9 +1,11 @@
-"""Lean forward for a BERT-style encoder layer whose self-attention has the fast path.
+"""Lean forward for a BERT-style (or DistilBERT) encoder layer whose self-attention has the fast path.
 
 The model's own layer forward spends ~50-100 us of Python per layer on the way to its ~10 ops:
 kwarg-deprecation wrappers, four container modules (attention, self-output, intermediate, output),
 three eval-mode dropouts and `apply_chunking_to_forward` (which calls inspect.signature every time).
-This forward calls the leaf modules directly in the model's own order:
+This forward calls the leaf modules directly in the model's own order (BERT names; DistilBERT's
+TransformerBlock: attention (holding out_lin), sa_layer_norm, ffn.lin1 / activation / lin2,
+output_layer_norm; `LayerLayout` below):
 
     a  = attention.self(h, mask)                       (the fast fused-QKV attention)
     h1 = attention.output.LayerNorm(attention.output.dense(a) + h)
@@ -28,21 +30,61 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fastpath import FastMixin, FastSelfAttentionMixin, _uses_cache, traced_or_hooked_globally
+from dataclasses import dataclass
+
+from .fastpath import (FastDistilSelfAttentionMixin, FastMixin, FastSelfAttentionMixin, _uses_cache,
+                       traced_or_hooked_globally)
 from .ffn import feed_forward
 from .modules import SparseInt8Linear
 
-_CONTAINERS = ("attention", "intermediate", "output")
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Where a kind of encoder layer keeps what the lean forward calls (dotted paths from the layer)."""
+    attention: str             # the self-attention module (with the fast path)
+    attention_type: type       # ... its fast-path mixin
+    out_proj: str              # attention output projection
+    out_proj_in_attention: bool  # the attention module's own forward applies out_proj (DistilBERT)
+    attn_norm: str             # LayerNorm after the attention block's residual add
+    ffn_in: str
+    act: str                   # the activation module (or function attribute) between them
+    ffn_out: str
+    out_norm: str              # LayerNorm after the feed-forward block's residual add
+    skipped: tuple[str, ...]   # containers whose forward the lean forward skips: hooks there stop it
+    chunking: str              # the module whose chunk_size_feed_forward must be 0 ("": the layer)
+
+    def paths(self) -> tuple[str, ...]:
+        return (self.attention, self.out_proj, self.attn_norm, self.ffn_in, self.act, self.ffn_out,
+                self.out_norm)
+
+
+BERT_LAYOUT = LayerLayout("attention.self", FastSelfAttentionMixin, "attention.output.dense", False,
+                          "attention.output.LayerNorm", "intermediate.dense", "intermediate.intermediate_act_fn",
+                          "output.dense", "output.LayerNorm", ("attention", "attention.output", "intermediate", "output"),
+                          "")
+DISTILBERT_LAYOUT = LayerLayout("attention", FastDistilSelfAttentionMixin, "attention.out_lin", True, "sa_layer_norm",
+                                "ffn.lin1", "ffn.activation", "ffn.lin2", "output_layer_norm", ("ffn",), "ffn")
 
 
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def _containers(layer: nn.Module):
-    mods = layer._modules
-    attention = mods.get("attention")
-    return attention, attention._modules.get("output"), mods.get("intermediate"), mods.get("output")
+def _links(layer: nn.Module, path: str) -> list[tuple[dict, str, object]]:
+    """(parent's _modules or __dict__, name, child) for each step of a dotted path; KeyError if absent.
+    A replaced module shows as another child in its parent's dict."""
+    links, node = [], layer
+    for name in path.split("."):
+        if not isinstance(node, nn.Module):
+            raise KeyError(path)
+        where = node._modules if name in node._modules else node.__dict__
+        node = where[name]
+        links.append((where, name, node))
+    return links
+
+
+def _node(layer: nn.Module, path: str):
+    return _links(layer, path)[-1][2]
 
 
 def _eligible(layer: nn.Module, args, kwargs) -> bool:
@@ -51,7 +93,7 @@ def _eligible(layer: nn.Module, args, kwargs) -> bool:
         return False
     if _route(layer) is not None:  # nothing hooked in the layer
         return True
-    return not any(_has_hooks(m) for m in _containers(layer))
+    return not any(_has_hooks(_node(layer, path)) for path in layer._sparse_ofa_layout.skipped)
 
 
 class _Route:
@@ -61,14 +103,10 @@ class _Route:
     checking that it still holds costs a dozen identity and emptiness tests. Only built while nothing
     in the layer has hooks; rebuilt when a module is replaced, a hook appears or `fuse` changes."""
 
-    def __init__(self, layer: nn.Module, watched: tuple, links: tuple):
-        attention, self_output, intermediate, output = watched[:4]
-        so, it, out = self_output._modules, intermediate._modules, output._modules
+    def __init__(self, layer: nn.Module, watched: tuple, links: tuple, leaves: tuple):
         self.links, self.watched, self.fuse = links, watched, layer._sparse_ofa_fuse
-        self.self_attn = attention._modules["self"]
-        self.ao, self.ao_norm = so["dense"], so["LayerNorm"]
-        self.ffn1, self.ffn2, self.out_norm = it["dense"], out["dense"], out["LayerNorm"]
-        self.act = intermediate.intermediate_act_fn
+        self.self_attn, self.ao, self.ao_norm, self.ffn1, self.act, self.ffn2, self.out_norm = leaves
+        self.projects = layer._sparse_ofa_layout.out_proj_in_attention
         fuse = self.fuse
         self.ao_fused = fuse and _plain_sparse(self.ao) and _plain_layer_norm(self.ao_norm, self.ao.out_features)
         self.ffn_fused = (fuse and _plain_sparse(self.ffn1) and _plain_sparse(self.ffn2) and _is_erf_gelu(self.act)
@@ -92,19 +130,16 @@ def _route(layer: nn.Module) -> _Route | None:
     route = layer.__dict__.get("_sparse_ofa_route")
     if route is not None and route.current(layer):
         return route
-    attention, self_output, intermediate, output = _containers(layer)
-    self_attn = attention._modules["self"]
-    so, it, out = self_output._modules, intermediate._modules, output._modules
-    act = intermediate.intermediate_act_fn
-    # (parent's _modules or __dict__, name, child): a replaced module shows as another child there
-    links = ((layer._modules, "attention", attention), (attention._modules, "self", self_attn),
-             (attention._modules, "output", self_output), (layer._modules, "intermediate", intermediate),
-             (layer._modules, "output", output), (so, "dense", so["dense"]), (so, "LayerNorm", so["LayerNorm"]),
-             (it, "dense", it["dense"]), (out, "dense", out["dense"]), (out, "LayerNorm", out["LayerNorm"]),
-             (it if "intermediate_act_fn" in it else intermediate.__dict__, "intermediate_act_fn", act))
-    watched = (attention, self_output, intermediate, output, self_attn, so["dense"], so["LayerNorm"], it["dense"],
-               out["dense"], out["LayerNorm"]) + ((act,) if isinstance(act, nn.Module) else ())
-    route = None if any(_has_hooks(m) for m in watched) else _Route(layer, watched, links)
+    links, seen = [], set()
+    paths = layer._sparse_ofa_layout.paths()
+    for path in paths:
+        for link in _links(layer, path):
+            if (id(link[0]), link[1]) not in seen:  # paths share their containers
+                seen.add((id(link[0]), link[1]))
+                links.append(link)
+    watched = tuple({id(m): m for _, _, m in links if isinstance(m, nn.Module)}.values())
+    leaves = tuple(_node(layer, path) for path in paths)
+    route = None if any(_has_hooks(m) for m in watched) else _Route(layer, watched, tuple(links), leaves)
     layer.__dict__["_sparse_ofa_route"] = route
     return route
 
@@ -175,9 +210,10 @@ def _lean_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask,
         return _lean_forward_checked(layer, hidden_states, attention_mask)
     self_attn = route.self_attn
     attn = None if self_attn.training else self_attn.fast_attention(hidden_states, attention_mask)
-    if attn is None:
-        attn = self_attn(hidden_states, attention_mask)[0]
-    if route.ao_fused:
+    if attn is None:  # the attention module's own forward (which may hold the output projection)
+        h1 = _own_attention_block(self_attn, route.projects, route.ao, route.ao_norm, hidden_states,
+                                  attention_mask, route.fuse)
+    elif route.ao_fused:
         p = route.ao_norm._parameters
         h1 = route.ao.direct(attn, residual=hidden_states, norm=(p["weight"], p["bias"], route.ao_norm.eps))
     else:
@@ -189,19 +225,28 @@ def _lean_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask,
                            route.fuse)
 
 
+def _own_attention_block(self_attn: nn.Module, projects: bool, ao: nn.Module, ao_norm: nn.Module,
+                         hidden_states: torch.Tensor, attention_mask, fuse: bool) -> torch.Tensor:
+    """ao_norm(ao(attention) + h) with the attention module called as a module (hooks run)."""
+    attn = self_attn(hidden_states, attention_mask)[0]
+    if projects:  # its forward applied the output projection already
+        return _layer_norm(ao_norm, attn + hidden_states)
+    return _dense_add_norm(ao, attn, hidden_states, ao_norm, fuse)
+
+
 def _lean_forward_checked(layer: nn.Module, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
-    attention, self_output, intermediate, output = _containers(layer)
-    self_attn = attention._modules["self"]
+    self_attn, ao, ao_norm, ffn1, act, ffn2, out_norm = (
+        _node(layer, path) for path in layer._sparse_ofa_layout.paths())
+    fuse = layer._sparse_ofa_fuse
     attn = None
     if not _has_hooks(self_attn) and not self_attn.training:
         attn = self_attn.fast_attention(hidden_states, attention_mask)
     if attn is None:
-        attn = self_attn(hidden_states, attention_mask)[0]
-    so, out = self_output._modules, output._modules
-    fuse = layer._sparse_ofa_fuse
-    h1 = _dense_add_norm(so["dense"], attn, hidden_states, so["LayerNorm"], fuse)
-    return _feed_forward(intermediate._modules["dense"], intermediate.intermediate_act_fn, out["dense"],
-                         out["LayerNorm"], h1, fuse)
+        h1 = _own_attention_block(self_attn, layer._sparse_ofa_layout.out_proj_in_attention, ao, ao_norm,
+                                  hidden_states, attention_mask, fuse)
+    else:
+        h1 = _dense_add_norm(ao, attn, hidden_states, ao_norm, fuse)
+    return _feed_forward(ffn1, act, ffn2, out_norm, h1, fuse)
 
 
 def _same(mine: torch.Tensor, theirs) -> str | None:
@@ -224,6 +269,7 @@ class FastLayerMixin(FastMixin):
     """Mixed in front of a BERT-style Layer class (see apply_fastpath)."""
 
     _sparse_ofa_fuse = True
+    _sparse_ofa_layout = BERT_LAYOUT
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         mode = self.__dict__.get("_sparse_ofa_layer_mode")
@@ -238,18 +284,29 @@ class FastLayerMixin(FastMixin):
         return mine if mode == "tensor" else (mine,)
 
 
-def is_lean_layer(module: nn.Module) -> bool:
-    """A BERT-style encoder layer (attention.self with the fast path, output/intermediate dense)."""
-    mods = module._modules
-    attention = mods.get("attention")
-    if attention is None or not all(m in mods for m in _CONTAINERS):
-        return False
-    self_attn, self_output = attention._modules.get("self"), attention._modules.get("output")
-    return (isinstance(self_attn, FastSelfAttentionMixin)
-            and not getattr(attention, "is_cross_attention", False)
-            and not getattr(module, "is_decoder", False)
-            and not getattr(module, "add_cross_attention", False)
-            and getattr(module, "chunk_size_feed_forward", 0) == 0
-            and all(hasattr(self_output, a) for a in ("dense", "LayerNorm"))
-            and all(hasattr(mods["intermediate"], a) for a in ("dense", "intermediate_act_fn"))
-            and all(hasattr(mods["output"], a) for a in ("dense", "LayerNorm")))
+class FastDistilLayerMixin(FastLayerMixin):
+    """Mixed in front of DistilBERT's TransformerBlock (see apply_fastpath)."""
+
+    _sparse_ofa_layout = DISTILBERT_LAYOUT
+
+
+def lean_layer_mixin(module: nn.Module) -> type | None:
+    """The lean-forward mixin for an encoder layer of a known layout whose self-attention has the fast
+    path (BERT-style or DistilBERT), None for any other module."""
+    for mixin in (FastLayerMixin, FastDistilLayerMixin):
+        layout = mixin._sparse_ofa_layout
+        try:
+            self_attn, ao, ao_norm, ffn1, act, ffn2, out_norm = (_node(module, p) for p in layout.paths())
+            chunking = _node(module, layout.chunking) if layout.chunking else module
+            skipped = [_node(module, p) for p in layout.skipped]
+        except (KeyError, AttributeError):
+            continue
+        if (type(self_attn).__mro__[1] is layout.attention_type
+                and all(isinstance(m, nn.Module) for m in (ao, ao_norm, ffn1, ffn2, out_norm, *skipped))
+                and callable(act)
+                and not any(getattr(m, "is_cross_attention", False) for m in skipped)
+                and not getattr(module, "is_decoder", False)
+                and not getattr(module, "add_cross_attention", False)
+                and getattr(chunking, "chunk_size_feed_forward", 0) == 0):
+            return mixin
+    return None

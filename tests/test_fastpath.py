@@ -48,7 +48,7 @@ def _hidden(model, inputs):
         return model(**inputs).last_hidden_state
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
 def test_fast_path_equals_plain_path(arch):
     fp32 = _tiny(arch)
     plain = sparsify(copy.deepcopy(fp32), fastpath=False)
@@ -68,13 +68,49 @@ def test_fast_path_equals_plain_path(arch):
     assert set(fast.state_dict()) == set(plain.state_dict())
 
 
-def test_distilbert_is_left_alone():
-    fp32 = _tiny("distilbert")
-    fast = sparsify(copy.deepcopy(fp32))
-    assert not any(isinstance(m, FastSelfAttentionMixin) for m in fast.modules())
-    inputs = _inputs()
+def test_distilbert_gets_its_own_mixins_and_old_forms_are_left_alone():
+    from sparse_ofa.fastpath import FastDistilSelfAttentionMixin, _attention_mixin
+    from sparse_ofa.fastpath_layer import FastDistilLayerMixin
+
+    fast = sparsify(_tiny("distilbert"))
+    assert all(type(layer).__mro__[1] is FastDistilLayerMixin for layer in fast.transformer.layer)
+    assert all(type(layer.attention).__mro__[1] is FastDistilSelfAttentionMixin for layer in fast.transformer.layer)
+
+    class MultiHeadSelfAttention(torch.nn.Module):  # transformers 4's DistilBERT attention: other arguments
+        def __init__(self, attention):
+            super().__init__()
+            self.__dict__.update({k: v for k, v in vars(attention).items() if not k.startswith("_")})
+            self._modules = attention._modules
+
+        def forward(self, query, key, value, mask, head_mask=None, output_attentions=False):
+            raise AssertionError("not called")
+
+    old = MultiHeadSelfAttention(_tiny("distilbert").transformer.layer[0].attention)
+    assert hasattr(old, "q_lin") and hasattr(old, "n_heads") and _attention_mixin(old) is None
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_attention_that_cannot_run_fast_falls_back_inside_the_lean_layer(arch):
+    """With eager attention the fast attention declines and the lean layer calls the attention module:
+    DistilBERT's applies its output projection itself, BERT's does not (either applied twice or never
+    would be O(1) off); a hook on the attention module sends the layer down the checked path, same
+    thing."""
+    fp32 = _tiny(arch)
     plain = sparsify(copy.deepcopy(fp32), fastpath=False)
-    torch.testing.assert_close(_hidden(fast, inputs), _hidden(plain, inputs))
+    fast = sparsify(copy.deepcopy(fp32))
+    apply_fastpath(fast, attention="sdpa", fuse=False)  # the plain path's numerics, bit for bit
+    inputs = _inputs()
+    for _ in range(2):
+        assert torch.equal(_hidden(fast, inputs), _hidden(plain, inputs))
+    layers = [m for m in fast.modules() if isinstance(m, FastLayerMixin)]
+    assert [m.__dict__["_sparse_ofa_layer_mode"] for m in layers] == ["tensor", "tensor"]
+    plain.config._attn_implementation = fast.config._attn_implementation = "eager"
+    assert torch.equal(_hidden(fast, inputs), _hidden(plain, inputs))
+    plain.config._attn_implementation = fast.config._attn_implementation = "sdpa"
+    attention = layers[0].attention if arch == "distilbert" else layers[0].attention.self
+    seen = []
+    attention.register_forward_hook(lambda m, args, out: seen.append(out[0].shape))
+    assert torch.equal(_hidden(fast, inputs), _hidden(plain, inputs)) and seen == [(3, 11, 64)]
 
 
 def test_fused_weight_follows_load_state_dict():
@@ -164,11 +200,12 @@ def test_bench_command_quick_mode(tmp_path):
     assert (tmp_path / "speedup_vs_sparsity.png").stat().st_size > 1000
 
 
-def test_whole_model_pickle_round_trip_in_a_fresh_process(tmp_path):
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_whole_model_pickle_round_trip_in_a_fresh_process(tmp_path, arch):
     import subprocess
     import sys
 
-    fast = sparsify(_tiny("bert"))
+    fast = sparsify(_tiny(arch))
     inputs = _inputs()
     want = _hidden(fast, inputs)  # builds the fused cache, which must not be pickled
     torch.save({"model": fast, "inputs": inputs, "want": want}, tmp_path / "m.pt")
@@ -237,35 +274,38 @@ def test_backend_without_fused_post_ops_composes_torch_ops():
     assert any(key[-1] != (False, False, False) for m in linears for key in m._direct)  # post-ops were asked
 
 
-def test_lean_layer_notices_hooks_replacements_and_fuse_after_its_first_calls():
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_lean_layer_notices_hooks_replacements_and_fuse_after_its_first_calls(arch):
     """The lean layer resolves what it calls once (a cached route): a hook registered later, a module
     replaced later, or fuse switched later must still take effect on the next call."""
-    fast = sparsify(_tiny("bert"))
+    fast = sparsify(_tiny(arch))
     inputs = _inputs()
     _hidden(fast, inputs)
     base = _hidden(fast, inputs)  # the route is cached now
-    layer = fast.encoder.layer[0]
+    layer = fast.transformer.layer[0] if arch == "distilbert" else fast.encoder.layer[0]
+    ffn_in, out_norm_parent, out_norm_name = ((layer.ffn.lin1, layer, "output_layer_norm") if arch == "distilbert"
+                                              else (layer.intermediate.dense, layer.output, "LayerNorm"))
     assert layer.__dict__.get("_sparse_ofa_route") is not None
     seen = []
-    handle = layer.intermediate.dense.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    handle = ffn_in.register_forward_hook(lambda m, args, out: seen.append(out.shape))
     # the hook ran, same output up to the unfused GELU (torch's, not the kernel's: ~1e-6, which a
     # re-quantization downstream can turn into one int8 step, ~1e-4)
     torch.testing.assert_close(_hidden(fast, inputs), base, rtol=1e-3, atol=1e-3)
     assert seen == [(3, 11, 128)]
     handle.remove()
-    doubled = layer.output.LayerNorm
+    doubled = getattr(out_norm_parent, out_norm_name)
 
     class Doubled(torch.nn.Module):
         def forward(self, x):
             return doubled(x) * 2
 
-    layer.output.LayerNorm = Doubled()  # a replaced leaf module is called, not the cached one
+    setattr(out_norm_parent, out_norm_name, Doubled())  # a replaced leaf module is called, not the cached one
     changed = _hidden(fast, inputs)
     assert not torch.allclose(changed, base)
-    layer.output.LayerNorm = doubled
+    setattr(out_norm_parent, out_norm_name, doubled)
     assert torch.equal(_hidden(fast, inputs), base)
     apply_fastpath(fast, attention="sdpa", fuse=False)  # options switched later are followed too
-    plain = sparsify(_tiny("bert"), fastpath=False)
+    plain = sparsify(_tiny(arch), fastpath=False)
     assert torch.equal(_hidden(fast, inputs), _hidden(plain, inputs))
 
 
