@@ -1,5 +1,5 @@
-"""End-to-end encoders on CPU: BERT-base shape (random weights, magnitude-pruned) and the real
-all-MiniLM-L6-v2, batch 1 and 8, seq 128. Baselines in the same run: the fp32 model (eager) and
+"""End-to-end encoders on CPU: BERT-base and DistilBERT-base shapes (random weights, magnitude-pruned)
+and the real all-MiniLM-L6-v2, batch 1 and 8, seq 128. Baselines in the same run: the fp32 model (eager) and
 torch.ao quantize_dynamic (dense INT8). Each row records the mean-pooled embedding cosine against
 the fp32 model in extra_info["cosine_vs_fp32"].
 
@@ -79,6 +79,38 @@ def test_bert_base_sparse_ofa(benchmark, batch, suffix, sparsity, pattern):
     cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
     impl = f"sparse_ofa:{e2e.dispatched_backend(model, batch * SEQ)}{suffix}"
     _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-bert-base-b{batch}", shape="bert-base",
+         batch=batch, sparsity=sparsity, pattern=pattern, impl=impl, cosine_vs_fp32=cosine)
+
+
+# ---------------------------------------------------------------------------------- DistilBERT-base shape
+def _distilbert(sparsity: float, pattern: str):
+    key = ("distilbert", sparsity, pattern)
+    if key not in _cache:
+        _cache[key] = e2e.distilbert_base_pruned(sparsity, pattern)
+    return _cache[key]
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("impl", ["fp32_model", "quantize_dynamic"])
+def test_distilbert_base_baseline(benchmark, batch, impl):
+    fp32 = _distilbert(0.9, "unstructured")
+    model = fp32 if impl == "fp32_model" else e2e.quantize_dynamic(fp32)
+    inputs = e2e.random_inputs(batch, SEQ)
+    cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
+    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-distilbert-base-b{batch}", shape="distilbert-base",
+         batch=batch, sparsity=0.9, pattern="dense", impl=impl, cosine_vs_fp32=cosine)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("suffix", ["", ":plain"])
+@pytest.mark.parametrize("sparsity,pattern", GRID)
+def test_distilbert_base_sparse_ofa(benchmark, batch, suffix, sparsity, pattern):
+    fp32 = _distilbert(sparsity, pattern)
+    model = _sparse(fp32, suffix)
+    inputs = e2e.random_inputs(batch, SEQ)
+    cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
+    impl = f"sparse_ofa:{e2e.dispatched_backend(model, batch * SEQ)}{suffix}"
+    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-distilbert-base-b{batch}", shape="distilbert-base",
          batch=batch, sparsity=sparsity, pattern=pattern, impl=impl, cosine_vs_fp32=cosine)
 
 

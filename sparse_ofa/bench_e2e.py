@@ -1,7 +1,7 @@
 """End-to-end encoder benchmarks' building blocks (bench/test_e2e_cpu.py and `sparse-ofa bench`).
 
-The models: a BERT-base-shape BertModel (random weights, seeded) magnitude-pruned per layer, and the
-real all-MiniLM-L6-v2. The implementations timed on the same inputs ("impl" in the bench
+The models: a BERT-base-shape BertModel and a DistilBERT-base-shape DistilBertModel (random weights,
+seeded) magnitude-pruned per layer, and the real all-MiniLM-L6-v2. The implementations timed on the same inputs ("impl" in the bench
 convention): fp32_model (the model as given, eager), quantize_dynamic (torch.ao dynamic INT8, dense)
 and sparse_ofa:<backend> (sparsify(), fast path on) / sparse_ofa:<backend>:plain (fast path off).
 """
@@ -32,6 +32,22 @@ def bert_base_pruned(sparsity: float = 0.9, pattern: str = "unstructured", seed:
     config = BertConfig(**{**BERT_BASE, "num_hidden_layers": num_layers}, vocab_size=vocab_size,
                         attn_implementation="sdpa")
     model = BertModel(config, add_pooling_layer=False).eval()
+    if sparsity > 0:
+        magnitude_prune_(model, sparsity, pattern)
+    return model
+
+
+def distilbert_base_pruned(sparsity: float = 0.9, pattern: str = "unstructured", seed: int = 0,
+                           vocab_size: int = 30522) -> nn.Module:
+    """A DistilBERT-base-shape DistilBertModel (6 layers, 768/3072, 12 heads), random weights, encoder
+    Linears pruned by magnitude."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from .masks import magnitude_prune_
+
+    torch.manual_seed(seed)
+    model = DistilBertModel(DistilBertConfig(vocab_size=vocab_size, attn_implementation="sdpa")).eval()
     if sparsity > 0:
         magnitude_prune_(model, sparsity, pattern)
     return model

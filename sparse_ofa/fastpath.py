@@ -319,9 +319,9 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
     SDPA) or "bf16" (attention products in bfloat16 on CPU, slightly different numerics).
     fuse: run residual add + LayerNorm and GELU as post-ops inside the linear kernels (cpu backend,
     AVX-512). attention="sdpa", fuse=False computes exactly what the plain sparsified model does."""
-    from .fastpath_embed import FastEmbeddingsMixin, is_lean_embeddings
+    from .fastpath_embed import FastEmbeddingsMixin, lean_embeddings_mixin
     from .fastpath_layer import FastLayerMixin, lean_layer_mixin
-    from .fastpath_model import FastModelMixin, is_lean_model
+    from .fastpath_model import FastModelMixin, lean_model_mixin
 
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
@@ -344,12 +344,14 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
             module._sparse_ofa_fuse = bool(fuse)
     if changed:  # a BERT-style encoder: its embeddings and base model too
         for name, module in model.named_modules():
-            if not isinstance(module, FastEmbeddingsMixin) and is_lean_embeddings(module):
-                module.__class__ = fast_class(type(module), FastEmbeddingsMixin)
+            mixin = None if isinstance(module, FastEmbeddingsMixin) else lean_embeddings_mixin(module)
+            if mixin is not None:
+                module.__class__ = fast_class(type(module), mixin)
                 changed.append(name)
         for name, module in model.named_modules():
-            if not isinstance(module, FastModelMixin) and is_lean_model(module):
-                module.__class__ = fast_class(type(module), FastModelMixin)
+            mixin = None if isinstance(module, FastModelMixin) else lean_model_mixin(module)
+            if mixin is not None:
+                module.__class__ = fast_class(type(module), mixin)
                 changed.append(name)
     return changed
 

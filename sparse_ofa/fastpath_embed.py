@@ -10,25 +10,53 @@ in the model's own addition order, so the result is the same bit for bit (dropou
 eval). It steps aside (the model's forward runs) while training, under tracing, with inputs_embeds,
 explicit position ids, a cache offset, hooks on the module or its children, and for good if its
 first call (run both ways) does not match the model's own output (e.g. RoBERTa's padding-aware
-positions).
+positions). DistilBERT's embeddings (word + position, LayerNorm; forward(input_ids, inputs_embeds,
+position_ids)) the same way, without the token types.
 """
+
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 from torch import nn
 
-from .fastpath import FastMixin, traced_or_hooked_globally
+from .fastpath import FastMixin, base_class, traced_or_hooked_globally
 
 _PARTS = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
 
 
-def is_lean_embeddings(module: nn.Module) -> bool:
-    """Word, position and token-type nn.Embedding + nn.LayerNorm (+ dropout): BERT-style embeddings."""
+def lean_embeddings_mixin(module: nn.Module) -> type | None:
+    """FastEmbeddingsMixin for word, position and token-type nn.Embedding + nn.LayerNorm (+ dropout),
+    BERT-style embeddings; FastDistilEmbeddingsMixin for DistilBERT's (no token types); else None."""
     mods = module._modules
-    return (all(type(mods.get(name)) is nn.Embedding for name in _PARTS[:3])
+    if not (all(type(mods.get(name)) is nn.Embedding for name in _PARTS[:2])
             and type(mods.get("LayerNorm")) is nn.LayerNorm
             and set(mods) <= set(_PARTS) | {"dropout"}
-            and mods["LayerNorm"].normalized_shape == (mods["word_embeddings"].embedding_dim,))
+            and mods["LayerNorm"].normalized_shape == (mods["word_embeddings"].embedding_dim,)):
+        return None
+    if type(mods.get("token_type_embeddings")) is nn.Embedding:
+        return FastEmbeddingsMixin
+    if "token_type_embeddings" not in mods and _forward_arguments(module) == _DISTIL_ARGUMENTS:
+        return FastDistilEmbeddingsMixin
+    return None
+
+
+_DISTIL_ARGUMENTS = ("input_ids", "inputs_embeds", "position_ids")
+
+
+def _forward_arguments(module: nn.Module) -> tuple[str, ...]:
+    """The first three arguments of the module's own forward (after self)."""
+    return _arguments_of(base_class(module) if isinstance(module, FastMixin) else type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _arguments_of(cls: type) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(cls.forward).parameters)[1:4]
+    except (TypeError, ValueError):
+        return ()
 
 
 def _eligible(module: nn.Module, input_ids, position_ids, inputs_embeds, args, kwargs) -> bool:
@@ -40,7 +68,7 @@ def _eligible(module: nn.Module, input_ids, position_ids, inputs_embeds, args, k
     if module._forward_hooks or module._forward_pre_hooks:
         return False
     mods = module._modules
-    if not is_lean_embeddings(module):  # a part replaced since apply_fastpath
+    if lean_embeddings_mixin(module) is not type(module).__mro__[1]:  # a part replaced since apply_fastpath
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in mods.values())
 
@@ -48,12 +76,13 @@ def _eligible(module: nn.Module, input_ids, position_ids, inputs_embeds, args, k
 def _lean_embeddings(module: nn.Module, input_ids: torch.Tensor, token_type_ids) -> torch.Tensor:
     mods = module._modules
     seq = input_ids.shape[1]
-    if token_type_ids is None:  # the model's own default: its buffer of zeros, or zeros
-        buffered = module._buffers.get("token_type_ids")
-        token_type_ids = (buffered[:, :seq] if buffered is not None
-                          else torch.zeros(seq, dtype=torch.long, device=input_ids.device))
     x = torch.embedding(mods["word_embeddings"].weight, input_ids)
-    x.add_(torch.embedding(mods["token_type_embeddings"].weight, token_type_ids))
+    if "token_type_embeddings" in mods:
+        if token_type_ids is None:  # the model's own default: its buffer of zeros, or zeros
+            buffered = module._buffers.get("token_type_ids")
+            token_type_ids = (buffered[:, :seq] if buffered is not None
+                              else torch.zeros(seq, dtype=torch.long, device=input_ids.device))
+        x.add_(torch.embedding(mods["token_type_embeddings"].weight, token_type_ids))
     x.add_(mods["position_embeddings"].weight[:seq])
     norm = mods["LayerNorm"]
     return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
@@ -63,12 +92,17 @@ class FastEmbeddingsMixin(FastMixin):
     """Mixed in front of a BERT-style Embeddings class (see apply_fastpath)."""
 
     def forward(self, input_ids=None, token_type_ids=None, position_ids=None, inputs_embeds=None, *args, **kwargs):
+        def own():
+            return self._own_forward(input_ids, token_type_ids, position_ids, inputs_embeds, args, kwargs)
+        return self._lean_or_own(own, input_ids, token_type_ids, position_ids, inputs_embeds, args, kwargs)
+
+    def _lean_or_own(self, own, input_ids, token_type_ids, position_ids, inputs_embeds, args, kwargs):
         mode = self.__dict__.get("_sparse_ofa_embed_mode")
         if mode == "off" or not _eligible(self, input_ids, position_ids, inputs_embeds, args, kwargs):
-            return self._own_forward(input_ids, token_type_ids, position_ids, inputs_embeds, args, kwargs)
+            return own()
         mine = _lean_embeddings(self, input_ids, token_type_ids)
         if mode is None:  # first call: check against the model's own forward
-            theirs = self._own_forward(input_ids, token_type_ids, position_ids, inputs_embeds, args, kwargs)
+            theirs = own()
             same = (isinstance(theirs, torch.Tensor) and theirs.shape == mine.shape
                     and torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6))
             self.__dict__["_sparse_ofa_embed_mode"] = "on" if same else "off"
@@ -80,3 +114,12 @@ class FastEmbeddingsMixin(FastMixin):
             return super().forward(input_ids, token_type_ids, position_ids, inputs_embeds, *args, **kwargs)
         return super().forward(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids,
                                inputs_embeds=inputs_embeds, **kwargs)
+
+
+class FastDistilEmbeddingsMixin(FastEmbeddingsMixin):
+    """Mixed in front of DistilBERT's Embeddings: forward(input_ids, inputs_embeds, position_ids)."""
+
+    def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, *args, **kwargs):
+        def own():
+            return super(FastEmbeddingsMixin, self).forward(input_ids, inputs_embeds, position_ids, *args, **kwargs)
+        return self._lean_or_own(own, input_ids, None, position_ids, inputs_embeds, args, kwargs)

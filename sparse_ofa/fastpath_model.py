@@ -1,4 +1,4 @@
-"""Lean forward for a BERT-style base model: embeddings -> encoder layers -> pooler.
+"""Lean forward for a BERT-style base model (embeddings -> encoder layers -> pooler), or DistilBERT's.
 
 Around ~0.5 ms of kernels (all-MiniLM-L6-v2, one sentence) the model's own forward spends ~100-150 us
 of Python: four decorators (config defaults, output capturing, kwarg deprecation), the encoder module,
@@ -10,6 +10,9 @@ forward calls, in the model's own order:
     h = lean_layer(h, mask) for each encoder layer         (sparse_ofa/fastpath_layer.py)
     return OwnOutput(last_hidden_state=h, pooler_output=self.pooler(h))
 
+DistilBertModel (transformers 5) the same way: its embeddings(input_ids), the mask from its module's
+own `create_bidirectional_mask`, the lean layers of `transformer`, its own output class.
+
 It steps aside (the model's forward runs) while training, under tracing, with hooks on its encoder
 (a hooked layer is called as a module), with any input beyond input_ids / attention_mask / token_type_ids or an option that changes
 the output (output_attentions / output_hidden_states / return_dict=False, in the call or the config),
@@ -17,6 +20,9 @@ with a cache or cross-attention, on transformers versions without `_create_atten
 good if its first call (run both ways) does not match the model's own output.
 """
 from __future__ import annotations
+
+import functools
+import sys
 
 import torch
 from torch import nn
@@ -35,18 +41,36 @@ _DEFAULT_OPTIONS = {"output_attentions": (None, False), "output_hidden_states": 
 _OUTPUTS = {"last_hidden_state", "pooler_output"}
 
 
-def is_lean_model(module: nn.Module) -> bool:
-    """embeddings + an encoder of lean layers (+ pooler), with the model's own mask builder."""
-    mods = module._modules
-    encoder = mods.get("encoder")
-    layers = encoder._modules.get("layer") if encoder is not None else None
+def lean_model_mixin(module: nn.Module) -> type | None:
+    """FastModelMixin for embeddings + an encoder of lean layers (+ pooler) with the model's own mask
+    builder, FastDistilModelMixin for DistilBERT's embeddings + transformer of lean layers; else None."""
     config = getattr(module, "config", None)
-    return (set(mods) <= {"embeddings", "encoder", "pooler"} and mods.get("embeddings") is not None
-            and isinstance(layers, nn.ModuleList) and set(encoder._modules) == {"layer"} and len(layers) > 0
-            and all(isinstance(layer, FastLayerMixin) for layer in layers)
-            and callable(getattr(module, "_create_attention_masks", None))
-            and config is not None and not getattr(config, "is_decoder", False)
-            and not getattr(config, "add_cross_attention", False))
+    if config is None or getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return None
+    mods = module._modules
+    for mixin in (FastModelMixin, FastDistilModelMixin):
+        encoder = mods.get(mixin._sparse_ofa_encoder)
+        layers = encoder._modules.get("layer") if encoder is not None else None
+        if (set(mods) <= {"embeddings", mixin._sparse_ofa_encoder, "pooler"} and mods.get("embeddings") is not None
+                and isinstance(layers, nn.ModuleList) and set(encoder._modules) == {"layer"} and len(layers) > 0
+                and all(isinstance(layer, FastLayerMixin) for layer in layers)
+                and mixin.has_mask_builder(module)):
+            return mixin
+    return None
+
+
+def _own_module_function(model: nn.Module, name: str):
+    """A function of the module that defines the model's own forward (None if it has none)."""
+    return _module_function(base_class(model) if isinstance(model, FastMixin) else type(model), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_function(cls: type, name: str):
+    for owner in cls.__mro__:
+        if "forward" in owner.__dict__:
+            fn = getattr(sys.modules.get(owner.__module__), name, None)
+            return fn if callable(fn) else None
+    return None
 
 
 def _eligible(model: nn.Module, input_ids, args, kwargs) -> bool:
@@ -59,18 +83,17 @@ def _eligible(model: nn.Module, input_ids, args, kwargs) -> bool:
     for key, value in kwargs.items():
         if value is not None and value not in _DEFAULT_OPTIONS.get(key, ()):
             return False
-    if not is_lean_model(model):  # a part replaced since apply_fastpath
+    if lean_model_mixin(model) is not type(model).__mro__[1]:  # a part replaced since apply_fastpath
         return False
-    encoder = model._modules["encoder"]  # (the model's own hooks run around either forward)
+    encoder = model._modules[model._sparse_ofa_encoder]  # (the model's own hooks run around either forward)
     return not (encoder._forward_hooks or encoder._forward_pre_hooks)
 
 
 def _lean_model(model: nn.Module, input_ids: torch.Tensor, attention_mask, token_type_ids):
     mods = model._modules
-    h = mods["embeddings"](input_ids=input_ids, token_type_ids=token_type_ids)
-    mask, _ = model._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
-                                            embedding_output=h, encoder_hidden_states=None, cache=None)
-    for layer in mods["encoder"]._modules["layer"]:
+    h = model.embed(input_ids, token_type_ids)
+    mask = model.mask(attention_mask, h)
+    for layer in mods[model._sparse_ofa_encoder]._modules["layer"]:
         if (layer.__dict__.get("_sparse_ofa_layer_mode") in ("tensor", "tuple")
                 and not (layer._forward_hooks or layer._forward_pre_hooks)
                 and _layer_eligible(layer, (), {})):  # (which also brings its route up to date)
@@ -107,22 +130,42 @@ def _share_recordable_outputs(model: nn.Module) -> None:
 class FastModelMixin(FastMixin):
     """Mixed in front of a BERT-style base model class (see apply_fastpath)."""
 
+    _sparse_ofa_encoder = "encoder"
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, *args, **kwargs):
+        def own():
+            return super(FastModelMixin, self).forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
+        return self._lean_or_own(own, input_ids, attention_mask, token_type_ids, args, kwargs)
+
+    @staticmethod
+    def has_mask_builder(model: nn.Module) -> bool:
+        return callable(getattr(model, "_create_attention_masks", None))
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids) -> torch.Tensor:
+        """The embeddings, as a module call (hooks and its lean forward apply)."""
+        return self._modules["embeddings"](input_ids=input_ids, token_type_ids=token_type_ids)
+
+    def mask(self, attention_mask, h: torch.Tensor):
+        """The attention mask the model's own forward gives its layers."""
+        return self._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
+                                            embedding_output=h, encoder_hidden_states=None, cache=None)[0]
+
+    def _lean_or_own(self, own, input_ids, attention_mask, token_type_ids, args, kwargs):
         output_class = self.__dict__.get("_sparse_ofa_model_mode")
         if output_class == "off" or not _eligible(self, input_ids, args, kwargs):
             _share_recordable_outputs(self)
-            return super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
+            return own()
         if output_class is None:  # first call: check against the model's own forward, learn its output
             _share_recordable_outputs(self)
             # the model's own forward first. A layer's own first-call check returns the model's layer
             # output, not its lean one (they differ by int8 rounding flips, ~2 % relative L2 over six
             # 90 %-sparse MiniLM layers): after such checks, run it once more, so that both sides
             # below use the layers as they will run and give the same bits
-            layers = self._modules["encoder"]._modules["layer"]
+            layers = self._modules[self._sparse_ofa_encoder]._modules["layer"]
             checking = any(layer.__dict__.get("_sparse_ofa_layer_mode") is None for layer in layers)
-            theirs = super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
+            theirs = own()
             if checking:
-                theirs = super().forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
+                theirs = own()
             mine = _lean_model(self, input_ids, attention_mask, token_type_ids)
             self.__dict__["_sparse_ofa_model_mode"] = type(theirs) if _matches(mine, theirs) else "off"
             return theirs
@@ -130,3 +173,27 @@ class FastModelMixin(FastMixin):
         if mine[1] is None:
             return output_class(last_hidden_state=mine[0])
         return output_class(last_hidden_state=mine[0], pooler_output=mine[1])
+
+
+class FastDistilModelMixin(FastModelMixin):
+    """Mixed in front of DistilBertModel (transformers 5): forward(input_ids, attention_mask,
+    inputs_embeds, position_ids, ...), layers in `transformer`, the mask from its module's
+    create_bidirectional_mask."""
+
+    _sparse_ofa_encoder = "transformer"
+
+    def forward(self, input_ids=None, attention_mask=None, *args, **kwargs):
+        def own():
+            return super(FastModelMixin, self).forward(input_ids, attention_mask, *args, **kwargs)
+        return self._lean_or_own(own, input_ids, attention_mask, None, args, kwargs)
+
+    @staticmethod
+    def has_mask_builder(model: nn.Module) -> bool:
+        return _own_module_function(model, "create_bidirectional_mask") is not None
+
+    def embed(self, input_ids: torch.Tensor, token_type_ids) -> torch.Tensor:
+        return self._modules["embeddings"](input_ids)
+
+    def mask(self, attention_mask, h: torch.Tensor):
+        build = _own_module_function(self, "create_bidirectional_mask")
+        return build(config=self.config, inputs_embeds=h, attention_mask=attention_mask)

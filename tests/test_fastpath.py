@@ -309,28 +309,34 @@ def test_lean_layer_notices_hooks_replacements_and_fuse_after_its_first_calls(ar
     assert torch.equal(_hidden(fast, inputs), _hidden(plain, inputs))
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
 def test_lean_embeddings_equal_the_model_forward_or_step_aside(arch):
-    """BERT's embeddings take the lean forward and give the same bits; RoBERTa's padding-aware
-    positions differ, so its first-call check turns the lean forward off; hooks, inputs_embeds,
-    explicit position ids and training run the model's own forward."""
+    """BERT's and DistilBERT's embeddings take the lean forward and give the same bits; RoBERTa's
+    padding-aware positions differ, so its first-call check turns the lean forward off; hooks,
+    inputs_embeds, explicit position ids and training run the model's own forward."""
+    from sparse_ofa.fastpath_embed import FastDistilEmbeddingsMixin
+
     fp32 = _tiny(arch)
     fast, plain = sparsify(copy.deepcopy(fp32)), sparsify(copy.deepcopy(fp32), fastpath=False)
     emb, own = fast.embeddings, plain.embeddings
+    assert isinstance(emb, FastDistilEmbeddingsMixin) == (arch == "distilbert")
     ids = torch.randint(5, 120, (2, 9))
     types = torch.randint(0, 2, (2, 9))
     with torch.inference_mode():
         for _ in range(2):  # the first call checks, the second runs what the check decided
-            for kwargs in ({"input_ids": ids}, {"input_ids": ids, "token_type_ids": types}):
-                assert torch.equal(emb(**kwargs), own(**kwargs))
-    assert emb.__dict__["_sparse_ofa_embed_mode"] == ("on" if arch == "bert" else "off")
+            # (DistilBERT has no token types; its model calls embeddings(input_ids) positionally)
+            calls = ([((ids,), {})] if arch == "distilbert"
+                     else [((), {"input_ids": ids}), ((), {"input_ids": ids, "token_type_ids": types})])
+            for args, kwargs in calls:
+                assert torch.equal(emb(*args, **kwargs), own(*args, **kwargs))
+    assert emb.__dict__["_sparse_ofa_embed_mode"] == ("off" if arch == "roberta" else "on")
     seen = []
     handle = emb.word_embeddings.register_forward_hook(lambda m, args, out: seen.append(out.shape))
     with torch.inference_mode():
         assert torch.equal(emb(input_ids=ids), own(input_ids=ids)) and seen == [(2, 9, 64)]
         handle.remove()
         vectors = torch.randn(2, 9, 64)
-        assert torch.equal(emb(inputs_embeds=vectors), own(inputs_embeds=vectors))
+        assert torch.equal(emb(input_ids=None, inputs_embeds=vectors), own(input_ids=None, inputs_embeds=vectors))
         positions = torch.arange(9).flip(0).expand(2, 9)
         assert torch.equal(emb(input_ids=ids, position_ids=positions), own(input_ids=ids, position_ids=positions))
     emb.train(), own.train()
@@ -340,25 +346,30 @@ def test_lean_embeddings_equal_the_model_forward_or_step_aside(arch):
     assert torch.equal(a, own(input_ids=ids))  # same dropout draws: the model's own forward ran
 
 
-@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("arch", ["bert", "roberta", "distilbert"])
 def test_lean_model_forward_equals_the_model_forward_or_steps_aside(arch, monkeypatch):
     """The base model's lean forward (embeddings, mask, lean layers, pooler) gives the model's own
     output object with the same values as the model's own forward (same layers underneath: same
     bits), and steps aside for options that change the output, extra inputs, hooks and training."""
-    from transformers import BertConfig, BertForSequenceClassification, BertModel, RobertaConfig, RobertaModel
+    from transformers import (BertConfig, BertForSequenceClassification, BertModel,
+                              DistilBertForSequenceClassification, RobertaConfig, RobertaModel)
 
     from sparse_ofa.fastpath_model import FastModelMixin
 
     torch.manual_seed(0)
     if arch == "bert":
         fp32 = BertModel(BertConfig(**TINY)).eval()  # with its pooler
-    else:
+    elif arch == "roberta":
         fp32 = RobertaModel(RobertaConfig(**TINY, pad_token_id=1)).eval()
+    else:
+        fp32 = _tiny("distilbert")  # (no pooler)
     magnitude_prune_(fp32, 0.7)
     fast, plain = sparsify(copy.deepcopy(fp32)), sparsify(copy.deepcopy(fp32), fastpath=False)
     assert isinstance(fast, FastModelMixin) and not isinstance(plain, FastModelMixin)
+    encoder = fast.transformer if arch == "distilbert" else fast.encoder
+    outputs = {"last_hidden_state"} if arch == "distilbert" else {"last_hidden_state", "pooler_output"}
     encoder_calls = []
-    encoder_cls = type(fast.encoder)
+    encoder_cls = type(encoder)
     own_encoder = encoder_cls.forward
     monkeypatch.setattr(encoder_cls, "forward", lambda self, *a, **k: encoder_calls.append(1) or own_encoder(self, *a, **k))
 
@@ -380,15 +391,16 @@ def test_lean_model_forward_equals_the_model_forward_or_steps_aside(arch, monkey
             # layers' own first-call checks, once with the layers as they will run (to compare with)
             assert len(encoder_calls) == (2 if call == 0 else 0)
             want = own(**inputs)
-            assert type(got) is type(want) and set(got.keys()) == set(want.keys()) == {"last_hidden_state", "pooler_output"}
+            assert type(got) is type(want) and set(got.keys()) == set(want.keys()) == outputs
             if call:  # (the first call returns what the layers' own first-call checks return)
-                assert torch.equal(got.last_hidden_state, want.last_hidden_state)
-                assert torch.equal(got.pooler_output, want.pooler_output)
+                for key in outputs:
+                    assert torch.equal(got[key], want[key])
             # against the plain path: the fused post-ops' ~1e-6 can move an int8 step (bench/NOTES.md)
             torch.testing.assert_close(got.last_hidden_state, plain_out.last_hidden_state, rtol=1e-3, atol=1e-3)
         assert fast.__dict__["_sparse_ofa_model_mode"] is type(want)
         types = torch.randint(0, 2, inputs["input_ids"].shape) if arch == "bert" else None
-        for extra, lean in (({"token_type_ids": types, "output_attentions": False, "return_dict": True}, True),
+        for extra, lean in (({"output_attentions": False, "return_dict": True}
+                             | ({} if arch == "distilbert" else {"token_type_ids": types}), True),
                             ({"output_hidden_states": True}, False), ({"return_dict": False}, False),
                             ({"position_ids": torch.arange(11).expand(3, 11)}, False)):
             encoder_calls.clear()
@@ -405,11 +417,11 @@ def test_lean_model_forward_equals_the_model_forward_or_steps_aside(arch, monkey
         fast(**inputs)
         handle.remove()
         assert seen == [1] and encoder_calls == []  # a hook on the model itself runs around either forward
-        handle = fast.encoder.register_forward_pre_hook(lambda m, args: seen.append(2))
+        handle = encoder.register_forward_pre_hook(lambda m, args: seen.append(2))
         fast(**inputs)
         handle.remove()
         assert seen == [1, 2]  # a hook on the encoder: the model's own forward, which calls it
-        handle = fast.encoder.layer[1].register_forward_hook(lambda m, args, out: seen.append(3))
+        handle = encoder.layer[1].register_forward_hook(lambda m, args, out: seen.append(3))
         encoder_calls.clear()
         got = fast(**inputs)
         handle.remove()
@@ -419,13 +431,15 @@ def test_lean_model_forward_equals_the_model_forward_or_steps_aside(arch, monkey
     encoder_calls.clear()
     fast(**inputs)
     assert encoder_calls == [1]  # training: the model's own forward (dropout and all)
-    if arch == "bert":  # inside a task model
+    if arch != "roberta":  # inside a task model
         torch.manual_seed(0)
-        head = BertForSequenceClassification(BertConfig(**TINY)).eval()
+        head = (BertForSequenceClassification(BertConfig(**TINY)) if arch == "bert"
+                else DistilBertForSequenceClassification(_tiny("distilbert").config)).eval()
         magnitude_prune_(head, 0.7)
         fast_head, plain_head = sparsify(copy.deepcopy(head)), sparsify(copy.deepcopy(head), fastpath=False)
         with torch.inference_mode():
             for _ in range(2):
                 torch.testing.assert_close(fast_head(**inputs).logits, plain_head(**inputs).logits,
                                            rtol=1e-3, atol=1e-3)
-        assert fast_head.bert.__dict__["_sparse_ofa_model_mode"] not in (None, "off")
+        base = fast_head.bert if arch == "bert" else fast_head.distilbert
+        assert base.__dict__["_sparse_ofa_model_mode"] not in (None, "off")
