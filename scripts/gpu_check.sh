@@ -84,7 +84,7 @@ EOF
 
 stage_tests() {
   build_extension
-  "$PY" -m pytest -q -rs tests/test_gpu_kernels.py tests/test_gpu_dispatch.py tests/test_gpu_cli.py tests/test_triton_kernels.py \
+  "$PY" -m pytest -q -rs tests/test_gpu_kernels.py tests/test_gpu_dispatch.py tests/test_gpu_cli.py tests/test_gpu_fastpath.py tests/test_triton_kernels.py \
     tests/test_gpu_triton_aot.py tests/test_cuda_compile.py --junitxml="$OUT/tests_junit.xml" \
     -p no:cacheprovider >"$OUT/tests.log" 2>&1
   local rc=$?
