@@ -3,6 +3,7 @@ machine runs: exact int32 products, identical activation quantization, the fused
 errors. Outputs are poisoned before each call so that an element the kernel forgets shows up."""
 from __future__ import annotations
 
+import os
 
 import pytest
 import torch
@@ -498,3 +499,19 @@ def test_error_unsupported_isa_code(small):
     _, prepared = small
     with pytest.raises(RuntimeError, match="unknown ISA code 7"):
         torch.ops.sparse_ofa.cpu_int_mm(torch.zeros(2, 32, dtype=torch.int8), *args_of(prepared), 7)
+
+
+def test_env_value_reads_what_os_environ_holds(monkeypatch):
+    # the plans' fast read of $SPARSE_OFA_CPU_ISA must see every change made through os.environ
+    from sparse_ofa.backends import env_value, plan_context
+
+    monkeypatch.delenv("SPARSE_OFA_CPU_ISA", raising=False)
+    assert env_value("SPARSE_OFA_CPU_ISA") is None and plan_context()[0] is None
+    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "avx2")
+    assert env_value("SPARSE_OFA_CPU_ISA") == "avx2" and plan_context()[0] == "avx2"
+    assert cpu_backend.isa_code() == cpu_backend.ISAS["avx2"]
+    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "ünïcode")  # decoded as os.environ decodes it
+    assert env_value("SPARSE_OFA_CPU_ISA") == os.environ["SPARSE_OFA_CPU_ISA"] == "ünïcode"
+    monkeypatch.delenv("SPARSE_OFA_CPU_ISA")
+    assert env_value("SPARSE_OFA_CPU_ISA") is None and cpu_backend.isa_code() == -1
+    assert env_value("PATH") == os.environ["PATH"]

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ..formats import PackedWeight, unpack_int8
 from ..quant import ActQuant
+from . import env_value
 from .base import Backend, LayerInfo
 
 EXTENSION = "sparse_ofa_cpu"
@@ -75,7 +76,7 @@ def best_isa() -> str:
 
 def isa_code(name: str | None = None) -> int:
     """ISA code for the kernels: `name`, else $SPARSE_OFA_CPU_ISA, else -1 (the best available)."""
-    name = name or os.environ.get("SPARSE_OFA_CPU_ISA", "")
+    name = name or env_value("SPARSE_OFA_CPU_ISA") or ""
     if not name:
         return -1
     if name not in ISAS:
