@@ -261,8 +261,8 @@ def _same(mine: torch.Tensor, theirs) -> str | None:
     # ~1e-6 (LayerNorm statistics summed in another order, GELU's erf), and such a difference can tip
     # a per-token int8 rounding in the next linear: a few outputs then move by one quantization
     # step (~1e-3). So: relative L2 distance, not an elementwise tolerance.
-    diff = float((mine - theirs).norm())
-    return kind if diff <= 1e-3 * float(theirs.norm()) else None
+    diff = float((mine - theirs).detach().norm())  # (detached: a first call may run with grad enabled)
+    return kind if diff <= 1e-3 * float(theirs.detach().norm()) else None
 
 
 class FastLayerMixin(FastMixin):
