@@ -54,7 +54,7 @@ at::Tensor broadcast_mask(const at::Tensor& mask, int64_t b, int64_t heads, int6
 
 // p's qkv layout (qkv, sb, st, sc) is set; the rest from the arguments, then one task per (batch, head).
 void run_attention(AttnProblem& p, int64_t b, int64_t s, int64_t heads, int64_t dim, double scale,
-                   const c10::optional<at::Tensor>& mask_in, at::Tensor& out, int is) {
+                   const c10::optional<at::Tensor>& mask_in, at::Tensor& out, int is, bool bf16) {
   p.k_off = heads * dim, p.v_off = 2 * heads * dim;
   p.batch = b, p.seq = s, p.heads = heads, p.dim = dim, p.scale = (float)scale;
   at::Tensor mask;
@@ -65,18 +65,27 @@ void run_attention(AttnProblem& p, int64_t b, int64_t s, int64_t heads, int64_t 
     p.mb = mask.stride(0), p.mh = mask.stride(1), p.mi = mask.stride(2);
   }
   p.out = out.data_ptr<float>(), p.ob = out.stride(0), p.ot = out.stride(1);
-  const int64_t scratch_floats = attention_scratch_floats(p);
+  const int64_t scratch_floats = bf16 ? attention_bf16_scratch_words(p) : attention_scratch_floats(p);
   at::parallel_for(0, b * heads, 1, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<uint8_t> buf;
     float* work = reinterpret_cast<float*>(scratch(buf, (size_t)scratch_floats * sizeof(float)));
-    if (is == kAvx512Vnni) attention_avx512(p, t0, t1, work);
+    if (bf16) attention_avx512_bf16(p, t0, t1, work);
+    else if (is == kAvx512Vnni) attention_avx512(p, t0, t1, work);
     else attention_scalar(p, t0, t1, work);
   });
 }
 
+// bf16 products need the AVX-512 path on a CPU with AVX-512 BF16: an error otherwise, not a silent fp32 run
+void check_bf16(bool bf16, int is, const char* op) {
+  TORCH_CHECK(!bf16 || (is == kAvx512Vnni && bf16_attention_supported()), "sparse_ofa ", op,
+              ": bf16=True needs the avx512vnni path on a CPU with AVX-512 BF16 (this one: ",
+              bf16_attention_supported() ? "has it, but another ISA was asked for)" : "has no AVX-512 BF16)");
+}
+
 void attention_out(const at::Tensor& qkv_in, const c10::optional<at::Tensor>& mask_in, int64_t heads, double scale,
-                   at::Tensor& out, int64_t isa) {
+                   at::Tensor& out, int64_t isa, bool bf16) {
   const int is = (int)resolve_isa(isa);
+  check_bf16(bf16, is, "cpu_attention");
   const int64_t dim = head_dim(qkv_in, heads);
   const int64_t b = qkv_in.size(0), s = qkv_in.size(1), hidden = heads * dim;
   const at::Tensor qkv = qkv_in.stride(2) == 1 ? qkv_in : qkv_in.contiguous();
@@ -90,14 +99,14 @@ void attention_out(const at::Tensor& qkv_in, const c10::optional<at::Tensor>& ma
   AttnProblem p{};
   p.qkv = qkv.data_ptr<float>();
   p.sb = qkv.stride(0), p.st = qkv.stride(1), p.sc = 1;
-  run_attention(p, b, s, heads, dim, scale, mask_in, out, is);
+  run_attention(p, b, s, heads, dim, scale, mask_in, out, is, bf16);
 }
 
 at::Tensor attention(const at::Tensor& qkv, const c10::optional<at::Tensor>& mask, int64_t heads, double scale,
-                     int64_t isa) {
+                     int64_t isa, bool bf16) {
   const int64_t dim = head_dim(qkv, heads);
   at::Tensor out = at::empty({qkv.size(0), qkv.size(1), heads * dim}, qkv.options());
-  attention_out(qkv, mask, heads, scale, out, isa);
+  attention_out(qkv, mask, heads, scale, out, isa, bf16);
   return out;
 }
 
@@ -108,8 +117,9 @@ at::Tensor attention(const at::Tensor& qkv, const c10::optional<at::Tensor>& mas
 at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, const at::Tensor& w_scale,
                          const c10::optional<at::Tensor>& bias, double static_scale, double inv_scale,
                          int64_t zero_point, int64_t qmin, int64_t qmax, const c10::optional<at::Tensor>& mask_in,
-                         int64_t heads, double scale, int64_t isa) {
+                         int64_t heads, double scale, int64_t isa, bool bf16) {
   const int is = (int)resolve_isa(isa);
+  check_bf16(bf16, is, "cpu_qkv_attention");
   const QuadWeight wq = layout_of(w, "cpu_qkv_attention", "w");
   TORCH_CHECK(x.dim() == 3, "sparse_ofa cpu_qkv_attention: x must be 3-D [batch, seq, hidden], got ", fmt_dims(x));
   TORCH_CHECK(heads >= 1 && wq.n % (3 * heads) == 0, "sparse_ofa cpu_qkv_attention: the weight's ",
@@ -124,7 +134,7 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
     at::Tensor qkv2 = qkv.view({m, wq.n});
     cpu_linear_out(xf, w[0], w[1], w[2], w[3], w[4], w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax,
                    qkv2, is, c10::nullopt, false, c10::nullopt, c10::nullopt, 1e-12);
-    return attention(qkv, mask_in, heads, scale, is);
+    return attention(qkv, mask_in, heads, scale, is, bf16);
   }
   // 1. the projection, channel-major qkv_t [3 hidden][mp]: each thread its own 64-token tiles
   const int64_t mp = (m + kTileTokens - 1) / kTileTokens * kTileTokens;
@@ -146,7 +156,7 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   AttnProblem p{};
   p.qkv = yt;
   p.sb = s, p.st = 1, p.sc = mp;  // token (b, i) is column b * s + i
-  run_attention(p, b, s, heads, hidden / heads, scale, mask_in, out, is);
+  run_attention(p, b, s, heads, hidden / heads, scale, mask_in, out, is, bf16);
   return out;
 }
 
@@ -154,10 +164,12 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
 }  // namespace sparse_ofa_cpu
 
 TORCH_LIBRARY_FRAGMENT(sparse_ofa, m) {
-  m.def("cpu_attention(Tensor qkv, Tensor? mask, int heads, float scale, int isa=-1) -> Tensor");
-  m.def("cpu_attention_out(Tensor qkv, Tensor? mask, int heads, float scale, Tensor(a!) out, int isa=-1) -> ()");
+  m.def("cpu_attention(Tensor qkv, Tensor? mask, int heads, float scale, int isa=-1, bool bf16=False) -> Tensor");
+  m.def("cpu_attention_out(Tensor qkv, Tensor? mask, int heads, float scale, Tensor(a!) out, int isa=-1, "
+        "bool bf16=False) -> ()");
   m.def("cpu_qkv_attention(Tensor x, Tensor[] w, Tensor w_scale, Tensor? bias, float static_scale, float inv_scale, "
-        "int zero_point, int qmin, int qmax, Tensor? mask, int heads, float scale, int isa=-1) -> Tensor");
+        "int zero_point, int qmin, int qmax, Tensor? mask, int heads, float scale, int isa=-1, bool bf16=False) -> Tensor");
+  m.def("cpu_bf16_attention_supported() -> bool", [] { return sparse_ofa_cpu::bf16_attention_supported(); });
 }
 
 TORCH_LIBRARY_IMPL(sparse_ofa, CPU, m) {

@@ -15,9 +15,12 @@ attention):
   the plain path only in summation order (~1e-6). `attention="sdpa"` keeps torch's kernel. On the
   cpu backend the projection and the fused kernel are one op, `cpu_qkv_attention` (the projection
   written channel-major, K^T read in place: no output transposes; same bits as the two ops).
-* optional bf16 attention (`attention="bf16"`, off by default): QK^T and PV in bfloat16 on CPUs with
-  AVX-512 BF16; changes numerics slightly, hence opt-in. Since the fused fp32 kernel it is slower
-  than the default on AVX-512 CPUs (bench/NOTES.md); kept so that code selecting it keeps working.
+* optional bf16 attention (`attention="bf16"`, off by default): QK^T and PV on bf16 inputs with fp32
+  sums and an fp32 softmax; changes numerics slightly (about as much as the int8 rounding of the
+  linears), hence opt-in. On CPUs with AVX-512 BF16 the same fused kernel with `vdpbf16ps`
+  (csrc/cpu/attention_bf16.cpp, ~1.5x the fp32 kernel at 128 tokens) from BF16_MIN_KEYS keys on;
+  shorter sequences, and AVX-512 CPUs without BF16, run the fp32 kernel (faster there); elsewhere
+  torch ops in bfloat16.
 
 Around them: the encoder layers get a lean forward (sparse_ofa/fastpath_layer.py: post-ops fused into
 the linears, the feed-forward block as one op) and the embeddings one too (sparse_ofa/fastpath_embed.py).
@@ -42,6 +45,7 @@ from .formats import PackedWeight
 from .modules import SparseInt8Linear
 
 ATTENTION_MODES = ("fp32", "sdpa", "bf16")
+BF16_MIN_KEYS = 32  # below, converting q/k/v to bf16 pairs costs what the bf16 products save (bench/NOTES.md)
 _FAST_CLASSES: dict[type, type] = {}
 
 
@@ -151,17 +155,18 @@ def _cpu_attention_runs(qkv: torch.Tensor, mask) -> bool:
         return False
 
 
-def _qkv_attention_plan(fused: SparseInt8Linear, x: torch.Tensor, heads: int, scale: float):
-    """fn(x, mask) running the fused projection + fp32 attention as one op (the backend's
-    qkv_attention_fn), or None; resolved once per input shape and cached with the layer's direct()
-    plans (dropped whenever its layouts are rebuilt)."""
-    key = ("qkv_attention", x.shape, x.dtype, x.device, _backends.plan_context(), heads, scale)
+def _qkv_attention_plan(fused: SparseInt8Linear, x: torch.Tensor, heads: int, scale: float, bf16: bool):
+    """fn(x, mask) running the fused projection + attention (bf16 products or fp32) as one op (the
+    backend's qkv_attention_fn), or None; resolved once per input shape and cached with the layer's
+    direct() plans (dropped whenever its layouts are rebuilt)."""
+    key = ("qkv_attention", x.shape, x.dtype, x.device, _backends.plan_context(), heads, scale, bf16)
     if key in fused._direct:
         return fused._direct[key]
     m = x.numel() // fused.in_features
     backend = _backends.select(fused._chain, m, fused._info)
     return fused._remember(key, backend.qkv_attention_fn(fused._prepared[backend.name], fused.weight_scale,
-                                                         fused._epilogue_bias, fused.act, m, heads, scale))
+                                                         fused._epilogue_bias, fused.act, m, heads, scale,
+                                                         bf16=bf16))
 
 
 def traced_or_hooked_globally() -> bool:
@@ -241,15 +246,17 @@ class FastSelfAttentionMixin(FastMixin):
         scale = getattr(self, "scaling", self.attention_head_size ** -0.5)
         mode = self._sparse_ofa_attention
         # (qkv has hidden_states' dtype, device and rank: the check holds for both)
-        cpu_kernel = mode == "fp32" and _cpu_attention_runs(hidden_states, attention_mask)
+        cpu_kernel = mode != "sdpa" and _cpu_attention_runs(hidden_states, attention_mask)
+        bf16 = (cpu_kernel and mode == "bf16" and hidden_states.shape[-2] >= BF16_MIN_KEYS
+                and _cpu_backend.bf16_attention_supported())
         if cpu_kernel:
-            fn = _qkv_attention_plan(fused, hidden_states, self.num_attention_heads, scale)
+            fn = _qkv_attention_plan(fused, hidden_states, self.num_attention_heads, scale, bf16)
             if fn is not None:  # projection + attention as one op (same bits as the two below)
                 return fn(hidden_states, attention_mask)
         qkv = fused.direct(hidden_states)
         if cpu_kernel and qkv.dtype == torch.float32:
             return torch.ops.sparse_ofa.cpu_attention.default(qkv, attention_mask, self.num_attention_heads,
-                                                              scale)
+                                                              scale, -1, bf16)
         if mode == "bf16" and qkv.device.type == "cpu" and qkv.dim() == 3 and qkv.dtype == torch.float32:
             qkv[..., :self.all_head_size].mul_(scale)  # qkv is ours: fold the scale into q
             return _bf16_attention(qkv, self.num_attention_heads, attention_mask)
@@ -316,7 +323,8 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
     a lean forward (sparse_ofa/fastpath_embed.py, same output bit for bit), and a BERT-style base model
     around them a lean forward of its own (sparse_ofa/fastpath_model.py). attention: "fp32" (default: the
     fused CPU kernel where AVX-512 runs, else torch's SDPA; fp32 numerics), "sdpa" (always torch's
-    SDPA) or "bf16" (attention products in bfloat16 on CPU, slightly different numerics).
+    SDPA) or "bf16" (attention products on bfloat16 inputs on CPU where that is faster, slightly
+    different numerics: see the module docstring).
     fuse: run residual add + LayerNorm and GELU as post-ops inside the linear kernels (cpu backend,
     AVX-512). attention="sdpa", fuse=False computes exactly what the plain sparsified model does."""
     from .fastpath_embed import FastEmbeddingsMixin, lean_embeddings_mixin

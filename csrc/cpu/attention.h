@@ -38,4 +38,13 @@ int64_t attention_scratch_floats(const AttnProblem& p);
 void attention_scalar(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch);
 void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch);
 
+// bf16 products (vdpbf16ps; attention_bf16.cpp), fp32 softmax: on CPUs where
+// bf16_attention_supported(); its scratch in 4-byte words
+void attention_avx512_bf16(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch);
+int64_t attention_bf16_scratch_words(const AttnProblem& p);
+bool bf16_attention_supported();
+
+// the AVX-512 kernels' masked row softmax (attention_avx512.cpp): s = exp(x - max) in place, 1 / sum
+float softmax_row_avx512(float* s, int64_t seq, int mask_kind, const void* mask);
+
 }  // namespace sparse_ofa_cpu

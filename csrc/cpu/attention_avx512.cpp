@@ -109,9 +109,11 @@ void transpose_keys(const float* k, int64_t ld, int64_t seq, int64_t dim, int64_
   }
 }
 
+}  // namespace
+
 // Masked softmax of one score row s[0, seq) in place: s[j] = exp(x_j - max), returns 1 / sum (0 when
 // every key is masked, with s = 0). x_j = s[j] + mask (additive), or -inf where a bool mask is false.
-float softmax_row(float* s, int64_t seq, int mask_kind, const void* mask) {
+float softmax_row_avx512(float* s, int64_t seq, int mask_kind, const void* mask) {
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 vmax = neg_inf;
   for (int64_t j = 0; j < seq; j += 16) {
@@ -142,8 +144,6 @@ float softmax_row(float* s, int64_t seq, int mask_kind, const void* mask) {
   return 1.f / _mm512_reduce_add_ps(vsum);
 }
 
-}  // namespace
-
 void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch) {
   const int64_t seq_pad = (p.seq + 15) / 16 * 16, dim_pad = (p.dim + 15) / 16 * 16;
   const bool channel_major = p.sc != 1;
@@ -173,7 +173,7 @@ void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scrat
       for (int64_t r = 0; r < rows; ++r) {
         const char* mask = static_cast<const char*>(p.mask) +
                            (b * p.mb + h * p.mh + (i0 + r) * p.mi) * (int64_t)mask_bytes;
-        inv_sum[r] = softmax_row(scores + r * seq_pad, p.seq, p.mask_kind, p.mask ? mask : nullptr);
+        inv_sum[r] = softmax_row_avx512(scores + r * seq_pad, p.seq, p.mask_kind, p.mask ? mask : nullptr);
       }
       gemm_cols(rows, scores, seq_pad, 1, v, ldv, p.seq, inv_sum, out + i0 * p.ot, p.ot, p.dim);
     }

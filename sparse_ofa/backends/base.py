@@ -70,9 +70,10 @@ class Backend:
         return None
 
     def qkv_attention_fn(self, prepared: dict[str, torch.Tensor], w_scale: torch.Tensor, bias: torch.Tensor | None,
-                         act: ActQuant, m: int, heads: int, scale: float):
+                         act: ActQuant, m: int, heads: int, scale: float, bf16: bool = False):
         """Optional: fn(x [B, S, K], mask) -> [B, S, H], fp32 attention (sparse_ofa.fastpath) of the
-        fused QKV projection of x by this layer ([3H, K]: q | k | v), as one op. None: not offered."""
+        fused QKV projection of x by this layer ([3H, K]: q | k | v), as one op; bf16: both attention
+        products on bf16 inputs (fp32 sums, softmax). None: not offered."""
         return None
 
     def __repr__(self) -> str:

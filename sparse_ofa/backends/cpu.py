@@ -37,6 +37,7 @@ from .base import Backend, LayerInfo
 EXTENSION = "sparse_ofa_cpu"
 SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2.cpp", "cpu/avxvnni.cpp",
            "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp",
+           "cpu/attention_bf16.cpp",
            "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp",
            "cpu_dense.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
@@ -72,6 +73,14 @@ def best_isa() -> str:
         load()
         _state["best_isa"] = ISA_NAMES[int(torch.ops.sparse_ofa.cpu_isa())]
     return _state["best_isa"]
+
+
+def bf16_attention_supported() -> bool:
+    """Whether cpu_attention / cpu_qkv_attention take bf16=True here (AVX-512 BF16; cached)."""
+    if "bf16_attention" not in _state:
+        load()
+        _state["bf16_attention"] = bool(torch.ops.sparse_ofa.cpu_bf16_attention_supported())
+    return _state["bf16_attention"]
 
 
 def isa_code(name: str | None = None) -> int:
@@ -111,15 +120,16 @@ def _register_fakes() -> None:
         return None
 
     @torch.library.register_fake(lib + "cpu_attention")
-    def _(qkv, mask, heads, scale, isa=-1):
+    def _(qkv, mask, heads, scale, isa=-1, bf16=False):
         return qkv.new_empty((qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3))
 
     @torch.library.register_fake(lib + "cpu_attention_out")
-    def _(qkv, mask, heads, scale, out, isa=-1):
+    def _(qkv, mask, heads, scale, out, isa=-1, bf16=False):
         return None
 
     @torch.library.register_fake(lib + "cpu_qkv_attention")
-    def _(x, w, w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax, mask, heads, scale, isa=-1):
+    def _(x, w, w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax, mask, heads, scale, isa=-1,
+          bf16=False):
         return x.new_empty((x.shape[0], x.shape[1], (w[2].shape[0] - 1) // 3), dtype=torch.float32)
 
     @torch.library.register_fake(lib + "cpu_ffn")
@@ -370,7 +380,7 @@ class CpuBackend(Backend):
         args = (*self.choose(m, prepared, isa), w_scale, bias, *act.kernel_args(), out_dtype, isa)
         return post_op_fn(torch.ops.sparse_ofa.cpu_linear.default, args, post)
 
-    def qkv_attention_fn(self, prepared, w_scale, bias, act, m, heads, scale):
+    def qkv_attention_fn(self, prepared, w_scale, bias, act, m, heads, scale, bf16=False):
         # one cpu_qkv_attention op: the projection channel-major, K^T read in place (csrc/cpu_attention.cpp);
         # AVX-512 only, like the fused attention kernel itself
         isa = isa_code()
@@ -378,7 +388,7 @@ class CpuBackend(Backend):
             return None
         args = (list(self.choose(m, prepared, isa)), w_scale, bias, *act.kernel_args())
         op = torch.ops.sparse_ofa.cpu_qkv_attention.default
-        return lambda x, mask: op(x, *args, mask, heads, scale, isa)
+        return lambda x, mask: op(x, *args, mask, heads, scale, isa, bf16)
 
     def ffn_fn(self, first, second, m, gelu, post):
         # one cpu_ffn op: the intermediate stays channel-major in each thread's cache (csrc/cpu_ffn.cpp);

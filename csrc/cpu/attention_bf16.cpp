@@ -1,0 +1,213 @@
+// AVX-512 BF16 attention (attention.h, opt-in `attention="bf16"`): the fp32 kernel's structure
+// (attention_avx512.cpp) with both products on `vdpbf16ps`, which multiplies PAIRS of bf16 and adds
+// both products into an fp32 lane: 64 flops per instruction against 32 for an fp32 FMA.
+//   q, k, v rounded to bf16 (round to nearest even), paired along the summed dimension:
+//     qp[c2][i] = (q[i][2 c2], q[i][2 c2 + 1])      kp[c2][j] = (k[j][2 c2], k[j][2 c2 + 1])
+//     vp[j2][c] = (v[2 j2][c], v[2 j2 + 1][c])      (zero past the last channel / key)
+//   scores[r][j] = scale * sum_c2 dot(qp[c2][i0 + r], kp[c2][j])              (fp32 accumulation)
+//   softmax of each row in fp32 as in the fp32 kernel -> unnormalised p and 1 / sum
+//   pp[r][j2] = (p[r][2 j2], p[r][2 j2 + 1]) rounded to bf16
+//   out[r][c] = (1 / sum[r]) * sum_j2 dot(pp[r][j2], vp[j2][c])
+// The products of two bf16 are exact in fp32; only the inputs' rounding and the summation order
+// differ from fp32 attention. Same result for a row-major qkv and a channel-major one (the pairs are
+// the same numbers), so cpu_qkv_attention equals cpu_linear + cpu_attention bit for bit here too.
+#include <algorithm>
+
+#include "attention.h"
+#include "sparse_cpu.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16")
+#include "avx512_util.h"
+
+namespace sparse_ofa_cpu {
+namespace {
+
+constexpr int kRows = 6;  // query rows per block (as the fp32 kernel)
+constexpr int kVecs = 4;  // 16-lane output vectors per gemm call
+
+// 16 pairs from 32 floats (lo: elements 0-15, hi: 16-31) -> (bf16(x[2i]), bf16(x[2i+1])) in lane i
+inline __m512i pairs_of(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
+
+// 16 pairs from two rows of 16 floats: lane i = (bf16(even[i]), bf16(odd[i]))
+inline __m512i interleave_pairs(__m512 even, __m512 odd) {
+  // cvtne2ps gives 16-bit words [even 0..15 | odd 0..15]; word 2i takes even i, word 2i+1 odd i
+  const __m512i idx = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                        23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+}
+
+// out[p2][l] = pair(x(l, 2 p2), x(l, 2 p2 + 1)) for l < lane_pad (0 past n_lane, or past n_pair),
+// x(l, e) = base[l * s_lane + e * s_pair]; one of the two strides is 1. out rows lane_pad apart.
+void pack_pairs(const float* base, int64_t s_lane, int64_t s_pair, int64_t n_lane, int64_t n_pair,
+                int64_t lane_pad, uint32_t* out) {
+  const int64_t n2 = (n_pair + 1) / 2;
+  if (s_pair == 1) {  // each lane's elements contiguous: convert 32 at a time, transpose 16 x 16
+    for (int64_t l0 = 0; l0 < lane_pad; l0 += 16) {
+      for (int64_t e0 = 0; e0 < n_pair; e0 += 32) {
+        const __mmask16 lo_live = first_n(n_pair - e0), hi_live = first_n(n_pair - e0 - 16);
+        __m512i r[16];
+        for (int l = 0; l < 16; ++l) {
+          if (l0 + l >= n_lane) {
+            r[l] = _mm512_setzero_si512();
+            continue;
+          }
+          const float* row = base + (l0 + l) * s_lane + e0;
+          r[l] = pairs_of(_mm512_maskz_loadu_ps(lo_live, row), _mm512_maskz_loadu_ps(hi_live, row + 16));
+        }
+        transpose16x16(r);  // r[i] = pair e0/2 + i of lanes l0..l0+15
+        for (int64_t i = 0; i < std::min<int64_t>(16, n2 - e0 / 2); ++i)
+          _mm512_storeu_si512(out + (e0 / 2 + i) * lane_pad + l0, r[i]);
+      }
+    }
+    return;
+  }
+  // s_lane == 1: each pair element's lanes contiguous: two rows at a time, interleaved
+  for (int64_t p2 = 0; p2 < n2; ++p2) {
+    const float* even = base + 2 * p2 * s_pair;
+    const bool has_odd = 2 * p2 + 1 < n_pair;
+    for (int64_t l0 = 0; l0 < lane_pad; l0 += 16) {
+      const __mmask16 live = first_n(n_lane - l0);
+      const __m512 e = _mm512_maskz_loadu_ps(live, even + l0);
+      const __m512 o = has_odd ? _mm512_maskz_loadu_ps(live, even + s_pair + l0) : _mm512_setzero_ps();
+      _mm512_storeu_si512(out + p2 * lane_pad + l0, interleave_pairs(e, o));
+    }
+  }
+}
+
+// c[r][0 : 16 NV] = row_scale[r] * sum_k dot(a[r * lda + k * ka], b[k * ldb + 0 : 16 NV])  (r < R);
+// b rows hold 16 NV valid pairs (zero padded); the last vector of each c row is stored under `last`.
+template <int R, int NV>
+void bcast_gemm_bf16(const uint32_t* a, int64_t lda, int64_t ka, const uint32_t* b, int64_t ldb, int64_t kdim,
+                     const float* row_scale, float* c, int64_t ldc, __mmask16 last) {
+  __m512 acc[R][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kdim; ++k) {
+    const uint32_t* bk = b + k * ldb;
+    __m512bh bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bk + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[r * lda + k * ka]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const __m512 s = _mm512_set1_ps(row_scale[r]);
+    float* cr = c + r * ldc;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(cr + 16 * v, _mm512_mul_ps(acc[r][v], s));
+    _mm512_mask_storeu_ps(cr + 16 * (NV - 1), last, _mm512_mul_ps(acc[r][NV - 1], s));
+  }
+}
+
+using GemmFn = void (*)(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const float*, float*,
+                        int64_t, __mmask16);
+
+template <int R>
+GemmFn gemm_for_vecs(int64_t nv) {
+  switch (nv) {
+    case 1: return bcast_gemm_bf16<R, 1>;
+    case 2: return bcast_gemm_bf16<R, 2>;
+    case 3: return bcast_gemm_bf16<R, 3>;
+    default: return bcast_gemm_bf16<R, 4>;
+  }
+}
+
+GemmFn gemm_for(int64_t rows, int64_t nv) {
+  switch (rows) {
+    case 1: return gemm_for_vecs<1>(nv);
+    case 2: return gemm_for_vecs<2>(nv);
+    case 3: return gemm_for_vecs<3>(nv);
+    case 4: return gemm_for_vecs<4>(nv);
+    case 5: return gemm_for_vecs<5>(nv);
+    default: return gemm_for_vecs<6>(nv);
+  }
+}
+
+// the gemm over `cols` output columns (b rows padded to a multiple of 16 lanes), kVecs vectors at a time
+void gemm_cols(int64_t rows, const uint32_t* a, int64_t lda, int64_t ka, const uint32_t* b, int64_t ldb,
+               int64_t kdim, const float* row_scale, float* c, int64_t ldc, int64_t cols) {
+  for (int64_t c0 = 0; c0 < cols; c0 += 16 * kVecs) {
+    const int64_t left = cols - c0, nv = std::min<int64_t>(kVecs, (left + 15) / 16);
+    gemm_for(rows, nv)(a, lda, ka, b + c0, ldb, kdim, row_scale, c + c0, ldc, first_n(left - 16 * (nv - 1)));
+  }
+}
+
+}  // namespace
+
+int64_t attention_bf16_scratch_words(const AttnProblem& p) {
+  const int64_t seq_pad = (p.seq + 15) / 16 * 16, dim_pad = (p.dim + 15) / 16 * 16;
+  const int64_t d2 = (p.dim + 1) / 2, s2 = (p.seq + 1) / 2;
+  return 2 * d2 * seq_pad + s2 * dim_pad + kRows * seq_pad + kRows * seq_pad / 2 + 16;
+}
+
+void attention_avx512_bf16(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch) {
+  const int64_t seq_pad = (p.seq + 15) / 16 * 16, dim_pad = (p.dim + 15) / 16 * 16;
+  const int64_t d2 = (p.dim + 1) / 2, s2 = (p.seq + 1) / 2, pp_ld = seq_pad / 2;
+  uint32_t* qp = reinterpret_cast<uint32_t*>(scratch);  // [d2][seq_pad]
+  uint32_t* kp = qp + d2 * seq_pad;                       // [d2][seq_pad]
+  uint32_t* vp = kp + d2 * seq_pad;                       // [s2][dim_pad]
+  float* scores = reinterpret_cast<float*>(vp + s2 * dim_pad);  // [kRows][seq_pad]
+  uint32_t* pp = reinterpret_cast<uint32_t*>(scores + kRows * seq_pad);  // [kRows][seq_pad / 2]
+  float scale[kRows], inv_sum[kRows];
+  std::fill(scale, scale + kRows, p.scale);
+  const size_t mask_bytes = p.mask_kind == kMaskBool ? 1 : 4;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t b = t / p.heads, h = t % p.heads;
+    const float* q = p.qkv + b * p.sb + h * p.dim * p.sc;
+    // element (token j, channel c) of q / k / v at base + j * st + c * sc
+    pack_pairs(q, p.st, p.sc, p.seq, p.dim, seq_pad, qp);
+    pack_pairs(q + p.k_off * p.sc, p.st, p.sc, p.seq, p.dim, seq_pad, kp);
+    pack_pairs(q + p.v_off * p.sc, p.sc, p.st, p.dim, p.seq, dim_pad, vp);
+    float* out = p.out + b * p.ob + h * p.dim;
+    for (int64_t i0 = 0; i0 < p.seq; i0 += kRows) {
+      const int64_t rows = std::min<int64_t>(kRows, p.seq - i0);
+      // every padded key column too (kp is 0 there, so are those scores): the pairs below read them
+      gemm_cols(rows, qp + i0, 1, seq_pad, kp, seq_pad, d2, scale, scores, seq_pad, seq_pad);
+      for (int64_t r = 0; r < rows; ++r) {
+        const char* mask = static_cast<const char*>(p.mask) +
+                           (b * p.mb + h * p.mh + (i0 + r) * p.mi) * (int64_t)mask_bytes;
+        float* s = scores + r * seq_pad;
+        inv_sum[r] = softmax_row_avx512(s, p.seq, p.mask_kind, p.mask ? mask : nullptr);
+        for (int64_t j = p.seq; j < seq_pad; ++j) s[j] = 0.f;  // a NaN score there would reach out
+        for (int64_t j0 = 0; j0 < seq_pad; j0 += 32) {
+          const __m512 lo = _mm512_loadu_ps(s + j0);
+          const __m512 hi = j0 + 16 < seq_pad ? _mm512_loadu_ps(s + j0 + 16) : _mm512_setzero_ps();
+          _mm512_mask_storeu_epi32(pp + r * pp_ld + j0 / 2, first_n(std::min<int64_t>(16, (seq_pad - j0) / 2)),
+                                   pairs_of(lo, hi));
+        }
+      }
+      gemm_cols(rows, pp, pp_ld, 1, vp, dim_pad, s2, inv_sum, out + i0 * p.ot, p.ot, p.dim);
+    }
+  }
+}
+
+bool bf16_attention_supported() {
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+  return isa_supported(kAvx512Vnni) && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+}  // namespace sparse_ofa_cpu
+
+#pragma GCC pop_options
+#else  // not x86: never selected (bf16_attention_supported is false), defined so that the binding links
+namespace sparse_ofa_cpu {
+int64_t attention_bf16_scratch_words(const AttnProblem&) { return 0; }
+void attention_avx512_bf16(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch) {
+  attention_scalar(p, t0, t1, scratch);
+}
+bool bf16_attention_supported() { return false; }
+}  // namespace sparse_ofa_cpu
+#endif
