@@ -199,3 +199,28 @@ def test_linear_sparse(benchmark, k, n, m, pattern, backend):
     x = torch.randn(m, k, device=DEV, dtype=torch.float16)
     _run(benchmark, lambda: module(x), kind="layer", k=k, n=n, m=m, impl=f"sparse_ofa:{backend}",
          pattern=pattern, sparsity=PATTERNS[pattern], dispatch=module.dispatch(m))
+
+
+@pytest.mark.parametrize("m", M_VALUES)
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_linear_unstructured_through_block_kernel(benchmark, k, n, m):
+    """The device experiment of bench/NOTES.md: a dense-tiled (90 % unstructured) layer through the
+    block kernel with every tile listed (quantize + one GEMM with the fused epilogue: 2 launches)
+    instead of the dense route (quantize, torch._int_mm, dequantize: 3). Compare with the
+    sparse_ofa:triton unstructured rows of test_linear_sparse."""
+    from sparse_ofa import backends
+
+    ok, why = backends.availability("triton")
+    if not ok:
+        pytest.skip(why)
+    module = _module(k, n, "unstructured", "triton")
+    be = module._chain[0]
+    x = torch.randn(m, k, device=DEV, dtype=torch.float16)
+    saved = be.max_tile_density
+    be.max_tile_density = 1.0
+    try:
+        route = be._route(m, module._prepared["triton"])
+        _run(benchmark, lambda: module(x), kind="layer", k=k, n=n, m=m, impl="sparse_ofa:triton:all-tiles",
+             pattern="unstructured", sparsity=PATTERNS["unstructured"], dispatch=route)
+    finally:
+        be.max_tile_density = saved

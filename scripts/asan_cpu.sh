@@ -21,4 +21,4 @@ echo "== building the sanitized extension in $BUILD_DIR"
 LD_PRELOAD="$PRELOAD" python -c "from sparse_ofa.backends import cpu; cpu.load(); print('isa:', cpu.best_isa())"
 echo "== running the CPU kernel tests under ASan + UBSan"
 LD_PRELOAD="$PRELOAD" python -m pytest -q -p no:cacheprovider tests/test_cpu_kernels.py tests/test_cpu_attention.py \
-  tests/test_cpu_postops.py tests/test_cpu_ffn.py tests/test_cpu_dense.py "$@"
+  tests/test_cpu_attention_bf16.py tests/test_cpu_postops.py tests/test_cpu_ffn.py tests/test_cpu_dense.py "$@"

@@ -53,6 +53,10 @@ def test_triton_routes_by_tokens_and_tile_density():
     assert tb._route(17, block) == "block"
     # 90 % unstructured leaves no 64x64 tile empty: tensor cores must do all the work -> dense.
     assert tb._route(4096, scattered) == "dense"
+    tb.max_tile_density = 1.0  # the device experiment: every layer through the block kernel
+    assert tb._route(4096, scattered) == "block" and float(scattered["tile_density"]) == 1.0
+    tb.max_tile_density = 0.05  # and the other way: 2 of 16 tiles are too many now
+    assert tb._route(4096, block) == "dense" and float(block["tile_density"]) == 2 / 16  # tiles 0 and 10 of 16
     assert scattered["bitmap_values"].numel() == pack(sparse_weight(256, 256, 0.9)).nnz
 
 

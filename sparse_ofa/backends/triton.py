@@ -13,6 +13,9 @@ backend. bitmap_max_tokens defaults to SMALL_M = 0, i.e. the bitmap route is off
 (bench/NOTES.md "GPU kernels", BERT-base/large shapes) the bitmap layer lost to the dense route at
 8, 16 and 128 tokens (10-90 % slower), and the block route won from 16 tokens on. Set
 `sparse_ofa.backends.get_backend("triton").bitmap_max_tokens = N` where a GPU measures otherwise.
+T is `max_tile_density` (MAX_TILE_DENSITY = 0.6), also settable per backend object: 1.0 runs every
+layer through the block kernel (the dense route's product and epilogue as one launch, not two), the
+first experiment bench/NOTES.md lists for a device session.
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ class TritonBackend(Backend):
     name = "triton"
     device_types = ("cuda",)
     bitmap_max_tokens = SMALL_M
+    max_tile_density = MAX_TILE_DENSITY
 
     def availability(self):
         if not torch.cuda.is_available():
@@ -88,14 +92,14 @@ class TritonBackend(Backend):
         density = layouts.tile_density(block, n, k, TILE_N, TILE_K)
         prepared = {f"bitmap_{key}": v for key, v in bitmap.items()}
         prepared.update({f"block_{key}": v for key, v in block.items()})
-        # A CPU flag, so routing never waits on the GPU.
-        prepared["use_block"] = torch.tensor(density <= MAX_TILE_DENSITY)
+        # On the CPU, so routing never waits on the GPU.
+        prepared["tile_density"] = torch.tensor(density, dtype=torch.float64)
         return prepared
 
     def _route(self, m: int, prepared) -> str:
         if m <= self.bitmap_max_tokens:
             return "bitmap"
-        return "block" if bool(prepared["use_block"]) else "dense"
+        return "block" if float(prepared["tile_density"]) <= self.max_tile_density else "dense"
 
     def _run(self, x_q, prepared, **epilogue):
         bitmap_int8, block_int8, _ = _kernels()
