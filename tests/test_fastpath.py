@@ -455,3 +455,33 @@ def test_first_call_with_autograd_on_raises_no_warning():
         warnings.simplefilter("error")
         for _ in range(2):
             fast(**_inputs()).last_hidden_state.sum()
+
+
+@pytest.mark.parametrize("arch", ["bert", "distilbert"])
+def test_concurrent_inference_from_python_threads(arch):
+    """A server's thread pool calling one model at once, first calls (self-checks, plan and route
+    caches) included: every call gets its own input's answer (kernel scratch is per thread)."""
+    import threading
+
+    fast, serial = sparsify(_tiny(arch)), sparsify(_tiny(arch))
+    inputs = [_inputs(batch=b, seq=s) for b, s in ((3, 5), (3, 40), (3, 11), (4, 33))]
+    for _ in range(2):
+        want = [_hidden(serial, i) for i in inputs]
+    errors = []
+
+    def work(k):
+        try:
+            for rep in range(6):
+                i = (k + rep) % len(inputs)
+                got = _hidden(fast, inputs[i])
+                if not torch.allclose(got, want[i], rtol=1e-3, atol=1e-3):
+                    errors.append((k, rep, i, float((got - want[i]).abs().max())))
+        except Exception as exc:  # noqa: BLE001 - reported below with the thread that raised it
+            errors.append((k, repr(exc)))
+
+    workers = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
+    assert not errors, errors[:5]
