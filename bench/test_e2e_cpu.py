@@ -50,67 +50,40 @@ def _sparse(model, suffix: str):
     return sparse
 
 
-# ---------------------------------------------------------------------------------- BERT-base shape
-def _bert(sparsity: float, pattern: str):
-    key = ("bert", sparsity, pattern)
+# ---------------------------------------------------------------------------------- BERT-base, DistilBERT-base shapes
+ENCODERS = {"bert-base": e2e.bert_base_pruned, "distilbert-base": e2e.distilbert_base_pruned}
+
+
+def _encoder(shape: str, sparsity: float, pattern: str):
+    key = (shape, sparsity, pattern)
     if key not in _cache:
-        _cache[key] = e2e.bert_base_pruned(sparsity, pattern)
+        _cache[key] = ENCODERS[shape](sparsity, pattern)
     return _cache[key]
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("impl", ["fp32_model", "quantize_dynamic"])
-def test_bert_base_baseline(benchmark, batch, impl):
-    fp32 = _bert(0.9, "unstructured")  # the speed of a dense model: the zeros are not skipped
+@pytest.mark.parametrize("shape", list(ENCODERS))
+def test_encoder_baseline(benchmark, shape, batch, impl):
+    fp32 = _encoder(shape, 0.9, "unstructured")  # the speed of a dense model: the zeros are not skipped
     model = fp32 if impl == "fp32_model" else e2e.quantize_dynamic(fp32)
     inputs = e2e.random_inputs(batch, SEQ)
     cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
-    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-bert-base-b{batch}", shape="bert-base",
+    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-{shape}-b{batch}", shape=shape,
          batch=batch, sparsity=0.9, pattern="dense", impl=impl, cosine_vs_fp32=cosine)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("suffix", list(SPARSE_VARIANTS))
 @pytest.mark.parametrize("sparsity,pattern", GRID)
-def test_bert_base_sparse_ofa(benchmark, batch, suffix, sparsity, pattern):
-    fp32 = _bert(sparsity, pattern)
+@pytest.mark.parametrize("shape", list(ENCODERS))
+def test_encoder_sparse_ofa(benchmark, shape, batch, suffix, sparsity, pattern):
+    fp32 = _encoder(shape, sparsity, pattern)
     model = _sparse(fp32, suffix)
     inputs = e2e.random_inputs(batch, SEQ)
     cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
     impl = f"sparse_ofa:{e2e.dispatched_backend(model, batch * SEQ)}{suffix}"
-    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-bert-base-b{batch}", shape="bert-base",
-         batch=batch, sparsity=sparsity, pattern=pattern, impl=impl, cosine_vs_fp32=cosine)
-
-
-# ---------------------------------------------------------------------------------- DistilBERT-base shape
-def _distilbert(sparsity: float, pattern: str):
-    key = ("distilbert", sparsity, pattern)
-    if key not in _cache:
-        _cache[key] = e2e.distilbert_base_pruned(sparsity, pattern)
-    return _cache[key]
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("impl", ["fp32_model", "quantize_dynamic"])
-def test_distilbert_base_baseline(benchmark, batch, impl):
-    fp32 = _distilbert(0.9, "unstructured")
-    model = fp32 if impl == "fp32_model" else e2e.quantize_dynamic(fp32)
-    inputs = e2e.random_inputs(batch, SEQ)
-    cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
-    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-distilbert-base-b{batch}", shape="distilbert-base",
-         batch=batch, sparsity=0.9, pattern="dense", impl=impl, cosine_vs_fp32=cosine)
-
-
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("suffix", ["", ":plain"])
-@pytest.mark.parametrize("sparsity,pattern", GRID)
-def test_distilbert_base_sparse_ofa(benchmark, batch, suffix, sparsity, pattern):
-    fp32 = _distilbert(sparsity, pattern)
-    model = _sparse(fp32, suffix)
-    inputs = e2e.random_inputs(batch, SEQ)
-    cosine = e2e.mean_cosine(e2e.embeddings(model, inputs), e2e.embeddings(fp32, inputs))
-    impl = f"sparse_ofa:{e2e.dispatched_backend(model, batch * SEQ)}{suffix}"
-    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-distilbert-base-b{batch}", shape="distilbert-base",
+    _run(benchmark, e2e.forward_fn(model, inputs), f"e2e-cpu-{shape}-b{batch}", shape=shape,
          batch=batch, sparsity=sparsity, pattern=pattern, impl=impl, cosine_vs_fp32=cosine)
 
 
