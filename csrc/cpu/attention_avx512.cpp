@@ -2,12 +2,11 @@
 //   1. K of the head, transposed once into kt[dim][seq_pad] (16x16 transposes, keys padded with 0);
 //      from a channel-major qkv (AttnProblem.sc != 1) K^T is read in place and V is transposed instead;
 //   2. for each block of R <= 6 query rows:
-//        scores[r][j] = scale * sum_c q[r][c] * kt[c][j]          (bcast_gemm: 6 x 64 accumulators)
+//        scores[r][j] = scale * sum_c q[r][c] * kt[c][j]          (attention_gemm.h: 6 x 64 accumulators)
 //        softmax of each row in place (mask, max, exp, sum)     -> unnormalised p and 1/sum
-//        out[r][c]    = (1/sum[r]) * sum_j p[r][j] * v[j][c]     (the same bcast_gemm)
-// bcast_gemm broadcasts one A element against NV 16-float vectors of a B row: R x NV = 24 zmm
-// accumulators, NV vector loads + R broadcasts per 24 FMAs, so it runs near the FMA ports' rate
-// while the operands sit in L1/L2 (seq 128, dim 64: kt is 32 KB, a head's V rows 32 KB).
+//        out[r][c]    = (1/sum[r]) * sum_j p[r][j] * v[j][c]     (the same GEMM)
+// The GEMM (attention_gemm.h) runs near the FMA ports' rate while the operands sit in L1/L2 (seq
+// 128, dim 64: kt is 32 KB, a head's V rows 32 KB).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -25,73 +24,18 @@ namespace sparse_ofa_cpu {
 namespace {
 
 constexpr int kRows = 6;  // query rows per block
-constexpr int kVecs = 4;  // 16-float column vectors per bcast_gemm call
 
-// c[r][0 : 16 NV] = row_scale[r] * sum_k a[r * lda + k * ka] * b[k * ldb + 0 : 16 NV]   (r < R); the
-// last vector of every b row and c row is read/written under `last`.
-template <int R, int NV>
-void bcast_gemm(const float* a, int64_t lda, int64_t ka, const float* b, int64_t ldb, int64_t kdim,
-                const float* row_scale, float* c, int64_t ldc, __mmask16 last) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kdim; ++k) {
-    const float* bk = b + k * ldb;
-    __m512 bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV - 1; ++v) bv[v] = _mm512_loadu_ps(bk + 16 * v);
-    bv[NV - 1] = _mm512_maskz_loadu_ps(last, bk + 16 * (NV - 1));
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512 av = _mm512_set1_ps(a[r * lda + k * ka]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(av, bv[v], acc[r][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const __m512 s = _mm512_set1_ps(row_scale[r]);
-    float* cr = c + r * ldc;
-#pragma GCC unroll 4
-    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(cr + 16 * v, _mm512_mul_ps(acc[r][v], s));
-    _mm512_mask_storeu_ps(cr + 16 * (NV - 1), last, _mm512_mul_ps(acc[r][NV - 1], s));
-  }
-}
+// fp32 elements, one FMA per lane (attention_gemm.h)
+struct Fp32Mul {
+  using Elem = float;
+  using Vec = __m512;
+  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 load_masked(__mmask16 m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 bcast(float a) { return _mm512_set1_ps(a); }
+  static __m512 madd(__m512 acc, __m512 a, __m512 b) { return _mm512_fmadd_ps(a, b, acc); }
+};
 
-using GemmFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t, int64_t, const float*, float*,
-                        int64_t, __mmask16);
-
-template <int R>
-GemmFn gemm_for_vecs(int64_t nv) {
-  switch (nv) {
-    case 1: return bcast_gemm<R, 1>;
-    case 2: return bcast_gemm<R, 2>;
-    case 3: return bcast_gemm<R, 3>;
-    default: return bcast_gemm<R, 4>;
-  }
-}
-
-GemmFn gemm_for(int64_t rows, int64_t nv) {
-  switch (rows) {
-    case 1: return gemm_for_vecs<1>(nv);
-    case 2: return gemm_for_vecs<2>(nv);
-    case 3: return gemm_for_vecs<3>(nv);
-    case 4: return gemm_for_vecs<4>(nv);
-    case 5: return gemm_for_vecs<5>(nv);
-    default: return gemm_for_vecs<6>(nv);
-  }
-}
-
-// bcast_gemm over `cols` columns, kVecs vectors at a time
-void gemm_cols(int64_t rows, const float* a, int64_t lda, int64_t ka, const float* b, int64_t ldb, int64_t kdim,
-               const float* row_scale, float* c, int64_t ldc, int64_t cols) {
-  for (int64_t c0 = 0; c0 < cols; c0 += 16 * kVecs) {
-    const int64_t left = cols - c0, nv = std::min<int64_t>(kVecs, (left + 15) / 16);
-    gemm_for(rows, nv)(a, lda, ka, b + c0, ldb, kdim, row_scale, c + c0, ldc, first_n(left - 16 * (nv - 1)));
-  }
-}
+#include "attention_gemm.h"
 
 // kt[c][j] = k[j][c] for c < dim, j < seq_pad (0 for j >= seq); k rows `ld` floats apart
 void transpose_keys(const float* k, int64_t ld, int64_t seq, int64_t dim, int64_t seq_pad, float* kt) {
@@ -169,13 +113,13 @@ void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scrat
     float* out = p.out + b * p.ob + h * p.dim;
     for (int64_t i0 = 0; i0 < p.seq; i0 += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, p.seq - i0);
-      gemm_cols(rows, q + i0 * p.st, p.st, p.sc, kt, ldk, p.dim, scale, scores, seq_pad, nk);
+      gemm_cols<Fp32Mul>(rows, q + i0 * p.st, p.st, p.sc, kt, ldk, p.dim, scale, scores, seq_pad, nk);
       for (int64_t r = 0; r < rows; ++r) {
         const char* mask = static_cast<const char*>(p.mask) +
                            (b * p.mb + h * p.mh + (i0 + r) * p.mi) * (int64_t)mask_bytes;
         inv_sum[r] = softmax_row_avx512(scores + r * seq_pad, p.seq, p.mask_kind, p.mask ? mask : nullptr);
       }
-      gemm_cols(rows, scores, seq_pad, 1, v, ldv, p.seq, inv_sum, out + i0 * p.ot, p.ot, p.dim);
+      gemm_cols<Fp32Mul>(rows, scores, seq_pad, 1, v, ldv, p.seq, inv_sum, out + i0 * p.ot, p.ot, p.dim);
     }
   }
 }

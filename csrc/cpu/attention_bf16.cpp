@@ -26,7 +26,6 @@ namespace sparse_ofa_cpu {
 namespace {
 
 constexpr int kRows = 6;  // query rows per block (as the fp32 kernel)
-constexpr int kVecs = 4;  // 16-lane output vectors per gemm call
 
 // 16 pairs from 32 floats (lo: elements 0-15, hi: 16-31) -> (bf16(x[2i]), bf16(x[2i+1])) in lane i
 inline __m512i pairs_of(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
@@ -77,70 +76,17 @@ void pack_pairs(const float* base, int64_t s_lane, int64_t s_pair, int64_t n_lan
   }
 }
 
-// c[r][0 : 16 NV] = row_scale[r] * sum_k dot(a[r * lda + k * ka], b[k * ldb + 0 : 16 NV])  (r < R);
-// b rows hold 16 NV valid pairs (zero padded); the last vector of each c row is stored under `last`.
-template <int R, int NV>
-void bcast_gemm_bf16(const uint32_t* a, int64_t lda, int64_t ka, const uint32_t* b, int64_t ldb, int64_t kdim,
-                     const float* row_scale, float* c, int64_t ldc, __mmask16 last) {
-  __m512 acc[R][NV];
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < kdim; ++k) {
-    const uint32_t* bk = b + k * ldb;
-    __m512bh bv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(bk + 16 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const __m512bh av = (__m512bh)_mm512_set1_epi32((int)a[r * lda + k * ka]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], av, bv[v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    const __m512 s = _mm512_set1_ps(row_scale[r]);
-    float* cr = c + r * ldc;
-#pragma GCC unroll 4
-    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(cr + 16 * v, _mm512_mul_ps(acc[r][v], s));
-    _mm512_mask_storeu_ps(cr + 16 * (NV - 1), last, _mm512_mul_ps(acc[r][NV - 1], s));
-  }
-}
+// pairs of bf16 in 32 bits, one vdpbf16ps per lane: acc + a.lo * b.lo + a.hi * b.hi (attention_gemm.h)
+struct Bf16PairMul {
+  using Elem = uint32_t;
+  using Vec = __m512bh;
+  static __m512bh load(const uint32_t* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512bh load_masked(__mmask16 m, const uint32_t* p) { return (__m512bh)_mm512_maskz_loadu_epi32(m, p); }
+  static __m512bh bcast(uint32_t a) { return (__m512bh)_mm512_set1_epi32((int)a); }
+  static __m512 madd(__m512 acc, __m512bh a, __m512bh b) { return _mm512_dpbf16_ps(acc, a, b); }
+};
 
-using GemmFn = void (*)(const uint32_t*, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const float*, float*,
-                        int64_t, __mmask16);
-
-template <int R>
-GemmFn gemm_for_vecs(int64_t nv) {
-  switch (nv) {
-    case 1: return bcast_gemm_bf16<R, 1>;
-    case 2: return bcast_gemm_bf16<R, 2>;
-    case 3: return bcast_gemm_bf16<R, 3>;
-    default: return bcast_gemm_bf16<R, 4>;
-  }
-}
-
-GemmFn gemm_for(int64_t rows, int64_t nv) {
-  switch (rows) {
-    case 1: return gemm_for_vecs<1>(nv);
-    case 2: return gemm_for_vecs<2>(nv);
-    case 3: return gemm_for_vecs<3>(nv);
-    case 4: return gemm_for_vecs<4>(nv);
-    case 5: return gemm_for_vecs<5>(nv);
-    default: return gemm_for_vecs<6>(nv);
-  }
-}
-
-// the gemm over `cols` output columns (b rows padded to a multiple of 16 lanes), kVecs vectors at a time
-void gemm_cols(int64_t rows, const uint32_t* a, int64_t lda, int64_t ka, const uint32_t* b, int64_t ldb,
-               int64_t kdim, const float* row_scale, float* c, int64_t ldc, int64_t cols) {
-  for (int64_t c0 = 0; c0 < cols; c0 += 16 * kVecs) {
-    const int64_t left = cols - c0, nv = std::min<int64_t>(kVecs, (left + 15) / 16);
-    gemm_for(rows, nv)(a, lda, ka, b + c0, ldb, kdim, row_scale, c + c0, ldc, first_n(left - 16 * (nv - 1)));
-  }
-}
+#include "attention_gemm.h"
 
 }  // namespace
 
@@ -172,7 +118,7 @@ void attention_avx512_bf16(const AttnProblem& p, int64_t t0, int64_t t1, float* 
     for (int64_t i0 = 0; i0 < p.seq; i0 += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, p.seq - i0);
       // every padded key column too (kp is 0 there, so are those scores): the pairs below read them
-      gemm_cols(rows, qp + i0, 1, seq_pad, kp, seq_pad, d2, scale, scores, seq_pad, seq_pad);
+      gemm_cols<Bf16PairMul>(rows, qp + i0, 1, seq_pad, kp, seq_pad, d2, scale, scores, seq_pad, seq_pad);
       for (int64_t r = 0; r < rows; ++r) {
         const char* mask = static_cast<const char*>(p.mask) +
                            (b * p.mb + h * p.mh + (i0 + r) * p.mi) * (int64_t)mask_bytes;
@@ -186,7 +132,7 @@ void attention_avx512_bf16(const AttnProblem& p, int64_t t0, int64_t t1, float* 
                                    pairs_of(lo, hi));
         }
       }
-      gemm_cols(rows, pp, pp_ld, 1, vp, dim_pad, s2, inv_sum, out + i0 * p.ot, p.ot, p.dim);
+      gemm_cols<Bf16PairMul>(rows, pp, pp_ld, 1, vp, dim_pad, s2, inv_sum, out + i0 * p.ot, p.ot, p.dim);
     }
   }
 }
