@@ -31,6 +31,13 @@ struct AttnProblem {
   int64_t ob, ot;
 };
 
+// the mask row of query i in (batch b, head h), nullptr without a mask
+inline const void* mask_row(const AttnProblem& p, int64_t b, int64_t h, int64_t i) {
+  if (p.mask == nullptr) return nullptr;
+  const int64_t bytes = p.mask_kind == kMaskBool ? 1 : 4;
+  return static_cast<const char*>(p.mask) + (b * p.mb + h * p.mh + i * p.mi) * bytes;
+}
+
 // floats of per-thread scratch a task needs
 int64_t attention_scratch_floats(const AttnProblem& p);
 

@@ -95,7 +95,6 @@ void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scrat
   float* scores = kv + std::max(p.dim * seq_pad, p.seq * dim_pad);  // [kRows][seq_pad]
   float scale[kRows], inv_sum[kRows];
   std::fill(scale, scale + kRows, p.scale);
-  const size_t mask_bytes = p.mask_kind == kMaskBool ? 1 : 4;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / p.heads, h = t % p.heads;
     const float* q = p.qkv + b * p.sb + h * p.dim * p.sc;
@@ -115,9 +114,7 @@ void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scrat
       const int64_t rows = std::min<int64_t>(kRows, p.seq - i0);
       gemm_cols<Fp32Mul>(rows, q + i0 * p.st, p.st, p.sc, kt, ldk, p.dim, scale, scores, seq_pad, nk);
       for (int64_t r = 0; r < rows; ++r) {
-        const char* mask = static_cast<const char*>(p.mask) +
-                           (b * p.mb + h * p.mh + (i0 + r) * p.mi) * (int64_t)mask_bytes;
-        inv_sum[r] = softmax_row_avx512(scores + r * seq_pad, p.seq, p.mask_kind, p.mask ? mask : nullptr);
+        inv_sum[r] = softmax_row_avx512(scores + r * seq_pad, p.seq, p.mask_kind, mask_row(p, b, h, i0 + r));
       }
       gemm_cols<Fp32Mul>(rows, scores, seq_pad, 1, v, ldv, p.seq, inv_sum, out + i0 * p.ot, p.ot, p.dim);
     }

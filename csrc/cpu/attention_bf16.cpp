@@ -106,7 +106,6 @@ void attention_avx512_bf16(const AttnProblem& p, int64_t t0, int64_t t1, float* 
   uint32_t* pp = reinterpret_cast<uint32_t*>(scores + kRows * seq_pad);  // [kRows][seq_pad / 2]
   float scale[kRows], inv_sum[kRows];
   std::fill(scale, scale + kRows, p.scale);
-  const size_t mask_bytes = p.mask_kind == kMaskBool ? 1 : 4;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / p.heads, h = t % p.heads;
     const float* q = p.qkv + b * p.sb + h * p.dim * p.sc;
@@ -120,10 +119,8 @@ void attention_avx512_bf16(const AttnProblem& p, int64_t t0, int64_t t1, float* 
       // every padded key column too (kp is 0 there, so are those scores): the pairs below read them
       gemm_cols<Bf16PairMul>(rows, qp + i0, 1, seq_pad, kp, seq_pad, d2, scale, scores, seq_pad, seq_pad);
       for (int64_t r = 0; r < rows; ++r) {
-        const char* mask = static_cast<const char*>(p.mask) +
-                           (b * p.mb + h * p.mh + (i0 + r) * p.mi) * (int64_t)mask_bytes;
         float* s = scores + r * seq_pad;
-        inv_sum[r] = softmax_row_avx512(s, p.seq, p.mask_kind, p.mask ? mask : nullptr);
+        inv_sum[r] = softmax_row_avx512(s, p.seq, p.mask_kind, mask_row(p, b, h, i0 + r));
         for (int64_t j = p.seq; j < seq_pad; ++j) s[j] = 0.f;  // a NaN score there would reach out
         for (int64_t j0 = 0; j0 < seq_pad; j0 += 32) {
           const __m512 lo = _mm512_loadu_ps(s + j0);
