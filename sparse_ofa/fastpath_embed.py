@@ -7,10 +7,11 @@ encoder forward (cold caches), 4 ops here (~220 µs):
     x = word[ids];  x += token_type[type_ids];  x += position[0 : S];  LayerNorm(x)
 
 in the model's own addition order, so the result is the same bit for bit (dropout is the identity in
-eval). It steps aside (the model's forward runs) while training, under tracing, with inputs_embeds,
-explicit position ids, a cache offset, hooks on the module or its children, and for good if its
-first call (run both ways) does not match the model's own output (e.g. RoBERTa's padding-aware
-positions). DistilBERT's embeddings (word + position, LayerNorm; forward(input_ids, inputs_embeds,
+eval); RoBERTa-style embeddings (XLM-R, CamemBERT, ...) look their positions up with the module's own
+padding-aware `create_position_ids_from_input_ids`. It steps aside (the model's forward runs) while
+training, under tracing, with inputs_embeds, explicit position ids, a cache offset, hooks on the
+module or its children, and for good if its first call (run both ways) does not match the model's
+own output. DistilBERT's embeddings (word + position, LayerNorm; forward(input_ids, inputs_embeds,
 position_ids)) the same way, without the token types.
 """
 
@@ -83,7 +84,12 @@ def _lean_embeddings(module: nn.Module, input_ids: torch.Tensor, token_type_ids)
             token_type_ids = (buffered[:, :seq] if buffered is not None
                               else torch.zeros(seq, dtype=torch.long, device=input_ids.device))
         x.add_(torch.embedding(mods["token_type_embeddings"].weight, token_type_ids))
-    x.add_(mods["position_embeddings"].weight[:seq])
+    make_positions = getattr(type(module), "create_position_ids_from_input_ids", None)
+    padding_idx = getattr(module, "padding_idx", None)
+    if make_positions is not None and padding_idx is not None:  # RoBERTa: positions count real tokens
+        x.add_(torch.embedding(mods["position_embeddings"].weight, make_positions(input_ids, padding_idx)))
+    else:
+        x.add_(mods["position_embeddings"].weight[:seq])
     norm = mods["LayerNorm"]
     return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
