@@ -220,6 +220,7 @@ class FastSelfAttentionMixin(FastMixin):
     """Mixed in front of a BERT-style SelfAttention class (see apply_fastpath)."""
 
     _sparse_ofa_attention = "fp32"
+    _qkv_names = QKV_NAMES[0]
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if (self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
@@ -335,33 +336,35 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     changed = []
     for name, module in model.named_modules():
-        mixin = None if isinstance(module, FastSelfAttentionMixin) else _attention_mixin(module)
-        if isinstance(module, FastSelfAttentionMixin) or mixin is not None:
+        if isinstance(module, FastSelfAttentionMixin) or _attention_mixin(module) is not None:
             if not _fusable(module):
                 continue
-            if mixin is not None:
-                module.__class__ = fast_class(type(module), mixin)
+            _give_fast_class(module, FastSelfAttentionMixin, _attention_mixin)
             module._sparse_ofa_attention = attention
             changed.append(name)
     for name, module in model.named_modules():  # after the attentions: a lean layer needs one
-        mixin = None if isinstance(module, FastLayerMixin) else lean_layer_mixin(module)
-        if mixin is not None:
-            module.__class__ = fast_class(type(module), mixin)
+        if _give_fast_class(module, FastLayerMixin, lean_layer_mixin):
             changed.append(name)
         if isinstance(module, FastLayerMixin):
             module._sparse_ofa_fuse = bool(fuse)
     if changed:  # a BERT-style encoder: its embeddings and base model too
-        for name, module in model.named_modules():
-            mixin = None if isinstance(module, FastEmbeddingsMixin) else lean_embeddings_mixin(module)
-            if mixin is not None:
-                module.__class__ = fast_class(type(module), mixin)
-                changed.append(name)
-        for name, module in model.named_modules():
-            mixin = None if isinstance(module, FastModelMixin) else lean_model_mixin(module)
-            if mixin is not None:
-                module.__class__ = fast_class(type(module), mixin)
-                changed.append(name)
+        for base, detect in ((FastEmbeddingsMixin, lean_embeddings_mixin), (FastModelMixin, lean_model_mixin)):
+            for name, module in model.named_modules():
+                if _give_fast_class(module, base, detect):
+                    changed.append(name)
     return changed
+
+
+def _give_fast_class(module: nn.Module, base: type, detect) -> bool:
+    """Swap in the fast class of the mixin `detect(module)` names, unless the module has a `base`
+    mixin already; whether it was swapped."""
+    if isinstance(module, base):
+        return False
+    mixin = detect(module)
+    if mixin is None:
+        return False
+    module.__class__ = fast_class(type(module), mixin)
+    return True
 
 
 def remove_fastpath(model: nn.Module) -> int:
