@@ -121,6 +121,34 @@ def test_strided_inputs_and_outputs(isa):
     assert torch.isnan(big[..., :36]).all() and torch.isnan(big[..., 108:]).all()
 
 
+def padding_masks(lengths, s: int):
+    """HF's mask of a right-padded batch, bool [B, 1, S, S] (key j of row b real iff j < lengths[b]),
+    and the same as an additive mask (0 / -inf)."""
+    real = torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]
+    bool_mask = real[:, None, None, :].expand(len(lengths), 1, s, s).contiguous()
+    return bool_mask, torch.zeros(bool_mask.shape).masked_fill(~bool_mask, float("-inf"))
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_padding_keys_are_skipped_exactly(isa):
+    """A padded batch: keys masked in every row are not computed on AVX-512 (their probability is
+    exactly 0). Exact: the bool mask (skips them) gives the same bits as the same mask written
+    additively (computes them, exp(-inf) = 0), and K / V holding NaN at those keys change nothing."""
+    s, h, d = 70, 3, 24
+    lengths = [70, 1, 33, 64, 65, 0]  # full, one key, odd, a whole 64-key vector, one past it, none
+    qkv = torch.randn(len(lengths), s, 3 * h * d)
+    bool_mask, add_mask = padding_masks(lengths, s)
+    got = run(qkv, bool_mask, h, 0.3, isa)
+    assert_accurate(got, qkv, bool_mask, h, 0.3)
+    assert torch.equal(got, run(qkv, add_mask, h, 0.3, isa))
+    assert torch.equal(got[-1], torch.zeros(s, h * d))  # no key at all: zeros, as torch's SDPA
+    if isa == 3:  # the portable path computes every key (0 * NaN there is NaN)
+        poisoned = qkv.clone()
+        for b, n in enumerate(lengths):
+            poisoned[b, n:, h * d:] = float("nan")  # k and v of the padding tokens
+        assert torch.equal(run(poisoned, bool_mask, h, 0.3, isa)[:-1], got[:-1])
+
+
 def test_threads_do_not_change_the_result():
     qkv = torch.randn(3, 50, 3 * 5 * 32)
     mask = torch.rand(3, 1, 50, 50) > 0.1

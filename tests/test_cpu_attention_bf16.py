@@ -106,6 +106,23 @@ def test_fully_masked_rows_huge_scores_and_strided_outputs():
     assert torch.isnan(big[..., :36]).all() and torch.isnan(big[..., 108:]).all()
 
 
+def test_padding_keys_are_skipped_exactly():
+    from test_cpu_attention import padding_masks
+
+    s, h, d = 70, 3, 24
+    lengths = [70, 1, 33, 64, 65, 0]
+    qkv = torch.randn(len(lengths), s, 3 * h * d)
+    bool_mask, add_mask = padding_masks(lengths, s)
+    got = run(qkv, bool_mask, h, 0.3)
+    assert_bf16_accurate(got, qkv, bool_mask, h, 0.3)
+    assert torch.equal(got, run(qkv, add_mask, h, 0.3))  # the additive mask computes every key
+    assert torch.equal(got[-1], torch.zeros(s, h * d))
+    poisoned = qkv.clone()
+    for b, n in enumerate(lengths):  # NaN k and v past the real keys (one key past an odd count: its
+        poisoned[b, n + n % 2:, h * d:] = float("nan")  # pair's partner is read, with probability 0)
+    assert torch.equal(run(poisoned, bool_mask, h, 0.3)[:-1], got[:-1])
+
+
 def test_threads_do_not_change_the_result_and_bad_requests_are_named():
     qkv = torch.randn(3, 50, 3 * 5 * 32)
     mask = torch.rand(3, 1, 50, 50) > 0.1

@@ -53,5 +53,7 @@ bool bf16_attention_supported();
 
 // the AVX-512 kernels' masked row softmax (attention_avx512.cpp): s = exp(x - max) in place, 1 / sum
 float softmax_row_avx512(float* s, int64_t seq, int mask_kind, const void* mask);
+// ... and how many keys a block of query rows needs (the rest are masked for all of them)
+int64_t keys_needed(const AttnProblem& p, int64_t b, int64_t h, int64_t i0, int64_t rows);
 
 }  // namespace sparse_ofa_cpu

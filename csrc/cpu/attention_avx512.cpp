@@ -55,6 +55,27 @@ void transpose_keys(const float* k, int64_t ld, int64_t seq, int64_t dim, int64_
 
 }  // namespace
 
+// 1 + the last key any of query rows [i0, i0 + rows) of (b, h) may attend to, by a backwards scan of
+// their bool mask rows, 64 keys at a time: the keys past it carry probability exactly 0 (a padded
+// batch's padding keys), so the kernels skip them; p.seq without a bool mask, 0 if all are masked.
+int64_t keys_needed(const AttnProblem& p, int64_t b, int64_t h, int64_t i0, int64_t rows) {
+  if (p.mask_kind != kMaskBool) return p.seq;
+  int64_t need = 0;
+  for (int64_t r = 0; r < rows && need < p.seq; ++r) {
+    const uint8_t* m = static_cast<const uint8_t*>(mask_row(p, b, h, i0 + r));
+    for (int64_t j0 = (p.seq - 1) / 64 * 64; j0 >= 0 && j0 + 64 > need; j0 -= 64) {
+      const __mmask64 live = p.seq - j0 >= 64 ? ~0ull : (1ull << (p.seq - j0)) - 1;
+      const __m512i bytes = _mm512_maskz_loadu_epi8(live, m + j0);
+      const uint64_t keep = _mm512_test_epi8_mask(bytes, bytes);
+      if (keep) {
+        need = std::max<int64_t>(need, j0 + 64 - __builtin_clzll(keep));
+        break;
+      }
+    }
+  }
+  return need;
+}
+
 // Masked softmax of one score row s[0, seq) in place: s[j] = exp(x_j - max), returns 1 / sum (0 when
 // every key is masked, with s = 0). x_j = s[j] + mask (additive), or -inf where a bool mask is false.
 float softmax_row_avx512(float* s, int64_t seq, int mask_kind, const void* mask) {
@@ -98,7 +119,7 @@ void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scrat
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t b = t / p.heads, h = t % p.heads;
     const float* q = p.qkv + b * p.sb + h * p.dim * p.sc;
-    const float *kt, *v;  // K^T rows (ldk apart, nk columns read) and V rows (ldv apart)
+    const float *kt, *v;  // K^T rows (ldk apart, up to nk columns read) and V rows (ldv apart)
     int64_t ldk, nk, ldv;
     if (channel_major) {  // K^T in place; V rows by transposing V^T (the roles of transpose_keys swap)
       kt = q + p.k_off * p.sc, ldk = p.sc, nk = p.seq;
@@ -112,11 +133,12 @@ void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scrat
     float* out = p.out + b * p.ob + h * p.dim;
     for (int64_t i0 = 0; i0 < p.seq; i0 += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, p.seq - i0);
-      gemm_cols<Fp32Mul>(rows, q + i0 * p.st, p.st, p.sc, kt, ldk, p.dim, scale, scores, seq_pad, nk);
+      const int64_t keys = keys_needed(p, b, h, i0, rows);  // the rest have probability 0
+      gemm_cols<Fp32Mul>(rows, q + i0 * p.st, p.st, p.sc, kt, ldk, p.dim, scale, scores, seq_pad, std::min(nk, keys));
       for (int64_t r = 0; r < rows; ++r) {
-        inv_sum[r] = softmax_row_avx512(scores + r * seq_pad, p.seq, p.mask_kind, mask_row(p, b, h, i0 + r));
+        inv_sum[r] = softmax_row_avx512(scores + r * seq_pad, keys, p.mask_kind, mask_row(p, b, h, i0 + r));
       }
-      gemm_cols<Fp32Mul>(rows, scores, seq_pad, 1, v, ldv, p.seq, inv_sum, out + i0 * p.ot, p.ot, p.dim);
+      gemm_cols<Fp32Mul>(rows, scores, seq_pad, 1, v, ldv, keys, inv_sum, out + i0 * p.ot, p.ot, p.dim);
     }
   }
 }

@@ -116,20 +116,22 @@ void attention_avx512_bf16(const AttnProblem& p, int64_t t0, int64_t t1, float* 
     float* out = p.out + b * p.ob + h * p.dim;
     for (int64_t i0 = 0; i0 < p.seq; i0 += kRows) {
       const int64_t rows = std::min<int64_t>(kRows, p.seq - i0);
-      // every padded key column too (kp is 0 there, so are those scores): the pairs below read them
-      gemm_cols<Bf16PairMul>(rows, qp + i0, 1, seq_pad, kp, seq_pad, d2, scale, scores, seq_pad, seq_pad);
+      const int64_t keys = keys_needed(p, b, h, i0, rows);  // the rest have probability 0
+      const int64_t cols = std::min(seq_pad, (keys + 15) / 16 * 16);  // whole vectors: the pairs read them
+      gemm_cols<Bf16PairMul>(rows, qp + i0, 1, seq_pad, kp, seq_pad, d2, scale, scores, seq_pad, cols);
       for (int64_t r = 0; r < rows; ++r) {
         float* s = scores + r * seq_pad;
-        inv_sum[r] = softmax_row_avx512(s, p.seq, p.mask_kind, mask_row(p, b, h, i0 + r));
-        for (int64_t j = p.seq; j < seq_pad; ++j) s[j] = 0.f;  // a NaN score there would reach out
-        for (int64_t j0 = 0; j0 < seq_pad; j0 += 32) {
+        inv_sum[r] = softmax_row_avx512(s, keys, p.mask_kind, mask_row(p, b, h, i0 + r));
+        for (int64_t j = keys; j < cols; ++j) s[j] = 0.f;  // the odd key's partner; a NaN there would reach out
+        for (int64_t j0 = 0; j0 < cols; j0 += 32) {
           const __m512 lo = _mm512_loadu_ps(s + j0);
-          const __m512 hi = j0 + 16 < seq_pad ? _mm512_loadu_ps(s + j0 + 16) : _mm512_setzero_ps();
-          _mm512_mask_storeu_epi32(pp + r * pp_ld + j0 / 2, first_n(std::min<int64_t>(16, (seq_pad - j0) / 2)),
+          const __m512 hi = j0 + 16 < cols ? _mm512_loadu_ps(s + j0 + 16) : _mm512_setzero_ps();
+          _mm512_mask_storeu_epi32(pp + r * pp_ld + j0 / 2, first_n(std::min<int64_t>(16, (cols - j0) / 2)),
                                    pairs_of(lo, hi));
         }
       }
-      gemm_cols<Bf16PairMul>(rows, pp, pp_ld, 1, vp, dim_pad, s2, inv_sum, out + i0 * p.ot, p.ot, p.dim);
+      gemm_cols<Bf16PairMul>(rows, pp, pp_ld, 1, vp, dim_pad, (keys + 1) / 2, inv_sum, out + i0 * p.ot, p.ot,
+                             p.dim);
     }
   }
 }
