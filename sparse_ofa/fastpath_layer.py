@@ -131,14 +131,14 @@ def _route(layer: nn.Module) -> _Route | None:
     if route is not None and route.current(layer):
         return route
     links, seen = [], set()
-    paths = layer._sparse_ofa_layout.paths()
-    for path in paths:
-        for link in _links(layer, path):
+    per_path = [_links(layer, path) for path in layer._sparse_ofa_layout.paths()]
+    for path_links in per_path:
+        for link in path_links:
             if (id(link[0]), link[1]) not in seen:  # paths share their containers
                 seen.add((id(link[0]), link[1]))
                 links.append(link)
     watched = tuple({id(m): m for _, _, m in links if isinstance(m, nn.Module)}.values())
-    leaves = tuple(_node(layer, path) for path in paths)
+    leaves = tuple(path_links[-1][2] for path_links in per_path)
     route = None if any(_has_hooks(m) for m in watched) else _Route(layer, watched, tuple(links), leaves)
     layer.__dict__["_sparse_ofa_route"] = route
     return route
