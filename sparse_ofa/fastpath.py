@@ -32,6 +32,7 @@ torch.compile/export tracing, with a KV cache, or when attention weights are ask
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -303,14 +304,21 @@ def _attention_mixin(module: nn.Module) -> type | None:
     # transformers 4's MultiHeadSelfAttention takes (query, key, value, mask, ...) and is left alone.
     if (all(hasattr(module, a) for a in ("q_lin", "k_lin", "v_lin", "out_lin", "n_heads", "dim",
                                          "attention_head_size", "scaling"))
-            and _first_arguments(type(module).forward) == ("self", "hidden_states", "attention_mask")):
+            and own_forward_arguments(module)[:2] == ("hidden_states", "attention_mask")):
         return FastDistilSelfAttentionMixin
     return None
 
 
-def _first_arguments(fn) -> tuple[str, ...]:
+def own_forward_arguments(module: nn.Module) -> tuple[str, ...]:
+    """The argument names after self of the module's own forward (its model class's for a fast-path
+    module): which calling convention a module of a known structure has."""
+    return _forward_arguments_of(base_class(module) if isinstance(module, FastMixin) else type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_arguments_of(cls: type) -> tuple[str, ...]:
     try:
-        return tuple(inspect.signature(fn).parameters)[:3]  # (follows decorators' __wrapped__)
+        return tuple(inspect.signature(cls.forward).parameters)[1:]  # (follows decorators' __wrapped__)
     except (TypeError, ValueError):
         return ()
 

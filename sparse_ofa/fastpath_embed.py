@@ -17,13 +17,10 @@ position_ids)) the same way, without the token types.
 
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 from torch import nn
 
-from .fastpath import FastMixin, base_class, traced_or_hooked_globally
+from .fastpath import FastMixin, own_forward_arguments, traced_or_hooked_globally
 
 _PARTS = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
 
@@ -39,7 +36,7 @@ def lean_embeddings_mixin(module: nn.Module) -> type | None:
         return None
     if type(mods.get("token_type_embeddings")) is nn.Embedding:
         return FastEmbeddingsMixin
-    if "token_type_embeddings" not in mods and _forward_arguments(module) == _DISTIL_ARGUMENTS:
+    if "token_type_embeddings" not in mods and own_forward_arguments(module)[:3] == _DISTIL_ARGUMENTS:
         return FastDistilEmbeddingsMixin
     return None
 
@@ -47,17 +44,6 @@ def lean_embeddings_mixin(module: nn.Module) -> type | None:
 _DISTIL_ARGUMENTS = ("input_ids", "inputs_embeds", "position_ids")
 
 
-def _forward_arguments(module: nn.Module) -> tuple[str, ...]:
-    """The first three arguments of the module's own forward (after self)."""
-    return _arguments_of(base_class(module) if isinstance(module, FastMixin) else type(module))
-
-
-@functools.lru_cache(maxsize=None)
-def _arguments_of(cls: type) -> tuple[str, ...]:
-    try:
-        return tuple(inspect.signature(cls.forward).parameters)[1:4]
-    except (TypeError, ValueError):
-        return ()
 
 
 def _eligible(module: nn.Module, input_ids, position_ids, inputs_embeds, args, kwargs) -> bool:
@@ -84,9 +70,11 @@ def _lean_embeddings(module: nn.Module, input_ids: torch.Tensor, token_type_ids)
             token_type_ids = (buffered[:, :seq] if buffered is not None
                               else torch.zeros(seq, dtype=torch.long, device=input_ids.device))
         x.add_(torch.embedding(mods["token_type_embeddings"].weight, token_type_ids))
+    # RoBERTa: positions count real tokens (__dict__, not getattr: a missing attribute costs nn.Module
+    # an exception on every BERT forward)
     make_positions = getattr(type(module), "create_position_ids_from_input_ids", None)
-    padding_idx = getattr(module, "padding_idx", None)
-    if make_positions is not None and padding_idx is not None:  # RoBERTa: positions count real tokens
+    padding_idx = module.__dict__.get("padding_idx") if make_positions is not None else None
+    if padding_idx is not None:
         x.add_(torch.embedding(mods["position_embeddings"].weight, make_positions(input_ids, padding_idx)))
     else:
         x.add_(mods["position_embeddings"].weight[:seq])
