@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,12 @@ def _qkv_names(module: nn.Module) -> tuple[str, str, str]:
     return names
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place version counter; -1 for an inference tensor (made under
+    torch.inference_mode), which has none and cannot be changed in place outside that mode."""
+    return -1 if tensor.is_inference() else tensor._version
+
+
 def _qkv_signature(module: nn.Module) -> tuple | None:
     """What the fused weight is built from (None if q/k/v are not all SparseInt8Linear). Reads
     _modules/_buffers directly: this runs every forward and nn.Module.__getattr__ is slow. Holding
@@ -87,7 +94,7 @@ def _qkv_signature(module: nn.Module) -> tuple | None:
     parts = tuple(mods.get(name) for name in _qkv_names(module))
     if not all(isinstance(m, SparseInt8Linear) for m in parts):
         return None
-    return tuple((m._buffers["weight_values"], m._buffers["weight_values"]._version,
+    return tuple((m._buffers["weight_values"], _version(m._buffers["weight_values"]),
                   m._buffers["bias"], m.backend, m.act) for m in parts)
 
 
@@ -189,13 +196,65 @@ def _restore_fast(base_cls: type, mixin: type, state: dict) -> nn.Module:
     return module
 
 
+class FastPathWarning(UserWarning):
+    """A fast-path module turned itself off and runs the model's own forward (same results, slower)."""
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+    except ImportError:
+        return "not installed"
+    return transformers.__version__
+
+
+def turn_off(module: nn.Module, key: str, reason: str) -> None:
+    """Run `module`'s own forward from now on (its fast-path mode `key` = "off"), and say why, once
+    per module class and reason."""
+    module.__dict__[key] = "off"
+    warnings.warn(f"sparse_ofa fast path: {base_class(module).__name__} runs its own forward from now on "
+                  f"({reason}; transformers {_transformers_version()}, torch {torch.__version__}). "
+                  "Outputs are unchanged; this module loses the fast path's speedup. Please report it "
+                  "with these versions.", FastPathWarning, stacklevel=4)
+
+
+def lean_or_own(module: nn.Module, key: str, lean, own):
+    """lean() unless it raises; then own() (the model's forward), and if that works the lean forward
+    is what failed: off for good (turn_off). If own() raises too, the input was the problem: its error
+    propagates and the fast path stays on."""
+    try:
+        return lean()
+    except Exception as error:  # noqa: BLE001 - any failure of ours must not fail the user's forward
+        failure = error
+    out = own()
+    turn_off(module, key, f"{type(failure).__name__}: {failure}")
+    return out
+
+
+def first_call(module: nn.Module, key: str, lean, own, compare):
+    """A fast-path module's first call: the model's own forward runs and is returned; the lean one
+    runs beside it, and `compare(mine, theirs)` names the mode to keep (mode `key`), or None where the
+    two differ: then, as when the lean forward raises, the module turns off (turn_off)."""
+    theirs = own()
+    try:
+        mode = compare(lean(), theirs)
+    except Exception as error:  # noqa: BLE001 - any failure of ours must not fail the user's forward
+        turn_off(module, key, f"{type(error).__name__} at its first call: {error}")
+        return theirs
+    if mode is None:
+        turn_off(module, key, "its first call did not match the model's own output")
+    else:
+        module.__dict__[key] = mode
+    return theirs
+
+
 class FastMixin:
     """Base of the fast-path mixins: pickles (torch.save(model), deepcopy) by the model's own
     class, which any process can import, instead of the class generated here; derived caches
     (keys in _DERIVED) are dropped and rebuilt on the next forward."""
 
     _DERIVED = ("_sparse_ofa_qkv", "_sparse_ofa_layer_mode", "_sparse_ofa_route", "_sparse_ofa_embed_mode",
-                "_sparse_ofa_model_mode")
+                "_sparse_ofa_model_mode", "_sparse_ofa_attention_mode")
 
     def __reduce_ex__(self, protocol):
         state = {k: v for k, v in self.__dict__.items() if k not in self._DERIVED}
@@ -225,12 +284,17 @@ class FastSelfAttentionMixin(FastMixin):
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         if (self.training or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or kwargs.get("output_attentions") or _uses_cache(args, kwargs)):
+                or kwargs.get("output_attentions") or _uses_cache(args, kwargs)
+                or self.__dict__.get("_sparse_ofa_attention_mode") == "off"):
             return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        out = self.fast_attention(hidden_states, attention_mask)
-        if out is None:
-            return super().forward(hidden_states, attention_mask, *args, **kwargs)
-        return self.project_output(out), None
+
+        def own():
+            return super(FastSelfAttentionMixin, self).forward(hidden_states, attention_mask, *args, **kwargs)
+
+        def lean():
+            out = self.fast_attention(hidden_states, attention_mask)
+            return own() if out is None else (self.project_output(out), None)
+        return lean_or_own(self, "_sparse_ofa_attention_mode", lean, own)
 
     def project_output(self, out: torch.Tensor) -> torch.Tensor:
         """What the module's own forward applies after the attention: nothing for BERT-style modules
@@ -239,8 +303,9 @@ class FastSelfAttentionMixin(FastMixin):
 
     def fast_attention(self, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor | None:
         """The attention output [..., S, H] by fused QKV, or None where the model's forward must run
-        (not "sdpa" attention, or q/k/v no longer fusable). The lean layer calls this directly."""
-        if getattr(self.config, "_attn_implementation", None) != "sdpa":
+        (not "sdpa" attention, q/k/v no longer fusable, or turned off). The lean layer calls this directly."""
+        if (getattr(self.config, "_attn_implementation", None) != "sdpa"
+                or self.__dict__.get("_sparse_ofa_attention_mode") == "off"):
             return None
         fused = fused_qkv(self)
         if fused is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fastpath import FastMixin, own_forward_arguments, traced_or_hooked_globally
+from .fastpath import FastMixin, first_call, lean_or_own, own_forward_arguments, traced_or_hooked_globally
 
 _PARTS = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
 
@@ -82,6 +82,12 @@ def _lean_embeddings(module: nn.Module, input_ids: torch.Tensor, token_type_ids)
     return torch.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+def _same_embeddings(mine: torch.Tensor, theirs) -> str | None:
+    same = (isinstance(theirs, torch.Tensor) and theirs.shape == mine.shape
+            and torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6))
+    return "on" if same else None
+
+
 class FastEmbeddingsMixin(FastMixin):
     """Mixed in front of a BERT-style Embeddings class (see apply_fastpath)."""
 
@@ -94,14 +100,11 @@ class FastEmbeddingsMixin(FastMixin):
         mode = self.__dict__.get("_sparse_ofa_embed_mode")
         if mode == "off" or not _eligible(self, input_ids, position_ids, inputs_embeds, args, kwargs):
             return own()
-        mine = _lean_embeddings(self, input_ids, token_type_ids)
+        def lean():
+            return _lean_embeddings(self, input_ids, token_type_ids)
         if mode is None:  # first call: check against the model's own forward
-            theirs = own()
-            same = (isinstance(theirs, torch.Tensor) and theirs.shape == mine.shape
-                    and torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6))
-            self.__dict__["_sparse_ofa_embed_mode"] = "on" if same else "off"
-            return theirs
-        return mine
+            return first_call(self, "_sparse_ofa_embed_mode", lean, own, _same_embeddings)
+        return lean_or_own(self, "_sparse_ofa_embed_mode", lean, own)
 
     def _own_forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, args, kwargs):
         if args:  # more positional arguments than the four named ones: pass all of them on in order

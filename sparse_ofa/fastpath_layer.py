@@ -33,7 +33,7 @@ from torch import nn
 from dataclasses import dataclass
 
 from .fastpath import (FastDistilSelfAttentionMixin, FastMixin, FastSelfAttentionMixin, _uses_cache,
-                       traced_or_hooked_globally)
+                       first_call as _first_call, lean_or_own, traced_or_hooked_globally)
 from .ffn import feed_forward
 from .modules import SparseInt8Linear
 
@@ -272,16 +272,21 @@ class FastLayerMixin(FastMixin):
     _sparse_ofa_layout = BERT_LAYOUT
 
     def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        def own():
+            return super(FastLayerMixin, self).forward(hidden_states, attention_mask, *args, **kwargs)
+
         mode = self.__dict__.get("_sparse_ofa_layer_mode")
         if mode == "off" or not _eligible(self, args, kwargs):
-            return super().forward(hidden_states, attention_mask, *args, **kwargs)
+            return own()
         # _eligible has just brought the route up to date
-        mine = _lean_forward(self, hidden_states, attention_mask, self.__dict__.get("_sparse_ofa_route"))
+        route = self.__dict__.get("_sparse_ofa_route")
+
+        def lean():
+            mine = _lean_forward(self, hidden_states, attention_mask, route)
+            return mine if mode != "tuple" else (mine,)
         if mode is None:  # first call: check against the model's own forward, learn its return type
-            theirs = super().forward(hidden_states, attention_mask, *args, **kwargs)
-            self.__dict__["_sparse_ofa_layer_mode"] = _same(mine, theirs) or "off"
-            return theirs
-        return mine if mode == "tensor" else (mine,)
+            return _first_call(self, "_sparse_ofa_layer_mode", lean, own, _same)
+        return lean_or_own(self, "_sparse_ofa_layer_mode", lean, own)
 
 
 class FastDistilLayerMixin(FastLayerMixin):

@@ -6,28 +6,29 @@ each layer's module and gradient-checkpointing wrappers, config lookups and two 
 forward calls, in the model's own order:
 
     h = self.embeddings(input_ids, token_type_ids)        (a module call: hooks and lean forward apply)
-    mask = self._create_attention_masks(...)               (the model's own mask, whatever its form)
+    mask = encoder_mask(attention_mask)                    (None, or bool [B, 1, 1, S]: built here)
     h = lean_layer(h, mask) for each encoder layer         (sparse_ofa/fastpath_layer.py)
     return OwnOutput(last_hidden_state=h, pooler_output=self.pooler(h))
 
-DistilBertModel (transformers 5) the same way: its embeddings(input_ids), the mask from its module's
-own `create_bidirectional_mask`, the lean layers of `transformer`, its own output class.
+DistilBertModel (transformers 5) the same way: its embeddings(input_ids), the same mask, the lean
+layers of `transformer`, its own output class. The mask is built here, not by transformers' private
+builders (their signatures change between releases): what "sdpa" attention needs from a 2-D padding
+mask is a few lines, and the first-call check below compares the result with the model's own.
 
 It steps aside (the model's forward runs) while training, under tracing, with hooks on its encoder
 (a hooked layer is called as a module), with any input beyond input_ids / attention_mask / token_type_ids or an option that changes
 the output (output_attentions / output_hidden_states / return_dict=False, in the call or the config),
-with a cache or cross-attention, on transformers versions without `_create_attention_masks`, and for
-good if its first call (run both ways) does not match the model's own output.
+with a cache or cross-attention, with an attention implementation other than "sdpa" or a mask that
+is not 2-D, and for good (with a FastPathWarning) if its first call (run both ways) does not match
+the model's own output or any later call raises where the model's own forward does not.
 """
 from __future__ import annotations
 
-import functools
-import sys
 
 import torch
 from torch import nn
 
-from .fastpath import FastMixin, base_class, traced_or_hooked_globally
+from .fastpath import FastMixin, base_class, first_call, lean_or_own, traced_or_hooked_globally
 from .fastpath_layer import FastLayerMixin, _eligible as _layer_eligible, _lean_forward, _same
 
 try:  # transformers 5: what output_hidden_states / output_attentions record, keyed by the model's class
@@ -53,29 +54,29 @@ def lean_model_mixin(module: nn.Module) -> type | None:
         layers = encoder._modules.get("layer") if encoder is not None else None
         if (set(mods) <= {"embeddings", mixin._sparse_ofa_encoder, "pooler"} and mods.get("embeddings") is not None
                 and isinstance(layers, nn.ModuleList) and set(encoder._modules) == {"layer"} and len(layers) > 0
-                and all(isinstance(layer, FastLayerMixin) for layer in layers)
-                and mixin.has_mask_builder(module)):
+                and all(isinstance(layer, FastLayerMixin) for layer in layers)):
             return mixin
     return None
 
 
-def _own_module_function(model: nn.Module, name: str):
-    """A function of the module that defines the model's own forward (None if it has none)."""
-    return _module_function(base_class(model) if isinstance(model, FastMixin) else type(model), name)
+def encoder_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The mask an encoder's "sdpa" attention takes, from a 2-D padding mask (1 = token, 0 = padding):
+    None where every token is kept, else bool [B, 1, 1, S] (True = attend), broadcast over the
+    query rows and heads, which both torch's SDPA and sparse_ofa's attention kernels read."""
+    if attention_mask is None:
+        return None
+    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
+    if bool(keep.all()):
+        return None
+    return keep[:, None, None, :]
 
 
-@functools.lru_cache(maxsize=None)
-def _module_function(cls: type, name: str):
-    for owner in cls.__mro__:
-        if "forward" in owner.__dict__:
-            fn = getattr(sys.modules.get(owner.__module__), name, None)
-            return fn if callable(fn) else None
-    return None
-
-
-def _eligible(model: nn.Module, input_ids, args, kwargs) -> bool:
+def _eligible(model: nn.Module, input_ids, attention_mask, args, kwargs) -> bool:
     config = model.config
     if (model.training or args or not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2
+            or getattr(config, "_attn_implementation", None) != "sdpa"
+            or not (attention_mask is None or (isinstance(attention_mask, torch.Tensor)
+                                               and attention_mask.shape == input_ids.shape))
             or traced_or_hooked_globally()
             or getattr(config, "output_attentions", False) or getattr(config, "output_hidden_states", False)
             or not getattr(config, "return_dict", True)):
@@ -92,7 +93,7 @@ def _eligible(model: nn.Module, input_ids, args, kwargs) -> bool:
 def _lean_model(model: nn.Module, input_ids: torch.Tensor, attention_mask, token_type_ids):
     mods = model._modules
     h = model.embed(input_ids, token_type_ids)
-    mask = model.mask(attention_mask, h)
+    mask = encoder_mask(attention_mask)
     for layer in mods[model._sparse_ofa_encoder]._modules["layer"]:
         if (layer.__dict__.get("_sparse_ofa_layer_mode") in ("tensor", "tuple")
                 and not (layer._forward_hooks or layer._forward_pre_hooks)
@@ -137,48 +138,44 @@ class FastModelMixin(FastMixin):
             return super(FastModelMixin, self).forward(input_ids, attention_mask, token_type_ids, *args, **kwargs)
         return self._lean_or_own(own, input_ids, attention_mask, token_type_ids, args, kwargs)
 
-    @staticmethod
-    def has_mask_builder(model: nn.Module) -> bool:
-        return callable(getattr(model, "_create_attention_masks", None))
-
     def embed(self, input_ids: torch.Tensor, token_type_ids) -> torch.Tensor:
         """The embeddings, as a module call (hooks and its lean forward apply)."""
         return self._modules["embeddings"](input_ids=input_ids, token_type_ids=token_type_ids)
 
-    def mask(self, attention_mask, h: torch.Tensor):
-        """The attention mask the model's own forward gives its layers."""
-        return self._create_attention_masks(attention_mask=attention_mask, encoder_attention_mask=None,
-                                            embedding_output=h, encoder_hidden_states=None, cache=None)[0]
-
     def _lean_or_own(self, own, input_ids, attention_mask, token_type_ids, args, kwargs):
         output_class = self.__dict__.get("_sparse_ofa_model_mode")
-        if output_class == "off" or not _eligible(self, input_ids, args, kwargs):
+        if output_class == "off" or not _eligible(self, input_ids, attention_mask, args, kwargs):
             _share_recordable_outputs(self)
             return own()
+
+        def lean():
+            return _lean_model(self, input_ids, attention_mask, token_type_ids)
         if output_class is None:  # first call: check against the model's own forward, learn its output
             _share_recordable_outputs(self)
-            # the model's own forward first. A layer's own first-call check returns the model's layer
-            # output, not its lean one (they differ by int8 rounding flips, ~2 % relative L2 over six
-            # 90 %-sparse MiniLM layers): after such checks, run it once more, so that both sides
-            # below use the layers as they will run and give the same bits
+            # A layer's own first-call check returns the model's layer output, not its lean one (they
+            # differ by int8 rounding flips, ~2 % relative L2 over six 90 %-sparse MiniLM layers):
+            # after such checks, run the model once more, so that both sides use the layers as they
+            # will run and give the same bits
             layers = self._modules[self._sparse_ofa_encoder]._modules["layer"]
             checking = any(layer.__dict__.get("_sparse_ofa_layer_mode") is None for layer in layers)
-            theirs = own()
-            if checking:
+
+            def own_settled():
                 theirs = own()
-            mine = _lean_model(self, input_ids, attention_mask, token_type_ids)
-            self.__dict__["_sparse_ofa_model_mode"] = type(theirs) if _matches(mine, theirs) else "off"
-            return theirs
-        mine = _lean_model(self, input_ids, attention_mask, token_type_ids)
-        if mine[1] is None:
-            return output_class(last_hidden_state=mine[0])
-        return output_class(last_hidden_state=mine[0], pooler_output=mine[1])
+                return own() if checking else theirs
+            return first_call(self, "_sparse_ofa_model_mode", lean, own_settled,
+                              lambda mine, theirs: type(theirs) if _matches(mine, theirs) else None)
+
+        def lean_output():
+            mine = lean()
+            if mine[1] is None:
+                return output_class(last_hidden_state=mine[0])
+            return output_class(last_hidden_state=mine[0], pooler_output=mine[1])
+        return lean_or_own(self, "_sparse_ofa_model_mode", lean_output, own)
 
 
 class FastDistilModelMixin(FastModelMixin):
     """Mixed in front of DistilBertModel (transformers 5): forward(input_ids, attention_mask,
-    inputs_embeds, position_ids, ...), layers in `transformer`, the mask from its module's
-    create_bidirectional_mask."""
+    inputs_embeds, position_ids, ...), layers in `transformer`."""
 
     _sparse_ofa_encoder = "transformer"
 
@@ -187,13 +184,5 @@ class FastDistilModelMixin(FastModelMixin):
             return super(FastModelMixin, self).forward(input_ids, attention_mask, *args, **kwargs)
         return self._lean_or_own(own, input_ids, attention_mask, None, args, kwargs)
 
-    @staticmethod
-    def has_mask_builder(model: nn.Module) -> bool:
-        return _own_module_function(model, "create_bidirectional_mask") is not None
-
     def embed(self, input_ids: torch.Tensor, token_type_ids) -> torch.Tensor:
         return self._modules["embeddings"](input_ids)
-
-    def mask(self, attention_mask, h: torch.Tensor):
-        build = _own_module_function(self, "create_bidirectional_mask")
-        return build(config=self.config, inputs_embeds=h, attention_mask=attention_mask)

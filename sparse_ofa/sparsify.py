@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from .modules import SparseInt8Linear
@@ -119,9 +120,12 @@ def sparsify(model: nn.Module, *, filter_fn: FilterFn | None = None, backend: st
     if not chosen:
         raise ValueError("sparsify: no Linear layer matched; pass filter_fn=lambda module, name: ... "
                          "to choose layers in a model without a BERT-style encoder")
-    swapped = {name: SparseInt8Linear.from_linear(module, pattern=pattern, backend=backend,
-                                                  act=_act_quant_of(module), name=name)
-               for name, module in chosen}  # pack everything first: an error leaves model untouched
+    # pack everything first: an error leaves model untouched. Outside inference mode, also when called
+    # inside it: the packed buffers stay ordinary tensors, which load_state_dict and .to() can update
+    with torch.inference_mode(False), torch.no_grad():
+        swapped = {name: SparseInt8Linear.from_linear(module, pattern=pattern, backend=backend,
+                                                      act=_act_quant_of(module), name=name)
+                   for name, module in chosen}
     for name, new in swapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
