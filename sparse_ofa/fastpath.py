@@ -262,10 +262,15 @@ class FastMixin:
 
 
 def fast_class(cls: type, mixin: type) -> type:
-    """`cls` with `mixin` in front (cached), named after it, for a module's __class__ swap."""
+    """`cls` with `mixin` in front (cached), named after it, for a module's __class__ swap.
+
+    Its str() is the model class's (same __module__ and __qualname__): transformers keys per-class
+    registries by str(type(module)) (what output_hidden_states / output_attentions record, for
+    one), so the swapped module finds the entries of its own class. Pickling goes by the model's
+    class too (FastMixin.__reduce_ex__)."""
     if (cls, mixin) not in _FAST_CLASSES:
         fast = type(f"SparseOFAFast{cls.__name__}", (mixin, cls), {})
-        fast.__module__ = mixin.__module__
+        fast.__module__, fast.__qualname__ = cls.__module__, cls.__qualname__
         _FAST_CLASSES[(cls, mixin)] = fast
     return _FAST_CLASSES[(cls, mixin)]
 

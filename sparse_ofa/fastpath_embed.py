@@ -36,12 +36,13 @@ def lean_embeddings_mixin(module: nn.Module) -> type | None:
         return None
     if type(mods.get("token_type_embeddings")) is nn.Embedding:
         return FastEmbeddingsMixin
-    if "token_type_embeddings" not in mods and own_forward_arguments(module)[:3] == _DISTIL_ARGUMENTS:
+    if "token_type_embeddings" not in mods and own_forward_arguments(module)[:3] in _DISTIL_ARGUMENTS:
         return FastDistilEmbeddingsMixin
     return None
 
 
-_DISTIL_ARGUMENTS = ("input_ids", "inputs_embeds", "position_ids")
+# DistilBERT's embeddings forward, as spelled from transformers 5.0 on (the same positional meaning)
+_DISTIL_ARGUMENTS = (("input_ids", "inputs_embeds", "position_ids"), ("input_ids", "input_embeds", "position_ids"))
 
 
 
@@ -117,6 +118,9 @@ class FastDistilEmbeddingsMixin(FastEmbeddingsMixin):
     """Mixed in front of DistilBERT's Embeddings: forward(input_ids, inputs_embeds, position_ids)."""
 
     def forward(self, input_ids=None, inputs_embeds=None, position_ids=None, *args, **kwargs):
+        if "input_embeds" in kwargs:  # transformers 5.0's spelling of the same (second) argument
+            inputs_embeds = kwargs.pop("input_embeds")
+
         def own():
             return super(FastEmbeddingsMixin, self).forward(input_ids, inputs_embeds, position_ids, *args, **kwargs)
         return self._lean_or_own(own, input_ids, None, position_ids, inputs_embeds, args, kwargs)

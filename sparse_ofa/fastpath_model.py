@@ -24,17 +24,11 @@ the model's own output or any later call raises where the model's own forward do
 """
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
 from .fastpath import FastMixin, base_class, first_call, lean_or_own, traced_or_hooked_globally
 from .fastpath_layer import FastLayerMixin, _eligible as _layer_eligible, _lean_forward, _same
-
-try:  # transformers 5: what output_hidden_states / output_attentions record, keyed by the model's class
-    from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
-except ImportError:  # older versions pass those options down as arguments
-    _CAN_RECORD_REGISTRY = None
 
 # options the lean forward honours as long as they ask for the default output
 _DEFAULT_OPTIONS = {"output_attentions": (None, False), "output_hidden_states": (None, False),
@@ -43,8 +37,8 @@ _OUTPUTS = {"last_hidden_state", "pooler_output"}
 
 
 def lean_model_mixin(module: nn.Module) -> type | None:
-    """FastModelMixin for embeddings + an encoder of lean layers (+ pooler) with the model's own mask
-    builder, FastDistilModelMixin for DistilBERT's embeddings + transformer of lean layers; else None."""
+    """FastModelMixin for embeddings + an encoder of lean layers (+ pooler), FastDistilModelMixin for
+    DistilBERT's embeddings + transformer of lean layers; else None."""
     config = getattr(module, "config", None)
     if config is None or getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
         return None
@@ -117,17 +111,6 @@ def _matches(mine, theirs) -> bool:
     return (pooled is None) == (mine[1] is None) and (pooled is None or _same(mine[1], pooled) == "tensor")
 
 
-def _share_recordable_outputs(model: nn.Module) -> None:
-    """transformers 5 finds what output_hidden_states records (BertLayer outputs, ...) by the model's class
-    name: give the fast class the entry of the model's own class, or the option returns nothing."""
-    registry = _CAN_RECORD_REGISTRY
-    if registry is None or str(type(model)) in registry:
-        return
-    own = dict.get(registry, str(base_class(model)))
-    if own is not None:
-        dict.__setitem__(registry, str(type(model)), own)
-
-
 class FastModelMixin(FastMixin):
     """Mixed in front of a BERT-style base model class (see apply_fastpath)."""
 
@@ -145,13 +128,11 @@ class FastModelMixin(FastMixin):
     def _lean_or_own(self, own, input_ids, attention_mask, token_type_ids, args, kwargs):
         output_class = self.__dict__.get("_sparse_ofa_model_mode")
         if output_class == "off" or not _eligible(self, input_ids, attention_mask, args, kwargs):
-            _share_recordable_outputs(self)
             return own()
 
         def lean():
             return _lean_model(self, input_ids, attention_mask, token_type_ids)
         if output_class is None:  # first call: check against the model's own forward, learn its output
-            _share_recordable_outputs(self)
             # A layer's own first-call check returns the model's layer output, not its lean one (they
             # differ by int8 rounding flips, ~2 % relative L2 over six 90 %-sparse MiniLM layers):
             # after such checks, run the model once more, so that both sides use the layers as they
