@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <functional>
 #include <vector>
 
@@ -44,6 +45,33 @@ void check_vec(const at::Tensor& t, const char* name, at::ScalarType dtype, int6
   TORCH_CHECK(t.is_contiguous(), "sparse_ofa cpu: ", name, " must be contiguous");
 }
 
+// The kernels index the activations with every quad_k entry and walk quad_w / quad_k from
+// row_ptr[n] to row_ptr[n + 1]: a layout that breaks either bound would read outside the buffers.
+// Checked on every call (these ops are public and take the layout as plain tensors): row_ptr must
+// not decrease (with row_ptr[0] == 0 and row_ptr[N] == nq checked by the caller, every row then lies
+// inside [0, nq)), and every channel index must lie in the layout's input range: a quad index
+// q < ceil(K / 4) for kind 0, an input channel < K for kind 1 (quad_k is read as uint16, so a
+// negative int16 is a large index). One pass over N + 1 and nq (or 4 nq) integers; measured cost
+// in bench/NOTES.md ("Layout checks").
+void check_indices(const int32_t* rp, const uint16_t* qk, int64_t n, int64_t k, int64_t nq, int kind) {
+  int32_t bad_row = -1;
+  for (int64_t r = 0; r < n; ++r) bad_row = (rp[r + 1] < rp[r] && bad_row < 0) ? (int32_t)r : bad_row;
+  TORCH_CHECK(bad_row < 0, "sparse_ofa cpu: row_ptr must not decrease, but row_ptr[", fmt_num(bad_row + 1),
+              "] = ", fmt_num(rp[bad_row + 1]), " < row_ptr[", fmt_num(bad_row), "] = ", fmt_num(rp[bad_row]));
+  const int64_t count = kind ? 4 * nq : nq;
+  const uint32_t bound = (uint32_t)(kind ? k : (k + 3) / 4);
+  uint32_t top = 0;  // branch-free max: the loop vectorizes
+  for (int64_t i = 0; i < count; ++i) top = std::max<uint32_t>(top, qk[i]);
+  if (count > 0 && top >= bound) {
+    int64_t i = 0;
+    while (qk[i] < bound) ++i;
+    TORCH_CHECK(false, "sparse_ofa cpu: quad_k[", fmt_num(i), "] = ", fmt_num((int16_t)qk[i]),
+                kind ? " is not an input channel of the layout (0 <= channel < K = "
+                     : " is not a quad of the layout (0 <= quad < ceil(K / 4) = ",
+                fmt_num(bound), "; read as uint16: ", fmt_num(qk[i]), ")");
+  }
+}
+
 // Validates the derived layout tensors and returns the view the kernels read.
 QuadWeight weight_of(const at::Tensor& quad_w, const at::Tensor& quad_k, const at::Tensor& row_ptr,
                      const at::Tensor& rowsum, const at::Tensor& layout) {
@@ -65,6 +93,7 @@ QuadWeight weight_of(const at::Tensor& quad_w, const at::Tensor& quad_k, const a
   check_vec(rowsum, "rowsum", at::kInt, n);
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   TORCH_CHECK(rp[0] == 0 && rp[n] == nq, "sparse_ofa cpu: row_ptr must run from 0 to ", fmt_num(nq));
+  check_indices(rp, reinterpret_cast<const uint16_t*>(quad_k.data_ptr<int16_t>()), n, k, nq, (int)kind);
   return QuadWeight{quad_w.data_ptr<int32_t>(), reinterpret_cast<const uint16_t*>(quad_k.data_ptr<int16_t>()), rp, rowsum.data_ptr<int32_t>(),
                     n, k, (int)kind};
 }
