@@ -17,6 +17,7 @@ from torch import nn
 
 from sparse_ofa import ActQuant, SparseInt8Linear, pack
 from sparse_ofa.backends import availability
+from sparse_ofa.formats import unpack
 
 from conftest import sparse_weight
 
@@ -224,7 +225,7 @@ BACKENDS = ["reference", "dense"] + (["cpu", "auto"] if HAS_CPU else [])
 def _expected_grad(module, x, gy):
     """dx of the float layer with the dequantized weight; zero where a static quantizer clips x."""
     xr = x.detach().clone().requires_grad_(True)
-    torch.nn.functional.linear(xr, module.dequantized_weight()).backward(gy)
+    torch.nn.functional.linear(xr, unpack(module.packed)).backward(gy)
     g = xr.grad
     if module.act.is_static:
         raw = torch.round(x.detach() * module.act.inv_scale) + module.act.zero_point
@@ -267,10 +268,17 @@ def test_direct_post_ops_and_ffn_gradients(backend):
     res = torch.randn(3, 32, requires_grad=True)
     out = feed_forward(first, second, x, residual=res, norm=(ln.weight, ln.bias, ln.eps))
     out.square().sum().backward()
-    # the same through plain differentiable torch ops around the layers' forward
+    # the same with each layer written as its straight-through estimate in torch ops: the layer's
+    # output values, the gradient of F.linear with the dequantized weight
+    def ste(layer, x):
+        w = unpack(layer.packed)
+        with torch.no_grad():
+            y = layer(x) - torch.nn.functional.linear(x, w)
+        return torch.nn.functional.linear(x, w) + y
+
     x2, res2 = x.detach().clone().requires_grad_(True), res.detach().clone().requires_grad_(True)
     ln2 = nn.LayerNorm(32)
-    out2 = ln2(second(torch.nn.functional.gelu(first(x2))) + res2)
+    out2 = ln2(ste(second, torch.nn.functional.gelu(ste(first, x2))) + res2)
     out2.square().sum().backward()
     torch.testing.assert_close(out, out2, rtol=1e-4, atol=1e-4)
     for a, b in ((x.grad, x2.grad), (res.grad, res2.grad), (ln.weight.grad, ln2.weight.grad), (ln.bias.grad, ln2.bias.grad)):
@@ -299,12 +307,12 @@ def test_training_a_sparsified_bert_reaches_the_embeddings_through_the_sparse_la
     (model(input_ids=ids).last_hidden_state * probe).sum().backward()
     emb = model.embeddings.word_embeddings.weight.grad
     assert emb is not None and emb.abs().sum() > 0
-    # the embedding gradient goes through every layer as in the float model the sparse one came from
-    # (without the sparse layers' input gradients it is another vector: cosine ~0.3)
+    # the embedding gradient is the float model's, to int8 noise (measured 1.7e-4 relative; through
+    # the residual connections alone, without the sparse layers' input gradients, it is 2.5e-2 off)
     dense = train_mode(tiny_pruned_bert())
     (dense(input_ids=ids).last_hidden_state * probe).sum().backward()
     g, gd = emb[ids.unique()], dense.embeddings.word_embeddings.weight.grad[ids.unique()]
-    assert torch.nn.functional.cosine_similarity(g.flatten(), gd.flatten(), dim=0) > 0.98
+    assert (g - gd).norm() / gd.norm() < 2e-3
 
 
 # ------------------------------------------------------------------ 4. interrupted first-use build
