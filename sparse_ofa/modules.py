@@ -298,7 +298,10 @@ class SparseInt8Linear(nn.Module):
         try:
             packed.validate()
         except ValueError as exc:
-            error_msgs.append(f"{layer}: {exc}")
+            message = str(exc)
+            for key in _PACKED_KEYS:  # name the state_dict key: "packed weight meta" -> "<prefix>weight_meta"
+                message = message.replace(f"packed weight {key} ", f"{prefix}weight_{key} ")
+            error_msgs.append(f"{layer}: {message}")
             return
         if packed.shape != (self.out_features, self.in_features):
             error_msgs.append(f"{layer}: packed weight is {packed.shape} (out, in), the "

@@ -193,7 +193,7 @@ def test_weight_meta_checked_with_key():
 
     _, state = _state()
     state["weight_meta"] = torch.tensor(1, dtype=torch.int32)  # 0-d
-    assert "meta must be int32 [5]" in _load_error(state)
+    assert "1: 1.weight_meta must be int32 [5], got torch.int32 ()" in _load_error(state)
     model = nn.Sequential(nn.Identity(), nn.Linear(16, 8))
     with pytest.raises(ValueError, match=r"1: 1\.weight_meta must be int32 \[5\] .*got torch\.int32 \(\)"):
         load_sparse_state_dict(model, {"1." + k: v for k, v in state.items()}, backend="reference")
@@ -474,7 +474,7 @@ def test_transposed_view_mask_loads_as_its_values():
 def test_transposed_mask_is_named():
     _, state = _state()
     state["weight_mask"] = state["weight_mask"].t()  # [2, 8] for a [8, 2] mask
-    assert "packed weight mask must be torch.uint8 (8, 2), got torch.uint8 (2, 8)" in _load_error(state)
+    assert "1: 1.weight_mask must be torch.uint8 (8, 2), got torch.uint8 (2, 8)" in _load_error(state)
 
 
 def test_sparsify_twice_says_already_sparsified():
