@@ -3,6 +3,7 @@ input gradients, API misuse that must change nothing, an interrupted extension b
 Every case here failed (crash, hang, silent garbage, missing gradient or a bare error) before the
 hardening it tests."""
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -87,17 +88,21 @@ def test_layout_ops_refuse_out_of_range_indices(kind, mutate, message):
         torch.ops.sparse_ofa.cpu_ffn(x, list(args), packed.scale, None, 0.0, 0.0, 0, -127, 127,
                                      _square(cpu), sq, None, 0.0, 0.0, 0, -127, 127)
     with pytest.raises(RuntimeError, match="quad_k|row_ptr"):
-        torch.ops.sparse_ofa.cpu_ffn(torch.randn(8, 32), _square(cpu, 32), torch.ones(32), None, 0.0, 0.0, 0,
+        torch.ops.sparse_ofa.cpu_ffn(torch.randn(8, 32), _square(cpu), sq, None, 0.0, 0.0, 0,
                                      -127, 127, list(args), packed.scale, None, 0.0, 0.0, 0, -127, 127)
+    # (the same calls with the untampered layout run: the error above is the tampering's)
+    torch.ops.sparse_ofa.cpu_ffn(x, good, packed.scale, None, 0.0, 0.0, 0, -127, 127, _square(cpu), sq, None,
+                                 0.0, 0.0, 0, -127, 127)
+    torch.ops.sparse_ofa.cpu_ffn(torch.randn(8, 32), _square(cpu), sq, None, 0.0, 0.0, 0, -127, 127, good,
+                                 packed.scale, None, 0.0, 0.0, 0, -127, 127)
     assert torch.equal(torch.ops.sparse_ofa.cpu_int_mm(xq, *good, 0),
                        torch.ops.sparse_ofa.cpu_int_mm(xq, *good, _isas()[-1]))
 
 
-def _square(cpu, n=64):
-    """Layout tensors of a dense n x n... weight whose input is the 32 outputs of _layouts() (n = 64)
-    or whose output feeds it (n = 32): shapes that chain with the tampered layout."""
-    k = 32 if n == 64 else 64
-    return list(cpu.CpuBackend._args(cpu.derive_quads(pack(torch.randn(n, k), "unstructured"))))
+def _square(cpu):
+    """Layout tensors of a dense [64, 32] weight: it chains with the tampered [32, 64] layout of
+    _layouts() on either side (takes its 32 outputs, or gives it its 64 inputs)."""
+    return list(cpu.CpuBackend._args(cpu.derive_quads(pack(torch.randn(64, 32), "unstructured"))))
 
 
 @needs_cpu
@@ -167,7 +172,7 @@ def _load_error(state, act=None, model=None):
 def test_bias_checked_at_load_with_the_layer_name(bias, message):
     _, state = _state()
     state["bias"] = bias
-    assert pytest.importorskip("re").search(message, _load_error(state))
+    assert re.search(message, _load_error(state))
 
 
 @pytest.mark.parametrize("qparams,message", [
@@ -183,8 +188,6 @@ def test_bias_checked_at_load_with_the_layer_name(bias, message):
 def test_act_qparams_checked_at_load(qparams, message):
     _, state = _state(ActQuant(scale=0.1, zero_point=3, qmin=-128, qmax=127))
     state["act_qparams"] = qparams
-    import re
-
     assert re.search(message, _load_error(state, act=ActQuant(scale=0.05)))
 
 
