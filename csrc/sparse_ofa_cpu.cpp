@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <functional>
 #include <vector>
 
@@ -44,6 +45,51 @@ void check_vec(const at::Tensor& t, const char* name, at::ScalarType dtype, int6
   TORCH_CHECK(t.is_contiguous(), "sparse_ofa cpu: ", name, " must be contiguous");
 }
 
+// The kernels index the activations with every quad_k entry and walk quad_w / quad_k from
+// row_ptr[n] to row_ptr[n + 1]: a layout that breaks either bound would read outside the buffers.
+// Checked on every call (these ops are public and take the layout as plain tensors): row_ptr must
+// not decrease (with row_ptr[0] == 0 and row_ptr[N] == nq checked by the caller, every row then lies
+// inside [0, nq)), and every channel index must lie in the layout's input range: a quad index
+// q < ceil(K / 4) for kind 0, an input channel < K for kind 1 (quad_k is read as uint16, so a
+// negative int16 is a large index). One pass over N + 1 and nq (or 4 nq) integers; measured cost
+// in bench/NOTES.md ("Layout checks").
+void check_indices(const int32_t* rp, const uint16_t* qk, int64_t n, int64_t k, int64_t nq, int kind) {
+  // Both scans are branch-free so that they vectorize with the baseline SSE2 this file is built for
+  // (a uint32 max does not: 6x slower); the offending entry is searched for only on failure.
+  int decreasing = 0;
+  for (int64_t r = 0; r < n; ++r) decreasing |= rp[r + 1] < rp[r];
+  if (decreasing) {
+    int64_t r = 0;
+    while (rp[r + 1] >= rp[r]) ++r;
+    TORCH_CHECK(false, "sparse_ofa cpu: row_ptr must not decrease, but row_ptr[", fmt_num(r + 1), "] = ",
+                fmt_num(rp[r + 1]), " < row_ptr[", fmt_num(r), "] = ", fmt_num(rp[r]));
+  }
+  const int64_t count = kind ? 4 * nq : nq;
+  const uint32_t bound = (uint32_t)(kind ? k : (k + 3) / 4);
+  // max of the uint16 indices, as signed int16 biased by 0x8000 (pmaxsw); chunks of 64k entries on
+  // the op's threads (a layout of up to 64k entries is scanned inline, without a parallel region)
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+  std::vector<int16_t> tops(std::max<int64_t>(chunks, 1), INT16_MIN);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      int16_t top = INT16_MIN;
+      for (int64_t i = c * kChunk, e = std::min(count, i + kChunk); i < e; ++i)
+        top = std::max<int16_t>(top, (int16_t)(qk[i] ^ 0x8000));
+      tops[c] = top;
+    }
+  });
+  const int16_t top = *std::max_element(tops.begin(), tops.end());
+  if (count > 0 && (uint32_t)(uint16_t)(top ^ 0x8000) >= bound) {
+    int64_t i = 0;
+    while (qk[i] < bound) ++i;
+    TORCH_CHECK(false, "sparse_ofa cpu: quad_k[", fmt_num(i), "] = ", fmt_num((int16_t)qk[i]),
+                kind ? " is not an input channel of the layout (0 <= channel < K = "
+                     : " is not a quad of the layout (0 <= quad < ceil(K / 4) = ",
+                fmt_num(bound), "; read as uint16: ", fmt_num(qk[i]), ")");
+  }
+}
+
 // Validates the derived layout tensors and returns the view the kernels read.
 QuadWeight weight_of(const at::Tensor& quad_w, const at::Tensor& quad_k, const at::Tensor& row_ptr,
                      const at::Tensor& rowsum, const at::Tensor& layout) {
@@ -65,6 +111,7 @@ QuadWeight weight_of(const at::Tensor& quad_w, const at::Tensor& quad_k, const a
   check_vec(rowsum, "rowsum", at::kInt, n);
   const int32_t* rp = row_ptr.data_ptr<int32_t>();
   TORCH_CHECK(rp[0] == 0 && rp[n] == nq, "sparse_ofa cpu: row_ptr must run from 0 to ", fmt_num(nq));
+  check_indices(rp, reinterpret_cast<const uint16_t*>(quad_k.data_ptr<int16_t>()), n, k, nq, (int)kind);
   return QuadWeight{quad_w.data_ptr<int32_t>(), reinterpret_cast<const uint16_t*>(quad_k.data_ptr<int16_t>()), rp, rowsum.data_ptr<int32_t>(),
                     n, k, (int)kind};
 }

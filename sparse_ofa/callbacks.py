@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from .distill import DistillLoss, check_teacher_student
 from .lock import PatternLock
 from .pruning import Pruner
-from .train import LABEL_KEYS
+from .train import LABEL_KEYS, safe_load
 
 PRUNER_STATE_FILE = "sparse_ofa_pruner.pt"
 
@@ -54,7 +54,7 @@ class PruningCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         checkpoint = _resumed_checkpoint(args, state)
         if checkpoint is not None:
-            self.pruner.load_state_dict(torch.load(checkpoint / PRUNER_STATE_FILE, weights_only=False))
+            self.pruner.load_state_dict(safe_load(checkpoint / PRUNER_STATE_FILE, "pruner state"))
         elif state.global_step > 0:  # resumed without our file: the zeros of the loaded weights are the masks
             self.pruner.masks = {n: layer.weight.detach() != 0 for n, layer in self.pruner.layers.items()}
         self.pruner.apply_masks()

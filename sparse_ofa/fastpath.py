@@ -154,6 +154,8 @@ def _cpu_attention_runs(qkv: torch.Tensor, mask) -> bool:
     kernels run AVX-512 (elsewhere torch's SDPA is the faster fp32 attention), a bool or fp32 mask."""
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or qkv.dim() != 3:
         return False
+    if torch.is_grad_enabled() and qkv.requires_grad:  # the op has no backward: SDPA then
+        return False
     if mask is not None and (mask.device.type != "cpu" or mask.dtype not in (torch.bool, torch.float32)
                              or mask.dim() > 4):
         return False

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import backends as _backends
-from .modules import SparseInt8Linear
+from .modules import SparseInt8Linear, _needs_grad
 
 
 def feed_forward(first: SparseInt8Linear, second: SparseInt8Linear, x: torch.Tensor,
@@ -26,6 +26,9 @@ def feed_forward(first: SparseInt8Linear, second: SparseInt8Linear, x: torch.Ten
     Like SparseInt8Linear.direct, the kernel arguments for x's token count are resolved on the first
     call and cached in both modules' caches: rebuilding either one's layouts drops it, and a plan is
     used only while both caches hold it (so a reused id of `second` cannot pick up a stale one)."""
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and _needs_grad(x, residual, norm):
+        # autograd must see it: the two layers' direct() calls carry the input gradients
+        return second.direct(first.direct(x, gelu=gelu), residual=residual, norm=norm)
     post = (residual is not None, norm is not None)
     key = ("ffn", id(second), x.shape, x.dtype, x.device, _backends.plan_context(), gelu, post)
     fn = first._direct.get(key)

@@ -40,6 +40,10 @@ def load_sparse_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
             continue
         if not isinstance(module, nn.Linear):
             raise TypeError(f"state_dict packs {name!r}, but the model has a {type(module).__name__} there")
+        if not isinstance(meta, torch.Tensor) or meta.dtype != torch.int32 or tuple(meta.shape) != (5,):
+            got = f"{meta.dtype} {tuple(meta.shape)}" if isinstance(meta, torch.Tensor) else type(meta).__name__
+            raise ValueError(f"{name}: {key} must be int32 [5] (format version, out_features, in_features, "
+                             f"pattern code, block), got {got}")
         pattern_code = int(meta[3])
         if not 0 <= pattern_code < len(PATTERNS):
             raise ValueError(f"{name}: unknown pattern code {pattern_code} in {key}")

@@ -80,16 +80,16 @@ class SparseInt8Linear(nn.Module):
     def _refresh(self) -> None:
         """Cache plain-int facts, resolve the dispatch chain and build each backend's layout."""
         packed = self.packed
-        self._info = LayerInfo.of(packed)
-        device = packed.device
-        chain = _backends.resolve(self.backend, device, self._info)
-        self._chain = chain
-        self._prepared = {b.name: b.prepare(packed) for b in chain}
+        info = LayerInfo.of(packed)
+        chain = _backends.resolve(self.backend, packed.device, info)
+        prepared = {b.name: b.prepare(packed) for b in chain}
         rowsum = None
         if self.act.is_static and self.act.zero_point:
             rowsum = unpack_int8(packed).sum(1, dtype=torch.int32)
-        self._epilogue_bias = (self.act.fold_zero_point(self.bias, rowsum, self.weight_scale)
-                               if rowsum is not None else self.bias)
+        epilogue_bias = (self.act.fold_zero_point(self.bias, rowsum, self.weight_scale)
+                         if rowsum is not None else self.bias)
+        # assigned only once everything above succeeded: a failure leaves the module as it was
+        self._info, self._chain, self._prepared, self._epilogue_bias = info, chain, prepared, epilogue_bias
         self._direct = {}  # call plans by key (_remember): direct(), sparse_ofa.ffn, the fast attention
 
     @property
@@ -105,9 +105,15 @@ class SparseInt8Linear(nn.Module):
         return 1.0 - self._info.density
 
     def set_backend(self, backend: str) -> "SparseInt8Linear":
-        """Switch the backend ("auto" or a name from sparse_ofa.list_backends()); rebuilds layouts."""
+        """Switch the backend ("auto" or a name from sparse_ofa.list_backends()); rebuilds layouts.
+        Raises (unknown or unavailable backend, a pattern it does not run) with the module unchanged."""
+        previous = self.backend
         self.backend = backend
-        self._refresh()
+        try:
+            self._refresh()
+        except Exception:
+            self.backend = previous
+            raise
         return self
 
     def dispatch(self, m: int) -> str:
@@ -121,6 +127,10 @@ class SparseInt8Linear(nn.Module):
         # the call plan cached per input shape (direct()): ~7 us less per call than dispatching
         # again (~3 us of it the auto backend choice), which is most of a small-M layer's time
         return self.direct(x)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W_q * weight_scale[:, None], float32 [N, K]: the weight the backward multiplies by."""
+        return unpack_int8(self.packed).to(torch.float32) * self.weight_scale[:, None]
 
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
@@ -137,6 +147,11 @@ class SparseInt8Linear(nn.Module):
     def _forward_traced(self, x: torch.Tensor) -> torch.Tensor:
         """forward() without the Python-side plan cache, for torch.compile / jit tracing."""
         self._check_input(x)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _InputGrad.apply(x, self, self._linear_traced)
+        return self._linear_traced(x)
+
+    def _linear_traced(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).contiguous()
         backend = _backends.select(self._chain, x2.shape[0], self._info)
@@ -156,6 +171,8 @@ class SparseInt8Linear(nn.Module):
         those torch ops. forward(x) is direct(x) outside torch.compile / jit tracing."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SparseInt8Linear expects a tensor, got {type(x).__name__}")
+        if torch.is_grad_enabled() and _needs_grad(x, residual, norm):
+            return self._direct_grad(x, residual, gelu, norm)
         post = (residual is not None, gelu, norm is not None)
         key = (x.shape, x.dtype, x.device, _backends.plan_context(), post)
         fn = self._direct.get(key)
@@ -163,6 +180,19 @@ class SparseInt8Linear(nn.Module):
             self._check_input(x)  # raises the error that names the problem
             fn = self._remember(key, self._plan(x.numel() // self.in_features, x.dtype, post))
         return fn(x, residual, norm)
+
+    def _direct_grad(self, x, residual, gelu, norm):
+        """direct() where autograd must see the result: the kernel op through _InputGrad (input
+        gradient), then the post-ops as torch ops (their own gradients: residual, LayerNorm)."""
+        self._check_input(x)
+        y = _InputGrad.apply(x, self, self.direct) if x.requires_grad else self.direct(x.detach())
+        if residual is not None:
+            y = y + residual
+        if gelu:
+            y = torch.nn.functional.gelu(y)
+        if norm is not None:
+            y = torch.layer_norm(y, (self.out_features,), norm[0], norm[1], norm[2])
+        return y
 
     def _remember(self, key, plan):
         """Cache a resolved call plan under `key` (direct(), sparse_ofa.ffn, the fast attention all keep
@@ -217,14 +247,30 @@ class SparseInt8Linear(nn.Module):
 
     # ----------------------------------------------------------------------------- state
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        # model.half()/bfloat16() must not touch the scales or the bias: the epilogue is float32.
-        for name in ("weight_scale", "bias", "act_qparams"):
-            t = self._buffers.get(name)
-            if t is not None and t.dtype != torch.float32:
-                self._buffers[name] = t.to(torch.float32)
-        self._refresh()
+        # where fn sends the weight, tried on an empty slice before anything moves
+        target = fn(self.weight_values[:0]).device
+        if target.type == "meta":
+            raise RuntimeError(f"{self._describe()}: cannot move to the meta device: the backends build "
+                               "their layouts from the packed weight's values, which a meta tensor lacks "
+                               "(build the model on the meta device before sparsify(), or keep this layer "
+                               "on the CPU/GPU)")
+        before = dict(self._buffers)
+        try:
+            super()._apply(fn, recurse)
+            # model.half()/bfloat16() must not touch the scales or the bias: the epilogue is float32.
+            for name in ("weight_scale", "bias", "act_qparams"):
+                t = self._buffers.get(name)
+                if t is not None and t.dtype != torch.float32:
+                    self._buffers[name] = t.to(torch.float32)
+            self._refresh()
+        except Exception:
+            self._buffers.clear()
+            self._buffers.update(before)  # the layouts were never replaced (_refresh is atomic)
+            raise
         return self
+
+    def _describe(self) -> str:
+        return f"SparseInt8Linear(in_features={self.in_features}, out_features={self.out_features})"
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -240,24 +286,116 @@ class SparseInt8Linear(nn.Module):
                 missing_keys.append(prefix + key)
         if len(incoming) < len(_PACKED_KEYS):
             return
+        layer = prefix[:-1] if prefix.endswith(".") else (prefix or "module")
+        for key, t in incoming.items():
+            if not isinstance(t, torch.Tensor):
+                error_msgs.append(f"{layer}: {prefix}{key} must be a tensor, got {type(t).__name__}")
+                return
         device = self.weight_values.device
-        packed = PackedWeight(**{k: incoming[f"weight_{k}"].to(device, copy=True) for k in _PACKED_KEYS})
+        # (contiguous: a strided view of the right values, a transposed-back mask say, loads as they are)
+        packed = PackedWeight(**{k: incoming[f"weight_{k}"].to(device, copy=True).contiguous()
+                                 for k in _PACKED_KEYS})
         try:
             packed.validate()
         except ValueError as exc:
-            error_msgs.append(f"{prefix or 'module'}: {exc}")
+            message = str(exc)
+            for key in _PACKED_KEYS:  # name the state_dict key: "packed weight meta" -> "<prefix>weight_meta"
+                message = message.replace(f"packed weight {key} ", f"{prefix}weight_{key} ")
+            error_msgs.append(f"{layer}: {message}")
             return
         if packed.shape != (self.out_features, self.in_features):
-            error_msgs.append(f"{prefix or 'module'}: packed weight is {packed.shape} (out, in), the "
+            error_msgs.append(f"{layer}: packed weight is {packed.shape} (out, in), the "
                               f"module is ({self.out_features}, {self.in_features})")
             return
         bias = state_dict.get(prefix + "bias")
         if bias is None and self.bias is not None:
             missing_keys.append(prefix + "bias")
-        qparams = state_dict.get(prefix + "act_qparams")
-        if qparams is not None:
-            s, zp, qmin, qmax = (float(v) for v in qparams)
-            self.act = ActQuant(scale=s, zero_point=int(zp), qmin=int(qmin), qmax=int(qmax))
-        else:
-            self.act = ActQuant()
-        self._install(packed, None if bias is None else bias.to(device=device, dtype=torch.float32))
+        try:
+            if bias is not None:
+                bias = _checked_bias(bias, self.out_features, prefix + "bias").to(device)
+            qparams = state_dict.get(prefix + "act_qparams")
+            act = ActQuant() if qparams is None else _act_quant_of(qparams, prefix + "act_qparams")
+        except ValueError as exc:
+            error_msgs.append(f"{layer}: {exc}")
+            return
+        before = (self.act, dict(self._buffers))
+        self.act = act
+        try:
+            self._install(packed, bias)
+        except Exception:
+            self.act = before[0]
+            self._buffers.clear()
+            self._buffers.update(before[1])
+            raise
+
+
+def _checked_bias(bias, n: int, key: str) -> torch.Tensor:
+    """`bias` of a state_dict as the module's float32 [n] bias; ValueError naming `key` otherwise."""
+    if not isinstance(bias, torch.Tensor):
+        raise ValueError(f"{key} must be a tensor, got {type(bias).__name__}")
+    if tuple(bias.shape) != (n,):
+        raise ValueError(f"{key} must have shape ({n},) (one per output feature), got {tuple(bias.shape)}")
+    if not (bias.is_floating_point() or bias.dtype in (torch.int8, torch.int16, torch.int32, torch.int64)):
+        raise ValueError(f"{key} must be a real tensor, got {bias.dtype}")
+    bias = bias.detach().to(torch.float32, copy=True)
+    if not bool(torch.isfinite(bias).all()):
+        bad = int((~torch.isfinite(bias)).nonzero()[0, 0])
+        raise ValueError(f"{key} has NaN/Inf values (first at index {bad}, or out of float32 range)")
+    return bias
+
+
+def _act_quant_of(qparams, key: str) -> ActQuant:
+    """The ActQuant of a state_dict's act_qparams [scale, zero_point, qmin, qmax]; ValueError naming
+    `key` for a wrong shape, NaN/Inf, a non-integer zero point or range, or an invalid range."""
+    if not isinstance(qparams, torch.Tensor) or qparams.dim() != 1 or qparams.numel() != 4:
+        got = (f"{qparams.dtype} {tuple(qparams.shape)}" if isinstance(qparams, torch.Tensor)
+               else type(qparams).__name__)
+        raise ValueError(f"{key} must be a 1-D tensor of 4 values (scale, zero_point, qmin, qmax), got {got}")
+    if not qparams.is_floating_point() and qparams.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{key} must be float32 (scale, zero_point, qmin, qmax), got {qparams.dtype}")
+    values = [float(v) for v in qparams.detach().cpu().to(torch.float64)]
+    names = ("scale", "zero_point", "qmin", "qmax")
+    for name, v in zip(names, values):
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError(f"{key}: {name} is {v}; every entry must be finite")
+    for name, v in zip(names[1:], values[1:]):
+        if v != round(v):
+            raise ValueError(f"{key}: {name} must be an integer, got {v}")
+    try:
+        return ActQuant(scale=values[0], zero_point=int(values[1]), qmin=int(values[2]), qmax=int(values[3]))
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def _needs_grad(x: torch.Tensor, residual, norm) -> bool:
+    """Whether autograd must see direct()'s result (with grad mode on): an input that requires grad."""
+    return (x.requires_grad or (residual is not None and residual.requires_grad)
+            or (norm is not None and (norm[0] is not None and norm[0].requires_grad
+                                      or norm[1] is not None and norm[1].requires_grad)))
+
+
+class _InputGrad(torch.autograd.Function):
+    """y = fn(x), the layer's quantized linear as its backend runs it (no graph inside), with the
+    gradient of the float layer it stands for: dx = dy @ W_deq (W_deq = W_q * w_scale, the packed
+    weight dequantized), straight through the activation quantizer. A static quantizer (QAT) passes
+    no gradient where it clips x to [qmin, qmax], as qat.py's fake quantization does; per-token
+    quantization never clips. The packed weight, scales and bias are buffers: frozen, no gradient.
+    Every backend goes through this, so their gradients are the same."""
+
+    @staticmethod
+    def forward(ctx, x, module, fn):
+        ctx.module = module
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.save_for_backward(x if module.act.is_static else None)
+        return fn(x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        module = ctx.module
+        g = grad_y.reshape(-1, module.out_features).to(torch.float32) @ module.dequantized_weight()
+        if module.act.is_static:
+            (x,) = ctx.saved_tensors
+            act = module.act
+            raw = torch.round(x.reshape(-1, module.in_features).to(torch.float32) * act.inv_scale) + act.zero_point
+            g = g * ((raw >= act.qmin) & (raw <= act.qmax))
+        return g.reshape(ctx.x_shape).to(ctx.x_dtype), None, None

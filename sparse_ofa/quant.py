@@ -13,6 +13,13 @@ A zero point z != 0 adds -z * sum_k w_q[n, k] to acc; modules fold it into the b
 (see ActQuant.fold_zero_point), so kernels only ever see symmetric numerics.
 A token with NaN/Inf activations gets a non-finite x_scale, so its output row is non-finite (as in
 fp32), never silently finite garbage.
+
+Input range: the epilogue's first product acc * x_scale reaches 127 * K * amax[m] (acc <= 127 * 127 * K,
+x_scale = amax / 127), so it stays finite in float32 for |x| <= max_finite_input(K) = 2^127 / (127 K)
+(half of float32's max, for rounding headroom): about 1.7e33 for K = 768 and 4.4e32 for K = 3072. A
+row beyond that comes out Inf in every backend where fp32 F.linear (sum x * w) may still be finite.
+Within it the output is finite whenever the true result is (the second product is the output's own
+magnitude). Static (QAT) quantization clamps x first, so it has no such limit.
 """
 from __future__ import annotations
 
@@ -71,6 +78,12 @@ class ActQuant:
             return bias
         corr = self.scale * w_scale * (self.zero_point * w_q_rowsum.to(torch.float32))
         return (torch.zeros_like(w_scale) if bias is None else bias.to(torch.float32)) - corr
+
+
+def max_finite_input(in_features: int) -> float:
+    """Largest |x| for which dynamic quantization keeps every intermediate of the epilogue finite in
+    float32 (see the module docstring, "Input range")."""
+    return 2.0 ** 127 / (127 * max(int(in_features), 1))
 
 
 def ieee_div(t: torch.Tensor, divisor: float) -> torch.Tensor:

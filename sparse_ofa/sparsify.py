@@ -117,6 +117,11 @@ def sparsify(model: nn.Module, *, filter_fn: FilterFn | None = None, backend: st
         if not isinstance(module, nn.Linear):
             raise TypeError(f"sparsify: filter_fn selected {name!r}, a {type(module).__name__}; only "
                             "nn.Linear layers can be swapped")
+    if not chosen and any(isinstance(m, SparseInt8Linear) for m in model.modules()):
+        done = sum(isinstance(m, SparseInt8Linear) for m in model.modules())
+        raise ValueError(f"sparsify: the model is already sparsified ({done} SparseInt8Linear layers, no "
+                         "nn.Linear left to swap); to change the backend, call set_backend(name) on each "
+                         "SparseInt8Linear")
     if not chosen:
         raise ValueError("sparsify: no Linear layer matched; pass filter_fn=lambda module, name: ... "
                          "to choose layers in a model without a BERT-style encoder")

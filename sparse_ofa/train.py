@@ -25,7 +25,10 @@ stream up to the saved step without running the model, then restores the RNG sta
 takes exactly the steps the uninterrupted run would have. That holds when the batch order is a function
 of the data and its own seeded generator (a list; a DataLoader with `generator=` and num_workers=0, or
 a DistributedSampler) — a DataLoader that shuffles from the global RNG re-shuffles differently when
-resumed mid-epoch. Checkpoint files are our own pickles: load only checkpoints you wrote.
+resumed mid-epoch. Checkpoint files hold tensors and plain data only (dicts, lists, tuples, numbers,
+strings, None; the numpy RNG state is stored as a tensor) and are read with torch.load(weights_only=True):
+a file that needs any other class to unpickle is refused with ValueError before anything is loaded, so
+resuming from someone else's checkpoint cannot run their code. `extra` must be plain data too.
 """
 from __future__ import annotations
 
@@ -112,7 +115,9 @@ def rng_state() -> dict:
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        # keys as a tensor: a numpy array would need numpy's classes to unpickle (weights_only refuses)
+        state["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     except ImportError:
         pass
     return state
@@ -126,7 +131,23 @@ def set_rng_state(state: dict) -> None:
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
+
+
+def safe_load(path, what: str, **kwargs):
+    """torch.load(path, weights_only=True): tensors and plain data only. A file that needs other
+    classes to unpickle (code could run) is refused with ValueError naming it and what it holds."""
+    import pickle
+
+    try:
+        return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line for line in first if "GLOBAL" in line or "Unsupported" in line), first[0] if first else "")
+        raise ValueError(f"refusing to load {what} {path}: it holds objects other than tensors and plain data "
+                         f"(loading them would run code from the file; sparse_ofa writes none). torch says: "
+                         f"{detail.strip()}") from None
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -166,7 +187,7 @@ def load_checkpoint(path, *, student: nn.Module, optimizer=None, scheduler=None,
     if not (path / "state.pt").exists():
         raise FileNotFoundError(f"{path} is not a complete sparse_ofa checkpoint (no state.pt)")
     device = next(unwrap(student).parameters()).device
-    state = torch.load(path / "state.pt", map_location=device, weights_only=False)
+    state = safe_load(path / "state.pt", "checkpoint", map_location=device)
     unwrap(student).load_state_dict(state["model"])
     for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("pruner", pruner), ("lock", lock)):
         if target is None:
@@ -175,7 +196,7 @@ def load_checkpoint(path, *, student: nn.Module, optimizer=None, scheduler=None,
             raise ValueError(f"checkpoint {path} holds no {name} state, but a {name} was passed to resume")
         target.load_state_dict(state[name])
     rng_file = path / f"rng-rank{rank()}.pt"
-    rng = torch.load(rng_file, weights_only=False) if rng_file.exists() else None
+    rng = safe_load(rng_file, "RNG state") if rng_file.exists() else None
     if restore_rng and rng is not None:
         set_rng_state(rng)
     return {"step": state["step"], "extra": state["extra"], "rng": rng}
