@@ -288,6 +288,24 @@ def _set_attention(model: nn.Module, implementation: str) -> None:
         model.config._attn_implementation = implementation
 
 
+def lr_factor(step: int, steps: int, warmup: int, schedule=None, kind: str = "sparsity",
+              floor: float = 0.05) -> float:
+    """The multiplier of the peak LR at `step`: linear warm-up; through the GMP ramp flat ("flat") or
+    following the sparsity target, max(floor, s(step + 1) / s_final) ("sparsity"); after the ramp a
+    linear decay to 10 %. Without a schedule (QAT) there is no ramp: warm-up, then the decay."""
+    ramp_end = schedule.ramp_end if schedule is not None else 0
+    ramp = 1.0
+    if schedule is not None and step < ramp_end and kind == "sparsity":
+        # at 0 % sparsity the full LR only moves the student away from its teacher (the running cosine
+        # fell from 1.0 to ~0.7 in 20 steps at 2e-3): the LR grows as pruning removes weights
+        ramp = max(floor, schedule.sparsity_at(step + 1) / max(schedule.final_sparsity, 1e-8))
+    if step < warmup:
+        return ramp * (step + 1) / warmup
+    if step < ramp_end:
+        return ramp
+    return max(0.1, 1.0 - 0.9 * (step - ramp_end) / max(1, steps - ramp_end))
+
+
 def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, lr: float, masker,
            progress, phase: str, pruner=None, history=None, observe: bool = False, bf16: bool = False,
            teacher_cache: TeacherCache | None = None) -> None:
@@ -300,23 +318,9 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
     # Real distillation gradients are 1e-5..1e-1, untouched by this eps.
     optimizer = _adamw(params, lr)
     schedule = pruner.schedule if pruner is not None else None
-    ramp_end = schedule.ramp_end if schedule is not None else 0
     warmup = min(cfg.warmup_steps, max(1, steps // 10))
-
-    def lr_factor(step: int) -> float:
-        # warm-up; through the ramp flat, or following the sparsity target; linear decay to 10 % after
-        ramp = 1.0
-        if schedule is not None and step < ramp_end and cfg.lr_schedule == "sparsity":
-            # at 0 % sparsity the full LR only moves the student away from its teacher (the running
-            # cosine fell from 1.0 to ~0.7 in 20 steps): the LR grows as pruning removes weights
-            ramp = max(cfg.lr_floor, schedule.sparsity_at(step + 1) / max(schedule.final_sparsity, 1e-8))
-        if step < warmup:
-            return ramp * (step + 1) / warmup
-        if step < ramp_end:
-            return ramp
-        return max(0.1, 1.0 - 0.9 * (step - ramp_end) / max(1, steps - ramp_end))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps, warmup, schedule, cfg.lr_schedule, cfg.lr_floor))
     batches = _batches(sentences, cfg.batch_size, cfg.seed + len(phase))
     if cfg.layerwise_weight > 0 and teacher_cache is not None:
         raise ValueError("the teacher-forced layerwise loss needs the teacher's forward: no teacher_cache")
@@ -349,13 +353,14 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
                                                                     batch["attention_mask"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            step_lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
             masker()
             sparsity = pruner.current_sparsity if pruner is not None else cfg.sparsity
             if history is not None:
                 history.append({"phase": phase, "step": step, "loss": float(loss.detach()), "sparsity": sparsity,
-                                "batch_cosine": parts["cosine"]})
+                                "batch_cosine": parts["cosine"], "lr": step_lr})
             progress.set_postfix_str(f"{phase} sparsity {sparsity:.0%} loss {float(loss.detach()):.4f} "
                                      f"cosine {parts['cosine']:.4f}")
             progress.update(1)
