@@ -13,6 +13,7 @@ COMMANDS = [
     "sparse_ofa.commands.prune",
     "sparse_ofa.commands.finetune",
     "sparse_ofa.commands.quantize",
+    "sparse_ofa.commands.evaluate",
     "sparse_ofa.commands.tools",
     "sparse_ofa.commands.bench",
 ]

@@ -1,8 +1,10 @@
-"""Real English text that every Python install carries: the prose of the Python Language Reference
-shipped in `pydoc_data.topics` (what `help("topics")` shows), split into sentences. Offline, no
-download, ~1,000 sentences of technical English; used by tests and the demo."""
+"""Offline English text. `english_sentences`: what every Python install carries (the prose of the Python
+Language Reference in `pydoc_data.topics` and of standard-library docstrings), ~4,000 sentences of
+technical English, used by tests and benchmarks. `general_sentences`: general-domain English (Rotten
+Tomatoes critic snippets and STS-B train sentences, where present), the demo's distillation text."""
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from functools import lru_cache
@@ -104,10 +106,48 @@ def english_sentences() -> tuple[str, ...]:
 
 def train_heldout_split(n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Disjoint seeded samples of english_sentences(): (train, held-out)."""
-    pool = list(english_sentences())
+    return sample_split(english_sentences(), n_train, n_heldout, seed)
+
+
+# General-domain English for distillation: what a sentence encoder is used on (reviews, news, captions,
+# forum posts) rather than Python's own documentation.
+GENERAL_SOURCES = ("rotten_tomatoes_train", "stsb_train")
+
+
+def general_sentences(stsb: str | None = None, log=None) -> tuple[tuple[str, ...], list[str]]:
+    """(sentences, sources used): the snippets of the Rotten Tomatoes *train* split (sparse_ofa.data's
+    fixed split; dev and test snippets are never used) interleaved with the distinct sentences of the
+    STS-B *train* split (no scores; dev and test never), each where available. Raises
+    DataNotFoundError when neither is."""
+    from .data import DataNotFoundError, load_rotten_tomatoes
+    from .evaluation import stsb_sentences
+
+    parts, used, missing = [], [], []
+    try:
+        parts.append([e["text_a"] for e in load_rotten_tomatoes("train")])
+        used.append("rotten_tomatoes_train")
+    except DataNotFoundError as exc:
+        missing.append(str(exc))
+    try:
+        parts.append(stsb_sentences(stsb))
+        used.append("stsb_train")
+    except DataNotFoundError as exc:
+        missing.append(str(exc))
+    if not parts:
+        raise DataNotFoundError("no general-domain text: " + " | ".join(missing))
+    if missing and log is not None:
+        log("general-domain text: using " + ", ".join(used) + "; missing: " + " | ".join(missing))
+    # round-robin, so any prefix (and any seeded sample) draws from every source alike
+    mixed = [s for group in itertools.zip_longest(*parts) for s in group if s is not None]
+    return tuple(dict.fromkeys(mixed)), used
+
+
+def sample_split(pool, n_train: int, n_heldout: int, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Disjoint seeded samples of `pool`: (train, held-out)."""
+    pool = list(pool)
     if n_train < 1 or n_heldout < 1:
         raise ValueError(f"need at least one train and one held-out sentence, got {n_train}, {n_heldout}")
     if n_train + n_heldout > len(pool):
-        raise ValueError(f"asked for {n_train} + {n_heldout} sentences; the offline corpus has {len(pool)}")
+        raise ValueError(f"asked for {n_train} + {n_heldout} sentences; the corpus has {len(pool)}")
     picked = random.Random(seed).sample(pool, n_train + n_heldout)
     return picked[:n_train], picked[n_train:]

