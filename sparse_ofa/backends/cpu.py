@@ -39,7 +39,7 @@ SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2
            "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp",
            "cpu/attention_bf16.cpp",
            "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp",
-           "cpu_dense.cpp"]
+           "cpu_dense.cpp", "cpu/dense_scalar.cpp", "cpu/dense_avx2.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
 # -fopenmp: at::parallel_for is inline OpenMP in the ATen headers; without the flag its pragma is
 # ignored and every kernel runs on one thread (the OpenMP runtime is torch's own, already loaded).
@@ -142,6 +142,14 @@ def _register_fakes() -> None:
     def _(x, w_t, w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax, out_dtype, isa=-1,
           residual=None, gelu=False, ln_weight=None, ln_bias=None, ln_eps=1e-12):
         return x.new_empty((*x.shape[:-1], w_t.shape[1]), dtype=out_dtype)
+
+    @torch.library.register_fake(lib + "cpu_dense_panel_linear")
+    def _(x, w_panel, w_layout, w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax, out_dtype, isa=-1,
+          residual=None, gelu=False, ln_weight=None, ln_bias=None, ln_eps=1e-12):
+        return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=out_dtype)
+
+    # (cpu_dense_panel_int_mm has no fake kernel: its N is data, w_layout[1], not a shape; only the
+    # reference-composed Backend.linear and the tests call it, never under torch.compile)
 
     @torch.library.register_fake(lib + "cpu_linear_out")
     def _(x, quad_w, quad_k, row_ptr, rowsum, layout, w_scale, bias, static_scale, inv_scale, zero_point,
