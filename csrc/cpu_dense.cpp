@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "check_format.h"
@@ -110,16 +111,25 @@ DensePanel panel_of(const at::Tensor& w_panel, const at::Tensor& w_layout) {
   return {w_panel.data_ptr<int16_t>(), n, k, kp, strips};
 }
 
-// quantized rows (when xf is given) or int8 rows xq8 -> int16 rows a, then the product into o
+// The product of m tokens into o: rows quantized (when xf is given; else the int8 rows xq8 are
+// read) and widened to int16, the panel GEMM with its epilogue, then post(m0, m1) on finished rows.
+// Work split:
+// - token split, when every thread gets >= 8 micro-tiles (48 tokens): each thread quantizes, widens,
+//   multiplies and post-processes its own run of rows in ONE parallel region, with no barrier between
+//   the steps (on a shared machine each barrier costs a scheduler time slice whenever one thread is
+//   descheduled: 16 ms steps were seen at 2 threads with other jobs running);
+// - else (few tokens, many threads) the rows are prepared first, then the mblock x nblock tasks of
+//   dense_blocking split the output channels too, then the post-ops: three regions.
+template <class Post>
 void panel_product(int is, const DensePanel& w, const at::Tensor* xf, const QuantParams* qp, const int8_t* xq8,
-                   int64_t ldx8, int64_t m, float* x_scale, DenseOut o) {
+                   int64_t ldx8, int64_t m, float* x_scale, const DenseOut& o, const Post& post) {
   const int64_t lda = 2 * w.kp;
   thread_local std::vector<uint8_t> buf;
   uint8_t* base = scratch(buf, (size_t)(m * lda * 2 + (xf ? m * w.k : 0) + 64));
   int16_t* a = reinterpret_cast<int16_t*>(base);
   int8_t* q = reinterpret_cast<int8_t*>(base + m * lda * 2);
   const bool vec = is >= kAvx2;
-  at::parallel_for(0, m, 16, [&](int64_t m0, int64_t m1) {
+  auto prepare_rows = [&](int64_t m0, int64_t m1) {
     const int8_t* src = xq8;
     int64_t ld = ldx8;
     if (xf) {
@@ -128,12 +138,38 @@ void panel_product(int is, const DensePanel& w, const at::Tensor* xf, const Quan
     }
     if (vec) dense_widen_avx2(src, ld, w.k, m0, m1, a, lda);
     else dense_widen_scalar(src, ld, w.k, m0, m1, a, lda);
-  });
-  const DenseBlocking b = dense_blocking(m, w.strips, w.kp, at::get_num_threads());
-  at::parallel_for(0, b.tasks(), 1, [&](int64_t t0, int64_t t1) {
-    if (vec) dense_gemm_avx2(w, a, lda, m, b, o, t0, t1);
-    else dense_gemm_scalar(w, a, lda, m, b, o, t0, t1);
-  });
+  };
+  auto gemm = [&](const int16_t* ar, int64_t rows, const DenseBlocking& b, const DenseOut& out, int64_t t0,
+                  int64_t t1) {
+    if (vec) dense_gemm_avx2(w, ar, lda, rows, b, out, t0, t1);
+    else dense_gemm_scalar(w, ar, lda, rows, b, out, t0, t1);
+  };
+  const int64_t threads = at::get_num_threads();
+  const int64_t mtiles = (m + kDenseRows - 1) / kDenseRows;
+  if (threads == 1 || mtiles >= 8 * threads) {
+    const int64_t chunk = (mtiles + threads - 1) / threads * kDenseRows;
+    at::parallel_for(0, (m + chunk - 1) / chunk, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t r0 = c * chunk, r1 = std::min(m, r0 + chunk);
+        prepare_rows(r0, r1);
+        DenseOut oc = o;
+        if (oc.x_scale) {
+          oc.x_scale += r0;
+          oc.out = static_cast<float*>(oc.out) + r0 * o.ldo;
+        } else {
+          oc.out = static_cast<int32_t*>(oc.out) + r0 * o.ldo;
+        }
+        const DenseBlocking b = dense_blocking(r1 - r0, w.strips, w.kp, 1);
+        gemm(a + r0 * lda, r1 - r0, b, oc, 0, b.tasks());
+        post(r0, r1);
+      }
+    });
+    return;
+  }
+  at::parallel_for(0, m, 16, prepare_rows);
+  const DenseBlocking b = dense_blocking(m, w.strips, w.kp, threads);
+  at::parallel_for(0, b.tasks(), 1, [&](int64_t t0, int64_t t1) { gemm(a, m, b, o, t0, t1); });
+  at::parallel_for(0, m, 16, post);
 }
 
 at::Tensor cpu_dense_panel_linear(const at::Tensor& x, const at::Tensor& w_panel, const at::Tensor& w_layout,
@@ -170,10 +206,12 @@ at::Tensor cpu_dense_panel_linear(const at::Tensor& x, const at::Tensor& w_panel
   at::Tensor out = at::empty({m, n}, xf.options());
   at::Tensor xs = at::empty({m}, xf.options());
   if (m && n) {
-    panel_product(is, w, &xf, &qp, nullptr, 0, m, xs.data_ptr<float>(),
-                  DenseOut{xs.data_ptr<float>(), w_scale.data_ptr<float>(), bp, out.data_ptr<float>(), n});
     const PostOps po = post_ops(residual2, gelu, ln_weight, ln_bias, ln_eps, out, m, n);
-    if (po.any()) at::parallel_for(0, m, 16, [&](int64_t m0, int64_t m1) { post_rows(is, po, out, n, m0, m1); });
+    panel_product(is, w, &xf, &qp, nullptr, 0, m, xs.data_ptr<float>(),
+                  DenseOut{xs.data_ptr<float>(), w_scale.data_ptr<float>(), bp, out.data_ptr<float>(), n},
+                  [&](int64_t m0, int64_t m1) {
+                    if (po.any()) post_rows(is, po, out, n, m0, m1);
+                  });
   }
   out = out.view(shape);
   return out_dtype == at::kFloat ? out : out.to(out_dtype);
@@ -194,7 +232,7 @@ at::Tensor cpu_dense_panel_int_mm(const at::Tensor& x_q, const at::Tensor& w_pan
   at::Tensor out = at::empty({m, w.n}, xq.options().dtype(at::kInt));
   if (m && w.n)
     panel_product(is, w, nullptr, nullptr, xq.data_ptr<int8_t>(), xq.stride(0), m, nullptr,
-                  DenseOut{nullptr, nullptr, nullptr, out.data_ptr<int32_t>(), w.n});
+                  DenseOut{nullptr, nullptr, nullptr, out.data_ptr<int32_t>(), w.n}, [](int64_t, int64_t) {});
   return out;
 }
 

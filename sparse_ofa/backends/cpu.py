@@ -38,7 +38,7 @@ EXTENSION = "sparse_ofa_cpu"
 SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2.cpp", "cpu/avxvnni.cpp",
            "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp",
            "cpu/attention_bf16.cpp",
-           "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp",
+           "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu/postops_avx2.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp",
            "cpu_dense.cpp", "cpu/dense_scalar.cpp", "cpu/dense_avx2.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
 # -fopenmp: at::parallel_for is inline OpenMP in the ATen headers; without the flag its pragma is
@@ -294,9 +294,9 @@ _THRESHOLDS_THREADS = ((1, 0.05), (32, 0.65), (None, 0.5))
 
 def fuses_post_ops(isa: int, out_dtype: torch.dtype, post: tuple[bool, bool, bool]) -> bool:
     """Whether an op of this extension should run `post` (residual, GELU, LayerNorm) itself: only in
-    float32 and with the AVX-512 post-ops (the portable ones are no faster than torch's)."""
+    float32 and with the AVX-512 or AVX2 post-ops (the portable ones are no faster than torch's)."""
     return not any(post) or (out_dtype == torch.float32
-                             and (ISAS[best_isa()] if isa < 0 else isa) == ISAS["avx512vnni"])
+                             and (ISAS[best_isa()] if isa < 0 else isa) >= ISAS["avx2"])
 
 
 def post_op_fn(op, args: tuple, post: tuple[bool, bool, bool]):
