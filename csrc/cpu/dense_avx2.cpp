@@ -97,13 +97,16 @@ inline void full_tile_loop(const pair_t* ap, int64_t la, const int16_t* ws, int6
         "xmm12", "xmm13", "xmm14", "xmm15", "memory", "cc");
 }
 
-// rows [r, r + MR) x columns [c0, c0 + ncols) (ncols <= 16) of the product, epilogue, store
+// rows [r, r + MR) x columns [c0, c0 + ncols) (ncols <= 16) of the product over the pairs [p0, p0 + kp)
+// (ws: the strip's row p0): added to the int32 partial sums in the output unless `first`; stored back
+// as int32 partial sums unless `last`, else the epilogue and the final store (float output: the same
+// 4-byte elements, int32 until the last chunk)
 template <int MR>
-inline void micro_tile(const int16_t* a, int64_t lda, const int16_t* ws, int64_t kp, int64_t r, int64_t c0,
-                       int ncols, const DenseOut& o) {
+inline void micro_tile(const int16_t* a, int64_t lda, const int16_t* ws, int64_t p0, int64_t kp, int64_t r,
+                       int64_t c0, int ncols, const DenseOut& o, bool first, bool last) {
   __m256i acc[MR][2];
   for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
-  const pair_t* ap = reinterpret_cast<const pair_t*>(a + r * lda);
+  const pair_t* ap = reinterpret_cast<const pair_t*>(a + r * lda + 2 * p0);
   const int64_t la = lda / 2;
   if constexpr (MR == 6) {
     if (kp > 0) {  // (kp >= 1 always here: K >= 1 for a panel; the loop runs at least once)
@@ -125,8 +128,18 @@ inline void micro_tile(const int16_t* a, int64_t lda, const int16_t* ws, int64_t
     }
     }
   }
-  if (!o.x_scale) {
-    int32_t* out = static_cast<int32_t*>(o.out) + r * o.ldo + c0;
+  int32_t* partial = static_cast<int32_t*>(o.out) + r * o.ldo + c0;
+  if (!first) {
+    for (int i = 0; i < MR; ++i) {
+      alignas(32) int32_t tmp[kDenseCols] = {};
+      const int32_t* src = partial + i * o.ldo;
+      if (ncols < kDenseCols) std::memcpy(tmp, src, ncols * sizeof(int32_t)), src = tmp;
+      acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_loadu_si256((const __m256i*)src));
+      acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_loadu_si256((const __m256i*)(src + 8)));
+    }
+  }
+  if (!o.x_scale || !last) {
+    int32_t* out = partial;
     for (int i = 0; i < MR; ++i) {
       if (ncols == kDenseCols) {
         _mm256_storeu_si256((__m256i*)(out + i * o.ldo), acc[i][0]);
@@ -194,22 +207,29 @@ void dense_gemm_avx2(const DensePanel& w, const int16_t* a, int64_t lda, int64_t
     const int64_t mb = t / b.nblocks, nb = t % b.nblocks;
     const int64_t tt0 = mb * b.tiles, tt1 = tt0 + b.tiles < mtiles ? tt0 + b.tiles : mtiles;
     const int64_t s0 = nb * b.strips, s1 = s0 + b.strips < w.strips ? s0 + b.strips : w.strips;
-    // strip-major: a strip (kp x 64 B) is reused by every micro-tile of the mblock while it is in L1/L2
+    // K chunk outermost (the mblock's activation chunk and the partial sums stay in cache), then a
+    // strip's chunk (kc x 64 B, in L1) against every micro-tile of the mblock
+    for (int64_t p0 = 0; p0 < w.kp; p0 += b.kc) {
+    const int64_t p1 = p0 + b.kc < w.kp ? p0 + b.kc : w.kp;
+    const bool first = p0 == 0, last = p1 == w.kp;
     for (int64_t s = s0; s < s1; ++s) {
       const int16_t* ws = w.w + s * w.kp * 2 * kDenseCols;
       const int64_t c0 = s * kDenseCols;
       const int nc = (int)(w.n - c0 < kDenseCols ? w.n - c0 : kDenseCols);
       for (int64_t tt = tt0; tt < tt1; ++tt) {
         const int64_t r = tt * kDenseRows;
+        const int64_t kp = p1 - p0;
+        const int16_t* wp = ws + p0 * 2 * kDenseCols;
         switch (m - r < kDenseRows ? m - r : kDenseRows) {
-          case 6: micro_tile<6>(a, lda, ws, w.kp, r, c0, nc, o); break;
-          case 5: micro_tile<5>(a, lda, ws, w.kp, r, c0, nc, o); break;
-          case 4: micro_tile<4>(a, lda, ws, w.kp, r, c0, nc, o); break;
-          case 3: micro_tile<3>(a, lda, ws, w.kp, r, c0, nc, o); break;
-          case 2: micro_tile<2>(a, lda, ws, w.kp, r, c0, nc, o); break;
-          default: micro_tile<1>(a, lda, ws, w.kp, r, c0, nc, o); break;
+          case 6: micro_tile<6>(a, lda, wp, p0, kp, r, c0, nc, o, first, last); break;
+          case 5: micro_tile<5>(a, lda, wp, p0, kp, r, c0, nc, o, first, last); break;
+          case 4: micro_tile<4>(a, lda, wp, p0, kp, r, c0, nc, o, first, last); break;
+          case 3: micro_tile<3>(a, lda, wp, p0, kp, r, c0, nc, o, first, last); break;
+          case 2: micro_tile<2>(a, lda, wp, p0, kp, r, c0, nc, o, first, last); break;
+          default: micro_tile<1>(a, lda, wp, p0, kp, r, c0, nc, o, first, last); break;
         }
       }
+    }
     }
   }
 }

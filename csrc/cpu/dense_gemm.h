@@ -42,15 +42,21 @@ struct DenseOut {
 // kDenseRows tokens, an nblock of `strips` strips. Chosen by dense_blocking.
 struct DenseBlocking {
   int64_t tiles, strips, mblocks, nblocks;
+  int64_t kc;  // input-channel pairs per K chunk (the AVX2 kernel; the portable loop runs all K at once)
   int64_t tasks() const { return mblocks * nblocks; }
 };
 
-// mblocks sized so that one mblock's int16 activations (tiles * 6 rows * 2 kp * 2 bytes) stay near
-// 96 KB (L2-resident while the strips of a task stream past them), nblocks of up to 4 strips (64
-// channels), both made smaller until there are at least 4 tasks per thread where the shape allows.
+// K in chunks of <= 256 pairs (even sizes): a strip's chunk (<= 16 KB) stays in L1 while every
+// micro-tile of the mblock passes it (a whole strip is 24 KB at K = 768, with the activation rows
+// more than L1 holds; 96 KB at K = 3072); the partial sums wait in the output (int32) between chunks.
+// mblocks sized so that one mblock's activation chunk (tiles * 6 rows * kc pairs * 4 bytes) stays
+// near 96 KB (L2), nblocks of up to 4 strips (64 channels), both made smaller until there are at
+// least 4 tasks per thread where the shape allows.
 inline DenseBlocking dense_blocking(int64_t m, int64_t strips, int64_t kp, int64_t threads) {
   const int64_t mtiles = (m + kDenseRows - 1) / kDenseRows;
-  int64_t tiles = 98304 / (kDenseRows * 4 * (kp > 0 ? kp : 1));
+  const int64_t chunks = (kp + 255) / 256;
+  const int64_t kc = chunks > 0 ? (kp + chunks - 1) / chunks : 1;
+  int64_t tiles = 98304 / (kDenseRows * 4 * kc);
   tiles = tiles < 1 ? 1 : (tiles > mtiles ? mtiles : tiles);
   int64_t sb = strips < 4 ? strips : 4;
   if (sb < 1) sb = 1;
@@ -62,7 +68,7 @@ inline DenseBlocking dense_blocking(int64_t m, int64_t strips, int64_t kp, int64
   // even out the mblocks (e.g. 22 tiles in blocks of 10 -> 8 + 7 + 7, not 10 + 10 + 2)
   const int64_t mb = (mtiles + tiles - 1) / tiles;
   tiles = (mtiles + mb - 1) / mb;
-  return {tiles, sb, (mtiles + tiles - 1) / tiles, (strips + sb - 1) / sb};
+  return {tiles, sb, (mtiles + tiles - 1) / tiles, (strips + sb - 1) / sb, kc};
 }
 
 // x_q rows [m0, m1) (int8, row stride ldx, K columns) -> a (int16, row stride lda = 2 kp).
