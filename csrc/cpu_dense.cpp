@@ -96,7 +96,8 @@ DensePanel panel_of(const at::Tensor& w_panel, const at::Tensor& w_layout) {
                   w_layout.numel() == 3,
               "sparse_ofa cpu_dense_panel: w_layout must be an int32 CPU tensor [version, N, K], got ",
               w_layout.scalar_type(), " ", fmt_dims(w_layout));
-  const int32_t* l = w_layout.contiguous().data_ptr<int32_t>();
+  const at::Tensor layout = w_layout.contiguous();  // (kept alive while l is read)
+  const int32_t* l = layout.data_ptr<int32_t>();
   TORCH_CHECK(l[0] == kPanelVersion, "sparse_ofa cpu_dense_panel: weight panel version ", fmt_num(l[0]),
               ", this build reads version ", fmt_num(kPanelVersion), ": prepare() the module again");
   const int64_t n = l[1], k = l[2];

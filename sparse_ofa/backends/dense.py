@@ -4,7 +4,7 @@ package's own exact int16-pair GEMM (csrc/cpu/dense_gemm.h, the "panel" route). 
 sparse kernels, so backend="auto" falls back to it for any layer where sparse would be slower.
 
 CPU route, chosen once per process (`cpu_route`): $SPARSE_OFA_DENSE_ROUTE ("int_mm" or "panel") if
-set, else measured: both products timed on one 64 x 384 x 384 product. On CPUs without VNNI torch's
+set, else measured: both timed on one 64 x 384 x 384 product (one thread, CPU time). On CPUs without VNNI torch's
 CPU `_int_mm` runs a slow path (90 ms for 128 x 768 x 768 on a Zen 3, 20x fp32 F.linear), the panel
 kernel ~2 ms; with VNNI `_int_mm` reaches ~87 % of the vpdpbusd peak, which vpmaddwd cannot approach.
 """
@@ -43,19 +43,34 @@ def derive_panel(w_q: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"w_panel": panel, "w_layout": torch.tensor([PANEL_VERSION, n, k], dtype=torch.int32)}
 
 
-def _best_seconds(fn, repeats: int = 3) -> float:
+def _best_seconds(fn, repeats: int = 5) -> float:
     fn()  # warm-up (first-call allocations, oneDNN primitive creation)
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.thread_time() - t0)
     return best
 
 
 def measure_cpu_route(m: int = 64, k: int = 384, n: int = 384) -> dict[str, float]:
-    """Seconds (best of 3) of one m x k x n exact int8 product by each CPU route, at the current thread
-    count; raises if the two disagree (they are both exact)."""
+    """CPU seconds (best of 5) of one m x k x n exact int8 product by each CPU route, on one thread;
+    raises if the two disagree (they are both exact). One thread and the calling thread's CPU time:
+    with several threads on a busy machine a wall-clock product waits for descheduled threads at its
+    barriers (steps of a scheduler slice, 4-40 ms, seen on a shared Zen 3), which once made the route
+    that is 50x slower there win the comparison."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _measure_routes(m, k, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_routes(m: int, k: int, n: int) -> dict[str, float]:
+    from .cpu import load
+
+    load()
     g = torch.Generator().manual_seed(0)
     x_q = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
     w_q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
