@@ -19,8 +19,8 @@ ISA: the best the CPU runs, or the one named by SPARSE_OFA_CPU_ISA (scalar, avx2
 avx512vnni) if this CPU runs it.
 
 Dispatch (`prefers`): sparse wins when the VNNI work it keeps, the fraction of kept quads, is small
-enough against dense INT8 (`torch._int_mm`); see `prefers` and docs/cpu_kernels.md for the measured
-thresholds.
+enough against dense INT8 (`torch._int_mm`, or on CPUs without VNNI the dense backend's panel GEMM,
+with limits of their own); see `prefers` and docs/cpu_kernels.md for the measured thresholds.
 """
 from __future__ import annotations
 
