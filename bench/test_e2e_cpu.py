@@ -141,3 +141,42 @@ def test_minilm_sparse_ofa(benchmark, batch, sparsity):
          pattern="unstructured" if sparsity else "dense", impl=impl, cosine_vs_fp32=cosine,
          cosine_vs_own_fp32=own)
     assert own > 0.99, f"INT8 embedding cosine vs its own fp32 model is only {own:.4f}"
+
+
+# ---------------------------------------------------------------------------------- issue 17's table
+# BERT-base shape, batch 1 x 128, unstructured 0 / 80 / 90 %: torch fp32 eager, torch quantize_dynamic
+# and sparsify() (backend="auto": dense INT8 where a layer is not sparse enough: on CPUs without VNNI
+# the panel GEMM, backends/dense.py), each model in its own row, the same session. Run with
+#     SPARSE_OFA_BENCH_THREADS=2 pytest bench/test_e2e_cpu.py -k table --benchmark-columns=median,min
+TABLE_SPARSITIES = [0.0, 0.8, 0.9]
+
+
+def _table_model(sparsity: float):
+    key = ("table", sparsity)
+    if key not in _cache:
+        _cache[key] = e2e.bert_base_pruned(sparsity, "unstructured")
+    return _cache[key]
+
+
+@pytest.mark.parametrize("impl", ["fp32_model", "quantize_dynamic", "sparse_ofa", "sparse_ofa:plain"])
+@pytest.mark.parametrize("sparsity", TABLE_SPARSITIES)
+def test_table_bert_base_1x128(benchmark, sparsity, impl):
+    fp32 = _table_model(sparsity)
+    inputs = e2e.random_inputs(1, SEQ)
+    if impl == "fp32_model":
+        model = fp32
+    elif impl == "quantize_dynamic":
+        model = e2e.quantize_dynamic(fp32)
+    else:
+        plain = impl.endswith(":plain")
+        model = e2e.sparse_ofa_model(fp32, fastpath=not plain)
+        impl = f"sparse_ofa:{e2e.dispatched_backend(model, SEQ)}{':plain' if plain else ''}"
+    try:
+        got = e2e.embeddings(model, inputs)
+    except TypeError as exc:  # the fast path's lean model needs a transformers version it knows
+        if impl.startswith("sparse_ofa") and not impl.endswith(":plain"):
+            pytest.skip(f"the fast path does not run with this transformers: {exc}")
+        raise
+    cosine = e2e.mean_cosine(got, e2e.embeddings(fp32, inputs))
+    _run(benchmark, e2e.forward_fn(model, inputs), "e2e-cpu-table-bert-base-b1", shape="bert-base", batch=1,
+         sparsity=sparsity, pattern="unstructured" if sparsity else "dense", impl=impl, cosine_vs_fp32=cosine)

@@ -333,7 +333,9 @@ PostOps post_ops(const c10::optional<at::Tensor>& residual, bool gelu, const c10
 
 void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m0, int64_t m1) {
   float* y = out.data_ptr<float>();
+  static const bool fma = fma_supported();
   if (isa == kAvx512Vnni) post_rows_avx512(po, y, out.stride(0), n, m0, m1);
+  else if (isa >= kAvx2 && fma) post_rows_avx2(po, y, out.stride(0), n, m0, m1);
   else post_rows_scalar(po, y, out.stride(0), n, m0, m1);
 }
 

@@ -313,7 +313,26 @@ def test_dispatch_without_avx512(monkeypatch):
     monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")
     assert not backend.prefers(128, info)  # the portable loop: always dense INT8
     monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "avx2")
+    monkeypatch.setenv("SPARSE_OFA_DENSE_ROUTE", "int_mm")  # dense INT8 by VNNI oneDNN: half the work
     assert backend.prefers(128, info) and not backend.prefers(128, LayerInfo(768, 768, "1x4", 0.2))
+
+
+def test_dispatch_on_avx2_against_the_panel_gemm(monkeypatch):
+    # the AVX2 limits (`_THRESHOLDS_AVX2` in backends/cpu.py, measured against the panel GEMM)
+    from sparse_ofa.backends.base import LayerInfo
+
+    backend = cpu_backend.CpuBackend()
+    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "avx2")
+    monkeypatch.setenv("SPARSE_OFA_DENSE_ROUTE", "panel")
+    for k, n in ((768, 768), (768, 3072), (3072, 768), (384, 1536)):
+        for m in (16, 128, 1024):
+            # 80 % unstructured: work ~0.3 in gathered quads from 64 tokens, 0.59 in aligned quads below
+            assert backend.prefers(m, LayerInfo(k, n, "unstructured", 0.2)) == (m >= 64), (k, n, m)
+            assert backend.prefers(m, LayerInfo(k, n, "1x4", 0.3)), (k, n, m)
+            assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.5)), (k, n, m)
+            assert not backend.prefers(m, LayerInfo(k, n, "1x4", 0.5)), (k, n, m)
+        assert not backend.prefers(1, LayerInfo(k, n, "1x4", 0.1))  # one token: dense
+        assert backend.prefers(4, LayerInfo(k, n, "1x4", 0.1)) and not backend.prefers(4, LayerInfo(k, n, "1x4", 0.2))
 
 
 @pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="limits measured on AVX-512")

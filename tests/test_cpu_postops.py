@@ -1,5 +1,5 @@
 """The fused linear's post-ops (torch.ops.sparse_ofa.cpu_linear ..., residual, gelu, ln_weight, ln_bias,
-ln_eps; csrc/cpu/postops*.cpp) on the AVX-512 and the portable path: `+ residual` bit-exact, GELU and
+ln_eps; csrc/cpu/postops*.cpp) on the AVX-512, AVX2 and portable paths: `+ residual` bit-exact, GELU and
 LayerNorm against float64, poisoned outputs, strided buffers, threads, bad input; and the fast path's
 use of them (fuse=True / False). No timings."""
 from __future__ import annotations
@@ -18,6 +18,8 @@ from sparse_ofa.formats import pack
 from conftest import cpu_kernel_paths, threads, tiny_pruned_bert
 
 pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # portable and AVX-512 paths
+if cpu_backend is not None and cpu_backend.best_isa() != "scalar":
+    PATHS = sorted({*PATHS, 1})  # and the AVX2 post-ops (postops_avx2.cpp)
 
 DYNAMIC = (0.0, 0.0, 0, -127, 127)  # per-token activation quantization
 
@@ -171,8 +173,8 @@ def test_fast_path_fuses_and_can_be_told_not_to():
     from sparse_ofa import sparsify
     from sparse_ofa.fastpath import apply_fastpath
 
-    if cpu_backend.best_isa() != "avx512vnni":
-        pytest.skip("the post-ops are fused on AVX-512 CPUs only")
+    if cpu_backend.best_isa() == "scalar":
+        pytest.skip("the post-ops are fused on AVX2 and AVX-512 CPUs only")
     model = tiny_pruned_bert(0.6)
     plain = sparsify(copy.deepcopy(model), backend="cpu", fastpath=False)
     fast = sparsify(model, backend="cpu")

@@ -27,6 +27,14 @@ bool isa_supported(int isa) {
   }
 }
 
+bool fma_supported() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
 int best_isa() {
   static const int best = [] {
     for (int isa = kAvx512Vnni; isa > kScalar; --isa)

@@ -89,6 +89,7 @@ struct PostOps {
 // rows [m0, m1) of y [*, ldy] with n channels
 void post_rows_scalar(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);
 void post_rows_avx512(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);
+void post_rows_avx2(const PostOps& p, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);  // AVX2 + FMA
 
 // The dequantizing epilogue on finished int32 rows [m0, m1) of a dense product (cpu_dense.cpp):
 //   y[m, j] = (float(acc[m, j]) * x_scale[m]) * w_scale[j] + bias[j]   (bias may be null; no FMA)
@@ -167,6 +168,8 @@ void store_epilogue_scalar(const Epilogue& e, const float* x_scale, int64_t m, i
 // Best ISA this CPU runs (cpuid), and whether it runs a given one.
 int best_isa();
 bool isa_supported(int isa);
+// AVX2 and FMA (the AVX2 post-ops use FMA; the AVX2 ISA code is granted on the avx2 bit alone)
+bool fma_supported();
 const char* isa_name(int isa);
 
 }  // namespace sparse_ofa_cpu

@@ -19,8 +19,8 @@ ISA: the best the CPU runs, or the one named by SPARSE_OFA_CPU_ISA (scalar, avx2
 avx512vnni) if this CPU runs it.
 
 Dispatch (`prefers`): sparse wins when the VNNI work it keeps, the fraction of kept quads, is small
-enough against dense INT8 (`torch._int_mm`); see `prefers` and docs/cpu_kernels.md for the measured
-thresholds.
+enough against dense INT8 (`torch._int_mm`, or on CPUs without VNNI the dense backend's panel GEMM,
+with limits of their own); see `prefers` and docs/cpu_kernels.md for the measured thresholds.
 """
 from __future__ import annotations
 
@@ -38,8 +38,8 @@ EXTENSION = "sparse_ofa_cpu"
 SOURCES = ["sparse_ofa_cpu.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2.cpp", "cpu/avxvnni.cpp",
            "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp",
            "cpu/attention_bf16.cpp",
-           "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp",
-           "cpu_dense.cpp"]
+           "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu/postops_avx2.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp",
+           "cpu_dense.cpp", "cpu/dense_scalar.cpp", "cpu/dense_avx2.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
 # -fopenmp: at::parallel_for is inline OpenMP in the ATen headers; without the flag its pragma is
 # ignored and every kernel runs on one thread (the OpenMP runtime is torch's own, already loaded).
@@ -142,6 +142,14 @@ def _register_fakes() -> None:
     def _(x, w_t, w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax, out_dtype, isa=-1,
           residual=None, gelu=False, ln_weight=None, ln_bias=None, ln_eps=1e-12):
         return x.new_empty((*x.shape[:-1], w_t.shape[1]), dtype=out_dtype)
+
+    @torch.library.register_fake(lib + "cpu_dense_panel_linear")
+    def _(x, w_panel, w_layout, w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax, out_dtype, isa=-1,
+          residual=None, gelu=False, ln_weight=None, ln_bias=None, ln_eps=1e-12):
+        return x.new_empty((*x.shape[:-1], w_scale.shape[0]), dtype=out_dtype)
+
+    # (cpu_dense_panel_int_mm has no fake kernel: its N is data, w_layout[1], not a shape; only the
+    # reference-composed Backend.linear and the tests call it, never under torch.compile)
 
     @torch.library.register_fake(lib + "cpu_linear_out")
     def _(x, quad_w, quad_k, row_ptr, rowsum, layout, w_scale, bias, static_scale, inv_scale, zero_point,
@@ -284,11 +292,30 @@ _THRESHOLDS = ((4, 0.05), (32, 0.35), (None, 0.5))  # (max M, max work fraction)
 _THRESHOLDS_THREADS = ((1, 0.05), (32, 0.65), (None, 0.5))
 
 
+# AVX2 CPUs where the dense route is the panel GEMM (backends/dense.py, no VNNI), measured on a 2-core
+# Zen 3 (bench/NOTES.md "AVX2-only CPUs"): the AVX2 sparse kernels against the panel GEMM per layer
+# (768x768, 3072x768, 768x3072; 50-90 % unstructured and 1x4; one thread, CPU time, fused linear
+# with its epilogue): M = 1 dense wins everywhere but 1x4 90 % on 768x768 (0.86x); M = 4 sparse wins
+# at work 0.1 (0.5-0.75x), not at 0.2 (1.0-1.3x); M = 16-128 sparse wins up to work 0.30-0.34
+# (0.25-0.9x), is even or loses at 0.45-0.6 (0.58-1.67x). Whole models confirm (NOTES).
+_THRESHOLDS_AVX2 = ((1, 0.05), (4, 0.1), (None, 0.35))
+
+
+def _avx2_limit(m: int) -> float:
+    return next(t for max_m, t in _THRESHOLDS_AVX2 if max_m is None or m <= max_m)
+
+
+def _dense_route() -> str:
+    from .dense import cpu_route
+
+    return cpu_route()
+
+
 def fuses_post_ops(isa: int, out_dtype: torch.dtype, post: tuple[bool, bool, bool]) -> bool:
     """Whether an op of this extension should run `post` (residual, GELU, LayerNorm) itself: only in
-    float32 and with the AVX-512 post-ops (the portable ones are no faster than torch's)."""
+    float32 and with the AVX-512 or AVX2 post-ops (the portable ones are no faster than torch's)."""
     return not any(post) or (out_dtype == torch.float32
-                             and (ISAS[best_isa()] if isa < 0 else isa) == ISAS["avx512vnni"])
+                             and (ISAS[best_isa()] if isa < 0 else isa) >= ISAS["avx2"])
 
 
 def post_op_fn(op, args: tuple, post: tuple[bool, bool, bool]):
@@ -324,8 +351,11 @@ class CpuBackend(Backend):
             return False  # the portable loop never beats oneDNN's dense INT8
         table = _THRESHOLDS if torch.get_num_threads() < 2 else _THRESHOLDS_THREADS
         limit = next(t for max_m, t in table if max_m is None or m <= max_m)
+        if isa != ISAS["avx512vnni"] and _dense_route() == "panel":
+            # dense INT8 is the panel GEMM (a CPU where torch._int_mm is slow: no VNNI): the AVX2 limits
+            return work_fraction(m, info) <= _avx2_limit(m) + 1e-9
         if isa != ISAS["avx512vnni"]:
-            # the 256-bit paths (measured on this Zen 5 with the ISA forced, 768x768, M = 128: at
+            # dense INT8 is torch._int_mm: the 256-bit paths (measured on this Zen 5 with the ISA forced, 768x768, M = 128: at
             # stop 12 AVX-VNNI 1x4 90 % product 0.115 ms, AVX2 0.189 ms against the AVX-512 path's
             # 0.043 ms; after stop 13's vectorised pack and epilogue 0.061 / 0.077 vs 0.023 ms at 2
             # threads) are 2.6-4.4x slower, dense INT8 on such a CPU about 2x: demand half the work. (And no more than half of
