@@ -7,6 +7,8 @@ at construction, after load_state_dict and after a device move; they are never s
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -107,14 +109,23 @@ class SparseInt8Linear(nn.Module):
     def set_backend(self, backend: str) -> "SparseInt8Linear":
         """Switch the backend ("auto" or a name from sparse_ofa.list_backends()); rebuilds layouts.
         Raises (unknown or unavailable backend, a pattern it does not run) with the module unchanged."""
-        previous = self.backend
-        self.backend = backend
-        try:
+        with self._unchanged_on_failure():
+            self.backend = backend
             self._refresh()
-        except Exception:
-            self.backend = previous
-            raise
         return self
+
+    @contextlib.contextmanager
+    def _unchanged_on_failure(self):
+        """Puts the backend name, the activation quantization and the buffers back if the block raises
+        (the derived layouts need nothing: _refresh assigns them only once it has built them all)."""
+        backend, act, buffers = self.backend, self.act, dict(self._buffers)
+        try:
+            yield
+        except Exception:
+            self.backend, self.act = backend, act
+            self._buffers.clear()
+            self._buffers.update(buffers)
+            raise
 
     def dispatch(self, m: int) -> str:
         """Name of the backend that runs a forward of m tokens."""
@@ -254,8 +265,7 @@ class SparseInt8Linear(nn.Module):
                                "their layouts from the packed weight's values, which a meta tensor lacks "
                                "(build the model on the meta device before sparsify(), or keep this layer "
                                "on the CPU/GPU)")
-        before = dict(self._buffers)
-        try:
+        with self._unchanged_on_failure():
             super()._apply(fn, recurse)
             # model.half()/bfloat16() must not touch the scales or the bias: the epilogue is float32.
             for name in ("weight_scale", "bias", "act_qparams"):
@@ -263,10 +273,6 @@ class SparseInt8Linear(nn.Module):
                 if t is not None and t.dtype != torch.float32:
                     self._buffers[name] = t.to(torch.float32)
             self._refresh()
-        except Exception:
-            self._buffers.clear()
-            self._buffers.update(before)  # the layouts were never replaced (_refresh is atomic)
-            raise
         return self
 
     def _describe(self) -> str:
@@ -318,15 +324,9 @@ class SparseInt8Linear(nn.Module):
         except ValueError as exc:
             error_msgs.append(f"{layer}: {exc}")
             return
-        before = (self.act, dict(self._buffers))
-        self.act = act
-        try:
+        with self._unchanged_on_failure():
+            self.act = act
             self._install(packed, bias)
-        except Exception:
-            self.act = before[0]
-            self._buffers.clear()
-            self._buffers.update(before[1])
-            raise
 
 
 def _checked_bias(bias, n: int, key: str) -> torch.Tensor:
