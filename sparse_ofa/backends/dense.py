@@ -10,7 +10,6 @@ kernel ~2 ms; with VNNI `_int_mm` reaches ~87 % of the vpdpbusd peak, which vpma
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 
 from ..formats import PackedWeight, unpack_int8
 from ..quant import ActQuant
+from . import env_value
 from .base import Backend
 
 
@@ -84,7 +84,7 @@ def _measure_routes(m: int, k: int, n: int) -> dict[str, float]:
 
 def cpu_route() -> str:
     """"int_mm" or "panel": how this process multiplies dense INT8 on the CPU (see the module doc)."""
-    forced = os.environ.get("SPARSE_OFA_DENSE_ROUTE", "")
+    forced = env_value("SPARSE_OFA_DENSE_ROUTE")
     if forced:
         if forced not in ROUTES:
             raise ValueError(f"SPARSE_OFA_DENSE_ROUTE={forced!r}; expected one of {ROUTES}")
