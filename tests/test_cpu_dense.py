@@ -57,8 +57,9 @@ def test_matches_reference_bit_for_bit(m, n, k, seed, act, has_bias, sparsity, o
     assert got.dtype == out_dtype and torch.equal(got, want)
 
 
-@pytest.mark.parametrize("isa", PATHS)
-def test_int8_extremes_and_special_rows(isa):
+def check_extremes_and_special_rows(linear, isa):
+    """linear(x, w_t, scale, bias, act, isa) on +-127 weights and huge / zero / NaN / tiny rows:
+    the reference's bits, the NaN confined to its own row, a zero row giving the bias."""
     k, n = 67, 33
     w = torch.where(torch.rand(n, k) < 0.5, torch.tensor(-1.0), torch.tensor(1.0))
     packed = pack(w, "unstructured")  # every weight at +-127 after per-channel scaling
@@ -71,11 +72,16 @@ def test_int8_extremes_and_special_rows(isa):
     x[3, :] = -1e-30
     bias = torch.randn(n)
     for act in ACTS[:2]:
-        got = dense(x, w_t, packed.scale, bias, act, isa)
+        got = linear(x, w_t, packed.scale, bias, act, isa)
         want = reference(x, w_t, packed.scale, bias, act)
         assert torch.equal(got[[0, 1, 3, 4, 5]], want[[0, 1, 3, 4, 5]])
         assert not torch.isfinite(got[2]).any() and not torch.isfinite(want[2]).any()
-    assert torch.equal(dense(x, w_t, packed.scale, bias, ACTS[0], isa)[1], bias)
+    assert torch.equal(linear(x, w_t, packed.scale, bias, ACTS[0], isa)[1], bias)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_int8_extremes_and_special_rows(isa):
+    check_extremes_and_special_rows(dense, isa)
 
 
 @pytest.mark.parametrize("isa", PATHS)
@@ -227,22 +233,7 @@ def test_panel_int_mm_exact_odd_shapes_and_extremes(isa, m, k, n):
 
 @pytest.mark.parametrize("isa", PANEL_PATHS)
 def test_panel_extremes_and_special_rows(isa):
-    k, n = 67, 33
-    w = torch.where(torch.rand(n, k) < 0.5, torch.tensor(-1.0), torch.tensor(1.0))
-    packed = pack(w, "unstructured")
-    w_t = unpack_int8(packed).t()
-    x = torch.randn(6, k)
-    x[0] = 1e30
-    x[1] = 0.0
-    x[2, 5] = float("nan")
-    x[3, :] = -1e-30
-    bias = torch.randn(n)
-    for act in ACTS[:2]:
-        got = panel_dense(x, w_t, packed.scale, bias, act, isa)
-        want = reference(x, w_t, packed.scale, bias, act)
-        assert torch.equal(got[[0, 1, 3, 4, 5]], want[[0, 1, 3, 4, 5]])
-        assert not torch.isfinite(got[2]).any() and not torch.isfinite(want[2]).any()
-    assert torch.equal(panel_dense(x, w_t, packed.scale, bias, ACTS[0], isa)[1], bias)
+    check_extremes_and_special_rows(panel_dense, isa)
 
 
 @pytest.mark.parametrize("isa", PANEL_PATHS)
