@@ -53,7 +53,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     rows = _rows(config)
     if not any(r["median"] is not None for r in rows):
         return
-    from sparse_ofa.bench_report import format_table, write_report
+    from sparse_ofa.benchmarking.report import format_table, write_report
 
     terminalreporter.section("sparse_ofa speedup (baseline median / sparse_ofa median)")
     terminalreporter.write_line(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"

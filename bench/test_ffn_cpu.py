@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sparse_ofa import SparseInt8Linear, magnitude_mask
 from sparse_ofa.backends import availability
-from sparse_ofa.ffn import feed_forward
+from sparse_ofa.fastpath.ffn import feed_forward
 
 FULL = os.environ.get("SPARSE_OFA_BENCH_FULL", "") == "1"
 MS = [128, 512] if FULL else [128]

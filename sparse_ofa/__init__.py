@@ -10,12 +10,6 @@ from .masks import magnitude_mask, magnitude_prune_
 from .modules import SparseInt8Linear
 from .quant import ActQuant
 from .sparsify import SparsifyReport, is_encoder_linear, sparsify, summarize
-# training library (Prune OFA); the HF Trainer callbacks load lazily (they import transformers)
-from .distill import DistillLoss, check_teacher_student, embedding_distill_loss, kd_kl
-from .lock import PatternLock
-from .pruning import GMPSchedule, Pruner, default_prune_filter
-from .qat import FakeQuantLinear, QATConfig, convert_qat, prepare_qat
-from .train import load_checkpoint, save_checkpoint, train_prune_ofa
 
 __version__ = "0.1.0"
 
@@ -25,16 +19,17 @@ __all__ = [
     "magnitude_mask", "magnitude_prune_", "pack", "register_backend", "save_pretrained", "sparsify",
     "summarize", "unpack", "unpack_int8",
 ]
-__all__ += [
-    "DistillLoss", "FakeQuantLinear", "GMPSchedule", "PatternLock", "Pruner", "QATConfig", "check_teacher_student",
-    "convert_qat", "default_prune_filter", "embedding_distill_loss", "kd_kl", "load_checkpoint", "prepare_qat",
-    "save_checkpoint", "train_prune_ofa", "DistillationTrainer", "PatternLockCallback", "PruningCallback",
-]
+# the training side (sparse_ofa.training): importable from here, loaded on first use
+_TRAINING = ("DistillLoss", "FakeQuantLinear", "GMPSchedule", "PatternLock", "Pruner", "QATConfig",
+             "check_teacher_student", "convert_qat", "default_prune_filter", "embedding_distill_loss", "kd_kl",
+             "load_checkpoint", "prepare_qat", "save_checkpoint", "train_prune_ofa", "DistillationTrainer",
+             "PatternLockCallback", "PruningCallback")
+__all__ += list(_TRAINING)
 
 
 def __getattr__(name):
-    if name in ("DistillationTrainer", "PatternLockCallback", "PruningCallback"):
-        from . import callbacks
+    if name in _TRAINING:
+        from . import training
 
-        return getattr(callbacks, name)
+        return getattr(training, name)
     raise AttributeError(f"module 'sparse_ofa' has no attribute {name!r}")

@@ -103,7 +103,7 @@ def sparsify(model: nn.Module, *, filter_fn: FilterFn | None = None, backend: st
     activation scales; others quantize activations per token at run time.
     Raises ValueError if nothing is selected, naming the layer for NaN/Inf weights or a pattern
     mismatch, and TypeError for a selected module that is not an nn.Linear.
-    fastpath=False keeps the model's own attention forward (see sparse_ofa/fastpath.py).
+    fastpath=False keeps the model's own attention forward (see sparse_ofa/fastpath/).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
@@ -134,8 +134,8 @@ def sparsify(model: nn.Module, *, filter_fn: FilterFn | None = None, backend: st
     for name, new in swapped.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
-    if fastpath:  # fused QKV + direct SDPA for BERT-style attention (sparse_ofa/fastpath.py)
-        from .fastpath import apply_fastpath
+    if fastpath:  # fused QKV + direct SDPA for BERT-style attention (sparse_ofa/fastpath/)
+        from .fastpath.attention import apply_fastpath
         apply_fastpath(model)
     if verbose:
         print(summarize(model))

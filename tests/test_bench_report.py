@@ -1,7 +1,7 @@
 """The speedup table pairs each sparse_ofa row with the baselines of the same kind/device/shape/M."""
 import json
 
-from sparse_ofa.bench_report import format_table, speedup_rows, write_report
+from sparse_ofa.benchmarking.report import format_table, speedup_rows, write_report
 
 
 def _row(name, median, **info):

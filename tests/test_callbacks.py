@@ -6,10 +6,10 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
 
 from sparse_ofa import magnitude_prune_
-from sparse_ofa.callbacks import PRUNER_STATE_FILE, DistillationTrainer, PatternLockCallback, PruningCallback
-from sparse_ofa.distill import DistillLoss
-from sparse_ofa.lock import PatternLock
-from sparse_ofa.pruning import GMPSchedule, Pruner
+from sparse_ofa.training.callbacks import PRUNER_STATE_FILE, DistillationTrainer, PatternLockCallback, PruningCallback
+from sparse_ofa.training.distill import DistillLoss
+from sparse_ofa.training.lock import PatternLock
+from sparse_ofa.training.pruning import GMPSchedule, Pruner
 
 
 def tiny_classifier(**overrides):

@@ -27,8 +27,8 @@ def workdir(tmp_path_factory):
     from transformers import (AutoTokenizer, BertForMaskedLM, BertForQuestionAnswering,
                               BertForSequenceClassification)
 
-    from sparse_ofa.corpus import sample_sentences
-    from sparse_ofa.minilm import minilm_path
+    from sparse_ofa.tasks.corpus import sample_sentences
+    from sparse_ofa.models.minilm import minilm_path
 
     root = tmp_path_factory.mktemp("cli")
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
@@ -134,7 +134,7 @@ def test_finetune_keeps_masks_and_quantize_packs_them(workdir, pruned):
             assert m.pattern == "1x4" and m.sparsity == pytest.approx(0.75, abs=0.01)
     # the reloaded packed model reproduces the metrics measured in the quantize run
     from sparse_ofa.commands._shared import evaluate
-    from sparse_ofa.data import load_glue
+    from sparse_ofa.tasks.data import load_glue
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(q, local_files_only=True)
@@ -211,7 +211,7 @@ def _rt_fixture(folder: Path) -> Path:
     import bz2
     import csv
 
-    from sparse_ofa.data import RT_FILE
+    from sparse_ofa.tasks.data import RT_FILE
 
     good = ["a delight", "wonderful acting", "moving and funny", "a great story", "beautifully shot"]
     bad = ["a dull mess", "terrible acting", "boring and long", "a weak story", "badly shot"]
@@ -227,7 +227,7 @@ def _rt_fixture(folder: Path) -> Path:
 def test_rotten_tomatoes_finetune_quantize_evaluate(workdir, pruned, tmp_path):
     """Prune once, fine-tune for all on the Rotten Tomatoes task: finetune (lock) -> quantize (QAT,
     packed INT8) -> evaluate, whose accuracy and sparsity agree with the quantize run's."""
-    from sparse_ofa.data import load_rotten_tomatoes
+    from sparse_ofa.tasks.data import load_rotten_tomatoes
 
     rt = _rt_fixture(tmp_path)
     assert load_rotten_tomatoes("validation", rt) and load_rotten_tomatoes("test", rt)  # no split is empty
@@ -254,7 +254,7 @@ def test_rotten_tomatoes_finetune_quantize_evaluate(workdir, pruned, tmp_path):
 def test_evaluate_stsb_of_an_encoder_and_its_errors(workdir, pruned, tmp_path, capsys):
     from transformers import AutoModel, AutoTokenizer
 
-    from sparse_ofa.evaluation import load_stsb, stsb_spearman
+    from sparse_ofa.tasks.evaluation import load_stsb, stsb_spearman
 
     fixture = DATA / "stsb_fixture"
     rows_file = tmp_path / "rows.json"

@@ -205,7 +205,8 @@ def test_fast_path_runs_the_kernel(monkeypatch):
     """sparsify()'s default attention on an AVX-512 CPU is this kernel; "sdpa" keeps torch's."""
     from transformers import BertConfig, BertModel
 
-    from sparse_ofa import fastpath, magnitude_prune_, sparsify
+    from sparse_ofa import magnitude_prune_, sparsify
+    from sparse_ofa.fastpath import attention as fastpath
 
     if cpu_backend.best_isa() != "avx512vnni":
         pytest.skip("the fused attention is used on AVX-512 CPUs only")
@@ -296,7 +297,8 @@ def test_fast_path_runs_projection_and_attention_as_one_op(monkeypatch):
     projection op followed by the attention op."""
     import copy
 
-    from sparse_ofa import fastpath, sparsify
+    from sparse_ofa import sparsify
+    from sparse_ofa.fastpath import attention as fastpath
 
     from conftest import tiny_pruned_bert
 

@@ -161,7 +161,8 @@ def test_qkv_attention_equals_projection_then_attention(b, s, h, d, k, seed, gat
 def test_fast_path_bf16_mode_runs_the_bf16_kernel_from_32_keys(monkeypatch):
     import copy
 
-    from sparse_ofa import fastpath, sparsify
+    from sparse_ofa import sparsify
+    from sparse_ofa.fastpath import attention as fastpath
 
     from conftest import tiny_pruned_bert
 

@@ -148,7 +148,7 @@ def _modules(h: int, k: int, backend: str = "cpu"):
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_feed_forward_equals_direct_calls_and_follows_layout_rebuilds(backend):
-    from sparse_ofa.ffn import feed_forward
+    from sparse_ofa.fastpath.ffn import feed_forward
 
     first, second = _modules(80, 48, backend)
     x, r = torch.randn(3, 50, 48), torch.randn(3, 50, 48)
@@ -169,7 +169,8 @@ def test_feed_forward_equals_direct_calls_and_follows_layout_rebuilds(backend):
 
 
 def test_fast_path_runs_the_feed_forward_as_one_op():
-    from sparse_ofa import fastpath_layer, sparsify
+    from sparse_ofa import sparsify
+    from sparse_ofa.fastpath import layer as fastpath_layer
 
     if cpu_backend.best_isa() != "avx512vnni":
         pytest.skip("the fused feed-forward op runs on AVX-512 CPUs only")

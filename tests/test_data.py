@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_ofa import data, metrics
+from sparse_ofa.tasks import data, metrics
 
 DATA = Path(__file__).parent / "data"
 
@@ -15,7 +15,7 @@ def minilm_tokenizer():
     """all-MiniLM-L6-v2's own WordPiece tokenizer (fast), read from the installed package offline."""
     from transformers import AutoTokenizer
 
-    from sparse_ofa.minilm import minilm_path
+    from sparse_ofa.models.minilm import minilm_path
 
     return AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
 

@@ -12,15 +12,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(HF_HUB_OFFLINE="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from sparse_ofa.ddp import setup_distributed, shard, wrap_ddp
+    from sparse_ofa.training.ddp import setup_distributed, shard, wrap_ddp
 
     device = setup_distributed("gloo")
     assert dist.is_initialized() and dist.get_world_size() == world
     try:
         from transformers import BertConfig, BertForMaskedLM
 
-        from sparse_ofa.pruning import GMPSchedule, Pruner
-        from sparse_ofa.train import train_prune_ofa
+        from sparse_ofa.training.pruning import GMPSchedule, Pruner
+        from sparse_ofa.training.loop import train_prune_ofa
 
         cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=64)
@@ -73,9 +73,9 @@ def test_torchrun_runs_the_prune_command_as_one_ddp_group(tmp_path):
 
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
-    from sparse_ofa.corpus import sample_sentences
-    from sparse_ofa.minilm import minilm_path
-    from sparse_ofa.pruning import weight_sparsity
+    from sparse_ofa.tasks.corpus import sample_sentences
+    from sparse_ofa.models.minilm import minilm_path
+    from sparse_ofa.training.pruning import weight_sparsity
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     torch.manual_seed(0)

@@ -70,7 +70,7 @@ def test_report_is_complete_and_consistent(report):
 
     # STS-B dev (64 pairs in a quick run) where ../shared/data/stsb is present, else said absent
     st = rep["stsb"]
-    from sparse_ofa.evaluation import default_stsb_dir
+    from sparse_ofa.tasks.evaluation import default_stsb_dir
 
     if default_stsb_dir() is None:
         assert st["available"] is False and "STS-B" in st["reason"]
@@ -103,7 +103,7 @@ def test_bad_demo_arguments_are_named(tmp_path, capsys):
 
 
 def test_bf16_default_and_step_defaults(monkeypatch):
-    from sparse_ofa import demo
+    from sparse_ofa.demo import run as demo
 
     assert demo.DemoConfig(bf16=False).steps == 2000 and demo.DemoConfig(bf16=False).update_every == 25
     cfg = demo.DemoConfig(bf16=True)
@@ -121,7 +121,7 @@ def test_bf16_training_keeps_fp32_weights_and_float_loss():
     import torch
     from transformers import BertConfig, BertModel
 
-    from sparse_ofa.demo import _FloatOutputs, distill_loss
+    from sparse_ofa.demo.run import _FloatOutputs, distill_loss
 
     torch.manual_seed(0)
     teacher = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -154,8 +154,8 @@ def _tiny_minilm_shaped_teacher():
 def test_teacher_cache_gives_the_teachers_hidden_states():
     import torch
 
-    from sparse_ofa.demo import TeacherCache
-    from sparse_ofa.minilm import load_minilm
+    from sparse_ofa.demo.run import TeacherCache
+    from sparse_ofa.models.minilm import load_minilm
 
     tokenizer = load_minilm()[1]
     teacher = _tiny_minilm_shaped_teacher()
@@ -177,7 +177,7 @@ def test_teacher_cache_gives_the_teachers_hidden_states():
 def test_eager_attention_is_restored_even_after_an_error():
     import pytest
 
-    from sparse_ofa.demo import eager_attention
+    from sparse_ofa.demo.run import eager_attention
 
     model = _tiny_minilm_shaped_teacher()
     model.set_attn_implementation("sdpa")
@@ -190,8 +190,8 @@ def test_eager_attention_is_restored_even_after_an_error():
 
 
 def test_lr_factor_is_gentle_before_the_ramp_and_full_at_its_end():
-    from sparse_ofa.demo import lr_factor
-    from sparse_ofa.pruning import GMPSchedule
+    from sparse_ofa.demo.run import lr_factor
+    from sparse_ofa.training.pruning import GMPSchedule
 
     gmp = GMPSchedule(0.9, 0.0, start_step=0, ramp_steps=100, update_every=10)
     gentle = [lr_factor(t, 120, 10, gmp, "sparsity", 0.05) for t in range(120)]
@@ -206,8 +206,8 @@ def test_lr_factor_is_gentle_before_the_ramp_and_full_at_its_end():
 
 
 def test_stsb_scores_report_missing_data_and_goals(tmp_path):
-    from sparse_ofa.demo import DemoConfig, _stsb_scores
-    from sparse_ofa.minilm import load_minilm
+    from sparse_ofa.demo.run import DemoConfig, _stsb_scores
+    from sparse_ofa.models.minilm import load_minilm
 
     model, tokenizer = load_minilm()
     models = {"teacher": model, "prune_ofa_sparse_int8": model, "oneshot_sparse_int8": model}
@@ -226,7 +226,7 @@ def test_stsb_scores_report_missing_data_and_goals(tmp_path):
 
 
 def test_bad_corpus_and_schedule_are_named():
-    from sparse_ofa.demo import DemoConfig
+    from sparse_ofa.demo.run import DemoConfig
 
     with pytest.raises(ValueError, match="corpus must be"):
         DemoConfig(bf16=False, corpus="wiki")

@@ -6,7 +6,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
 from transformers.modeling_outputs import QuestionAnsweringModelOutput
 
-from sparse_ofa.distill import DistillLoss, check_teacher_student, embedding_distill_loss, kd_kl
+from sparse_ofa.training.distill import DistillLoss, check_teacher_student, embedding_distill_loss, kd_kl
 
 
 def by_hand_kl(s, t, T):

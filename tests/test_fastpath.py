@@ -1,4 +1,4 @@
-"""The fast path (sparse_ofa/fastpath.py) computes what the plain sparsified model computes, stays
+"""The fast path (sparse_ofa/fastpath/) computes what the plain sparsified model computes, stays
 out of the state_dict, follows weight reloads, and `sparse-ofa bench --quick` runs. No timings."""
 import copy
 import json
@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from sparse_ofa import magnitude_prune_, sparsify, unpack_int8
-from sparse_ofa.fastpath import (FastMixin, FastSelfAttentionMixin, apply_fastpath, concat_packed,
+from sparse_ofa.fastpath.attention import (FastMixin, FastSelfAttentionMixin, apply_fastpath, concat_packed,
                                  remove_fastpath)
-from sparse_ofa.fastpath_layer import FastLayerMixin
+from sparse_ofa.fastpath.layer import FastLayerMixin
 from sparse_ofa.formats import pack
 from sparse_ofa.modules import SparseInt8Linear
 
@@ -69,8 +69,8 @@ def test_fast_path_equals_plain_path(arch):
 
 
 def test_distilbert_gets_its_own_mixins_and_old_forms_are_left_alone():
-    from sparse_ofa.fastpath import FastDistilSelfAttentionMixin, _attention_mixin
-    from sparse_ofa.fastpath_layer import FastDistilLayerMixin
+    from sparse_ofa.fastpath.attention import FastDistilSelfAttentionMixin, _attention_mixin
+    from sparse_ofa.fastpath.layer import FastDistilLayerMixin
 
     fast = sparsify(_tiny("distilbert"))
     assert all(type(layer).__mro__[1] is FastDistilLayerMixin for layer in fast.transformer.layer)
@@ -211,7 +211,7 @@ def test_whole_model_pickle_round_trip_in_a_fresh_process(tmp_path, arch):
     torch.save({"model": fast, "inputs": inputs, "want": want}, tmp_path / "m.pt")
     check = (
         "import torch, sys\n"
-        "from sparse_ofa.fastpath import FastSelfAttentionMixin\n"
+        "from sparse_ofa.fastpath.attention import FastSelfAttentionMixin\n"
         f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
         "m = d['model']\n"
         "attn = [x for x in m.modules() if isinstance(x, FastSelfAttentionMixin)]\n"
@@ -314,7 +314,7 @@ def test_lean_embeddings_equal_the_model_forward_or_step_aside(arch):
     """BERT's, RoBERTa's (padding-aware positions) and DistilBERT's embeddings take the lean forward and
     give the same bits, padding tokens included; hooks, inputs_embeds, explicit position ids and
     training run the model's own forward."""
-    from sparse_ofa.fastpath_embed import FastDistilEmbeddingsMixin
+    from sparse_ofa.fastpath.embeddings import FastDistilEmbeddingsMixin
 
     fp32 = _tiny(arch)
     fast, plain = sparsify(copy.deepcopy(fp32)), sparsify(copy.deepcopy(fp32), fastpath=False)
@@ -358,7 +358,7 @@ def test_lean_model_forward_equals_the_model_forward_or_steps_aside(arch, monkey
     from transformers import (BertConfig, BertForSequenceClassification, BertModel,
                               DistilBertForSequenceClassification, RobertaConfig, RobertaModel)
 
-    from sparse_ofa.fastpath_model import FastModelMixin
+    from sparse_ofa.fastpath.model import FastModelMixin
 
     torch.manual_seed(0)
     if arch == "bert":

@@ -262,7 +262,7 @@ def test_input_gradient_every_backend(backend, act):
 def test_direct_post_ops_and_ffn_gradients(backend):
     """The fast path's calls (direct() with residual / GELU / LayerNorm, feed_forward) carry the
     gradients of x, the residual and the LayerNorm parameters when autograd needs them."""
-    from sparse_ofa.ffn import feed_forward
+    from sparse_ofa.fastpath.ffn import feed_forward
 
     first = SparseInt8Linear.from_linear(_linear(48, 32, 0.6), backend=backend)
     second = SparseInt8Linear.from_linear(_linear(32, 48, 0.6), backend=backend)
@@ -360,7 +360,7 @@ def test_live_builder_is_waited_for_with_a_message_and_a_timeout(tmp_path):
     src.write_text(TINY)
     build_dir = tmp_path / "ext" / "sparse_ofa_locktest"
     build_dir.mkdir(parents=True)
-    fd = os.open(build_dir / "sparse_ofa.lock", os.O_RDWR | os.O_CREAT)
+    fd = os.open(build_dir / "sparse_ofa.training.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, f"{os.getpid()}\n".encode())
@@ -384,7 +384,7 @@ class _Payload:
 
 
 def _tiny_training(tmp_path):
-    from sparse_ofa.pruning import GMPSchedule, Pruner
+    from sparse_ofa.training.pruning import GMPSchedule, Pruner
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
@@ -397,7 +397,7 @@ def _tiny_training(tmp_path):
 
 @pytest.mark.parametrize("which", ["state.pt", "rng-rank0.pt"])
 def test_tampered_training_checkpoint_is_refused_before_unpickling(tmp_path, which):
-    from sparse_ofa.train import load_checkpoint, save_checkpoint
+    from sparse_ofa.training.loop import load_checkpoint, save_checkpoint
 
     model, pruner, opt, sched = _tiny_training(tmp_path)
     path = save_checkpoint(tmp_path / "ckpt", step=3, student=model, optimizer=opt, scheduler=sched, pruner=pruner)
@@ -417,7 +417,7 @@ def test_checkpoint_resume_restores_everything(tmp_path):
 
     import numpy as np
 
-    from sparse_ofa.train import load_checkpoint, save_checkpoint
+    from sparse_ofa.training.loop import load_checkpoint, save_checkpoint
 
     model, pruner, opt, sched = _tiny_training(tmp_path)
     model(torch.randn(4, 8)).sum().backward()
@@ -443,7 +443,7 @@ def test_checkpoint_resume_restores_everything(tmp_path):
 
 def test_pruning_callback_refuses_a_tampered_pruner_file(tmp_path):
     pytest.importorskip("transformers")
-    from sparse_ofa.callbacks import PRUNER_STATE_FILE, PruningCallback
+    from sparse_ofa.training.callbacks import PRUNER_STATE_FILE, PruningCallback
 
     model, pruner, opt, sched = _tiny_training(tmp_path)
     callback = PruningCallback(pruner)

@@ -5,7 +5,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
 from sparse_ofa import magnitude_prune_
-from sparse_ofa.lock import PatternLock
+from sparse_ofa.training.lock import PatternLock
 
 
 def tiny_classifier():

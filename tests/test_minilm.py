@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sparse_ofa import SparseInt8Linear, magnitude_prune_, sparsify
-from sparse_ofa.corpus import sample_sentences
-from sparse_ofa.minilm import embed, load_minilm
+from sparse_ofa.tasks.corpus import sample_sentences
+from sparse_ofa.models.minilm import embed, load_minilm
 
 
 @pytest.fixture(scope="module")

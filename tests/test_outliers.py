@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from sparse_ofa import SparseInt8Linear
-from sparse_ofa.outliers import outlier_layers, static_vs_dynamic_error
-from sparse_ofa.qat import FakeQuantLinear, QATConfig, convert_qat, prepare_qat
+from sparse_ofa.training.outliers import outlier_layers, static_vs_dynamic_error
+from sparse_ofa.training.qat import FakeQuantLinear, QATConfig, convert_qat, prepare_qat
 from sparse_ofa.quant import ActQuant
 
 

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM
 
-from sparse_ofa.pruning import GMPSchedule, Pruner, default_prune_filter, format_report, weight_sparsity
+from sparse_ofa.training.pruning import GMPSchedule, Pruner, default_prune_filter, format_report, weight_sparsity
 
 
 def tiny_bert(**overrides):

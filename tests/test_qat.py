@@ -5,8 +5,8 @@ from transformers import BertConfig, BertForMaskedLM
 
 from sparse_ofa import SparseInt8Linear, magnitude_prune_
 from sparse_ofa.formats import quantize_weight
-from sparse_ofa.lock import PatternLock
-from sparse_ofa.qat import FakeQuantLinear, QATConfig, convert_qat, fake_quant_weight, prepare_qat
+from sparse_ofa.training.lock import PatternLock
+from sparse_ofa.training.qat import FakeQuantLinear, QATConfig, convert_qat, fake_quant_weight, prepare_qat
 
 
 def tiny_mlm():

@@ -6,11 +6,11 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from sparse_ofa import SparseInt8Linear
-from sparse_ofa.distill import DistillLoss
-from sparse_ofa.lock import PatternLock
-from sparse_ofa.pruning import GMPSchedule, Pruner
-from sparse_ofa.qat import FakeQuantLinear, convert_qat, prepare_qat
-from sparse_ofa.train import latest_checkpoint, train_prune_ofa
+from sparse_ofa.training.distill import DistillLoss
+from sparse_ofa.training.lock import PatternLock
+from sparse_ofa.training.pruning import GMPSchedule, Pruner
+from sparse_ofa.training.qat import FakeQuantLinear, convert_qat, prepare_qat
+from sparse_ofa.training.loop import latest_checkpoint, train_prune_ofa
 
 CFG = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
            max_position_embeddings=64)

@@ -98,7 +98,7 @@ def distributed():
     this process trains on (its GPU when CUDA is there, else the CPU)."""
     import torch.distributed as dist
 
-    from ..ddp import is_distributed, setup_distributed
+    from ..training.ddp import is_distributed, setup_distributed
 
     joined = not is_distributed()
     device = setup_distributed()
@@ -111,7 +111,7 @@ def distributed():
 
 def is_main_process() -> bool:
     """Rank 0 (or the only process): the one that writes outputs and reports."""
-    from ..ddp import is_main_process as main
+    from ..training.ddp import is_main_process as main
 
     return main()
 
@@ -119,7 +119,7 @@ def is_main_process() -> bool:
 def to_training_device(*models) -> torch.device:
     """Move the models (None skipped) to this process's device: its GPU under torchrun, the GPU of a
     single process when CUDA is there, else the CPU. Call it before building masks from them."""
-    from ..ddp import setup_distributed
+    from ..training.ddp import setup_distributed
 
     device = setup_distributed()
     for model in models:
@@ -133,8 +133,8 @@ def run_training(args, output: Path, description: str, student, teacher, loader,
     add_common_training_args defines; loop_kwargs carry the pruner or lock, distill, loss_fn.
     Student and teacher move to this process's device; under torchrun the student trains wrapped in
     DistributedDataParallel (the loader already holds this rank's share, see `batches`)."""
-    from ..ddp import wrap_ddp
-    from ..train import train_prune_ofa
+    from ..training.ddp import wrap_ddp
+    from ..training.loop import train_prune_ofa
 
     device = to_training_device(teacher)
     optimizer, scheduler = optimizer_and_schedule(student, args)  # the same Parameters DDP wraps
@@ -151,7 +151,7 @@ def batches(features: list[dict], collate, batch_size: int, seed: int):
     torchrun each rank takes its own share of the examples (every world_size-th one)."""
     from torch.utils.data import DataLoader
 
-    from ..ddp import shard, world_size
+    from ..training.ddp import shard, world_size
 
     if not features:
         raise ValueError("no training examples")
@@ -170,7 +170,7 @@ def task_model_class(task: str):
 
 def load_task_model(path: Path, task: str, what: str):
     """A model with the task's head; a fresh head on a pre-trained encoder, named in a warning."""
-    from ..data import glue_task
+    from ..tasks.data import glue_task
 
     cls = task_model_class(task)
     kwargs = {} if task == "squad" else {"num_labels": glue_task(task).num_labels}
@@ -181,7 +181,7 @@ def load_task_model(path: Path, task: str, what: str):
 
 
 def task_features(task: str, examples: list[dict], tokenizer, max_length: int, train: bool) -> list[dict]:
-    from ..data import glue_features, squad_features
+    from ..tasks.data import glue_features, squad_features
 
     if task == "squad":
         return squad_features(examples, tokenizer, max_length=max_length, stride=max_length // 4, train=train)
@@ -204,8 +204,8 @@ def task_collator(tokenizer):
 def evaluate(model: nn.Module, task: str, examples: list[dict], tokenizer, max_length: int,
              batch_size: int = 32) -> dict[str, float]:
     """The task's metrics (GLUE accuracy [+ F1 for qqp]; SQuAD exact_match / f1) on `examples`."""
-    from ..data import squad_predictions
-    from ..metrics import glue_metrics, squad_metrics
+    from ..tasks.data import squad_predictions
+    from ..tasks.metrics import glue_metrics, squad_metrics
 
     model.eval()
     device = next(model.parameters()).device
@@ -236,7 +236,7 @@ def write_run_config(output: Path, command: str, args, **results) -> Path:
     """run_config.json beside the outputs: the arguments, versions, and what the run measured."""
     import transformers
 
-    from ..ddp import world_size
+    from ..training.ddp import world_size
 
     config = {
         "command": f"sparse-ofa {command}",

@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 
 def _timer(device: torch.device, rounds: int, clock=time.perf_counter):
-    from ..bench_e2e import median_seconds
+    from ..benchmarking.e2e import median_seconds
 
     def measure(fn) -> float:
         def synced():
@@ -106,7 +106,7 @@ def e2e_rows(device: torch.device, sparsity: float, num_layers: int, measure,
              vocab_size: int = 30522, patterns=("unstructured", "1x4")) -> list[dict]:
     """fp32 and quantize_dynamic baselines once (dense: the pattern does not change their speed), and
     sparse_ofa for each pattern, each pruned from the same random BERT-base weights."""
-    from .. import bench_e2e as e2e
+    from ..benchmarking import e2e
 
     shape = "bert-base" if num_layers == 12 else f"bert-base-{num_layers}l"
     inputs = {k: v.to(device) for k, v in e2e.random_inputs(1, 128, vocab=vocab_size).items()}
@@ -131,7 +131,7 @@ def e2e_rows(device: torch.device, sparsity: float, num_layers: int, measure,
 
 
 def run(args) -> int:
-    from ..bench_report import format_table, write_report
+    from ..benchmarking.report import format_table, write_report
 
     if args.cpu_time and (args.device != "cpu" or (args.threads or 1) != 1):
         raise ValueError("--cpu-time measures one CPU thread: use it with --device cpu, --threads 1")

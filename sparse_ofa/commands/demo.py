@@ -8,7 +8,7 @@ import argparse
 
 
 def add_parser(sub) -> None:
-    from ..demo import DemoConfig
+    from ..demo.run import DemoConfig
 
     d = DemoConfig()
     p = sub.add_parser("demo", help="Prune OFA the real all-MiniLM-L6-v2 to 90%% sparse INT8 and report "
@@ -43,7 +43,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import DemoConfig, quick_config, run_demo
+    from ..demo.run import DemoConfig, quick_config, run_demo
 
     overrides = {"sparsity": args.sparsity, "pattern": args.pattern, "seed": args.seed, "threads": args.threads,
                  "bf16": args.bf16, "corpus": args.corpus, "lr_schedule": args.lr_schedule,

@@ -70,8 +70,8 @@ def encoder_sparsity(model) -> float:
 
 def run(args) -> int:
     _shared.offline()
-    from ..data import load_rotten_tomatoes
-    from ..evaluation import classification_accuracy, load_stsb, stsb_spearman
+    from ..tasks.data import load_rotten_tomatoes
+    from ..tasks.evaluation import classification_accuracy, load_stsb, stsb_spearman
 
     split = args.split or "validation"
     if args.task == "stsb":

@@ -16,7 +16,7 @@ from . import _shared
 
 
 def add_task_args(p) -> None:
-    from ..data import TASKS
+    from ..tasks.data import TASKS
 
     p.add_argument("model", help="local sparse model folder (e.g. the output of sparse-ofa prune)")
     p.add_argument("output", help="folder for the result")
@@ -45,7 +45,7 @@ def add_parser(sub) -> None:
 def load_splits(args):
     """(train examples, eval examples or None). Missing training data is an error; missing eval data
     only skips evaluation (said on stdout)."""
-    from ..data import DataNotFoundError, load_task
+    from ..tasks.data import DataNotFoundError, load_task
 
     train = load_task(args.task, "train", args.train_file or args.data_dir)
     if args.max_train_examples:
@@ -67,8 +67,8 @@ def train_task(args, command: str, qat_config=None) -> dict:
     _shared.offline()
     import torch
 
-    from ..distill import DistillLoss, check_teacher_student
-    from ..lock import PatternLock
+    from ..training.distill import DistillLoss, check_teacher_student
+    from ..training.lock import PatternLock
 
     _shared.check_training_args(args)
     model_dir = _shared.model_dir(args.model, "model")
@@ -87,7 +87,7 @@ def train_task(args, command: str, qat_config=None) -> dict:
     lock = PatternLock(student)
     masks_at_load = {n: m.clone() for n, m in lock.masks.items()}
     if qat_config is not None:
-        from ..qat import prepare_qat
+        from ..training.qat import prepare_qat
 
         prepare_qat(student, qat_config)
     features = _shared.task_features(args.task, train, tokenizer, args.max_length, train=True)

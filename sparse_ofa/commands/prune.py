@@ -55,7 +55,7 @@ def _objective(config, requested: str) -> str:
 
 
 def _schedule(args):
-    from ..pruning import GMPSchedule
+    from ..training.pruning import GMPSchedule
 
     ramp = args.ramp_steps if args.ramp_steps is not None else max(1, args.steps // 2)
     every = args.update_every if args.update_every is not None else max(1, ramp // 10)
@@ -71,10 +71,10 @@ def run(args) -> int:
     import torch
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining
 
-    from ..data import load_text, mlm_collator, nsp_pairs, tokenize_pairs, tokenize_texts
-    from ..distill import DistillLoss, check_teacher_student
-    from ..pruning import Pruner, weight_sparsity
-    from ..lock import format_report
+    from ..tasks.data import load_text, mlm_collator, nsp_pairs, tokenize_pairs, tokenize_texts
+    from ..training.distill import DistillLoss, check_teacher_student
+    from ..training.pruning import Pruner, weight_sparsity
+    from ..training.lock import format_report
 
     # everything that can be wrong is checked before the first step
     _shared.check_training_args(args)
@@ -138,7 +138,7 @@ def _embedding_loss(student, teacher, batch, distill):
     """Hidden-state distillation for encoders without an MLM head (see sparse_ofa.demo.distill_loss)."""
     import torch
 
-    from ..demo import distill_loss
+    from ..demo.run import distill_loss
 
     with torch.no_grad():
         teacher_out = teacher(**batch, output_hidden_states=True)

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import save_pretrained, summarize
-    from ..qat import QATConfig, convert_qat
+    from ..training.qat import QATConfig, convert_qat
 
     qat_config = QATConfig(weight_granularity=args.weight_granularity, activation=args.activation,
                            ema_decay=args.ema_decay)
@@ -72,7 +72,7 @@ def _outlier_layers(student, loader, n_batches: int) -> list[str]:
         return []
     import itertools
 
-    from ..outliers import outlier_layers, static_vs_dynamic_error
+    from ..training.outliers import outlier_layers, static_vs_dynamic_error
 
     device = next(student.parameters()).device
     batches = ({k: v.to(device) for k, v in batch.items()} for batch in itertools.islice(iter(loader), n_batches))

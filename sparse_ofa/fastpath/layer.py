@@ -16,7 +16,7 @@ Leaf modules with hooks are called as modules, so their hooks run; unhooked ones
 less Python: the attention's fast_attention, and SparseInt8Linear.direct (one op per linear) with
 the residual add + LayerNorm (attention output, FFN output) and the GELU (FFN input) as the
 kernel's post-ops where the cpu backend runs them (AVX-512; within ~1e-6 of torch's ops), torch's
-ops otherwise, and the whole feed-forward block as one op (sparse_ofa/ffn.py) where it can be.
+ops otherwise, and the whole feed-forward block as one op (sparse_ofa/fastpath/ffn.py) where it can be.
 What it calls is resolved once per layer (`_Route`) and re-validated each call by identity and
 hook-emptiness tests: Python between the kernels runs with cold caches, and re-deriving it cost
 ~15 µs per layer. It steps aside (the model's forward runs) while training, under tracing, with a
@@ -32,10 +32,10 @@ from torch import nn
 
 from dataclasses import dataclass
 
-from .fastpath import (FastDistilSelfAttentionMixin, FastMixin, FastSelfAttentionMixin, _uses_cache,
+from .attention import (FastDistilSelfAttentionMixin, FastMixin, FastSelfAttentionMixin, _uses_cache,
                        first_call as _first_call, lean_or_own, traced_or_hooked_globally)
 from .ffn import feed_forward
-from .modules import SparseInt8Linear
+from ..modules import SparseInt8Linear
 
 
 @dataclass(frozen=True)

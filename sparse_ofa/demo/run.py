@@ -101,8 +101,8 @@ class DemoConfig:
     quick: bool = False
 
     def __post_init__(self):
-        from .formats import check_pattern
-        from .masks import check_sparsity
+        from ..formats import check_pattern
+        from ..masks import check_sparsity
 
         check_sparsity(self.sparsity)
         check_pattern(self.pattern)
@@ -168,7 +168,7 @@ def distill_loss(student_out, teacher_out, attention_mask: torch.Tensor, hidden_
     """1 - cos(pooled student, pooled teacher) + hidden_weight * mean over layers of the token MSE
     normalised by the teacher layer's mean square (scale-free across layers). `parts`, if given,
     receives the batch's mean embedding cosine (for the progress bar and the report)."""
-    from .distill import embedding_distill_loss
+    from ..training.distill import embedding_distill_loss
 
     loss = embedding_distill_loss(student_out.last_hidden_state, teacher_out.last_hidden_state,
                                   attention_mask, kind="cosine", pooled=True)
@@ -380,7 +380,7 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
 
 def _set_observers_training(model: nn.Module, training: bool) -> None:
     """QAT observers learn ranges only in train mode; keep dropout off by flipping just those layers."""
-    from .qat import FakeQuantLinear
+    from ..training.qat import FakeQuantLinear
 
     for module in model.modules():
         if isinstance(module, FakeQuantLinear):
@@ -389,14 +389,14 @@ def _set_observers_training(model: nn.Module, training: bool) -> None:
 
 # ------------------------------------------------------------------------------------------ measuring
 def _embed_all(models: dict[str, nn.Module], tokenizer, sentences: list[str]) -> dict[str, torch.Tensor]:
-    from .minilm import embed
+    from ..models.minilm import embed
 
     return {name: embed(model.eval(), tokenizer, sentences, batch_size=32, max_length=128)
             for name, model in models.items()}
 
 
 def _quality(embeddings: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    from .metrics import mean_cosine, retrieval_agreement
+    from ..tasks.metrics import mean_cosine, retrieval_agreement
 
     ref = embeddings["teacher"]
     out = {}
@@ -448,7 +448,7 @@ def _speedups(ms: dict[str, float]) -> dict[str, float]:
 
 
 def _layer_sparsity(model: nn.Module) -> dict[str, float]:
-    from .sparsify import summarize
+    from ..sparsify import summarize
 
     return {row.name: row.sparsity for row in summarize(model).rows}
 
@@ -458,14 +458,14 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
     """Run the whole demo; write report.json and report.png into `output`; return the report."""
     from tqdm.auto import tqdm
 
-    from . import magnitude_prune_, sparsify
-    from .corpus import sample_split
-    from .lock import PatternLock
-    from .minilm import load_minilm
-    from .pruning import GMPSchedule, Pruner
-    from .outliers import outlier_layers, static_vs_dynamic_error
-    from .qat import QATConfig, convert_qat, prepare_qat
-    from .sparsify import is_encoder_linear
+    from .. import magnitude_prune_, sparsify
+    from ..tasks.corpus import sample_split
+    from ..training.lock import PatternLock
+    from ..models.minilm import load_minilm
+    from ..training.pruning import GMPSchedule, Pruner
+    from ..training.outliers import outlier_layers, static_vs_dynamic_error
+    from ..training.qat import QATConfig, convert_qat, prepare_qat
+    from ..sparsify import is_encoder_linear
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -584,7 +584,7 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
                  "met": quality["prune_ofa_sparse_int8"]["mean_cosine"] >= 0.95},
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
-    from .demo_plot import plot_report
+    from .plot import plot_report
 
     plot_report(report, out_dir / "report.png")
     log(format_summary(report))
@@ -594,8 +594,8 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
 
 def _corpus(cfg: DemoConfig, log) -> dict:
     """{"pool": sentences, "source": description} of the distillation text cfg.corpus asks for."""
-    from .corpus import english_sentences, general_sentences
-    from .data import DataNotFoundError
+    from ..tasks.corpus import english_sentences, general_sentences
+    from ..tasks.data import DataNotFoundError
 
     if cfg.corpus == "general":
         try:
@@ -608,8 +608,8 @@ def _corpus(cfg: DemoConfig, log) -> dict:
 
 def _stsb_scores(cfg: DemoConfig, models: dict[str, nn.Module], tokenizer, log) -> dict:
     """STS-B dev Spearman x 100 of each model, or {"available": False, "reason": ...} without the data."""
-    from .data import DataNotFoundError
-    from .evaluation import load_stsb, stsb_spearman
+    from ..tasks.data import DataNotFoundError
+    from ..tasks.evaluation import load_stsb, stsb_spearman
 
     if cfg.stsb == "":
         return {"available": False, "reason": "skipped (--no-stsb)"}

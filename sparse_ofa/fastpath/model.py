@@ -7,7 +7,7 @@ forward calls, in the model's own order:
 
     h = self.embeddings(input_ids, token_type_ids)        (a module call: hooks and lean forward apply)
     mask = encoder_mask(attention_mask)                    (None, or bool [B, 1, 1, S]: built here)
-    h = lean_layer(h, mask) for each encoder layer         (sparse_ofa/fastpath_layer.py)
+    h = lean_layer(h, mask) for each encoder layer         (sparse_ofa/fastpath/layer.py)
     return OwnOutput(last_hidden_state=h, pooler_output=self.pooler(h))
 
 DistilBertModel (transformers 5) the same way: its embeddings(input_ids), the same mask, the lean
@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fastpath import FastMixin, base_class, first_call, lean_or_own, traced_or_hooked_globally
-from .fastpath_layer import FastLayerMixin, _eligible as _layer_eligible, _lean_forward, _same
+from .attention import FastMixin, base_class, first_call, lean_or_own, traced_or_hooked_globally
+from .layer import FastLayerMixin, _eligible as _layer_eligible, _lean_forward, _same
 
 # options the lean forward honours as long as they ask for the default output
 _DEFAULT_OPTIONS = {"output_attentions": (None, False), "output_hidden_states": (None, False),

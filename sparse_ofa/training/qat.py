@@ -32,7 +32,7 @@ from torch import nn
 
 from .ddp import unwrap
 from .lock import FilterFn, select_linears
-from .quant import ActQuant, ieee_div
+from ..quant import ActQuant, ieee_div
 
 _WEIGHT_GRANULARITIES = ("per_channel", "per_tensor")
 _ACTIVATIONS = ("uint8_asymmetric", "int8_symmetric")
@@ -173,7 +173,7 @@ def convert_qat(model: nn.Module, backend: str = "auto", dynamic: Iterable[str] 
     = sparsity pattern, detected per layer). Per-tensor QAT weights are re-quantized per channel.
     dynamic: names of layers to run with dynamic per-token activations instead (e.g. those
     sparse_ofa.outliers.outlier_layers finds, whose static range outliers have stretched)."""
-    from .sparsify import sparsify
+    from ..sparsify import sparsify
 
     base = unwrap(model)
     fake = [name for name, m in base.named_modules() if isinstance(m, FakeQuantLinear)]

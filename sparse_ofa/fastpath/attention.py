@@ -22,8 +22,8 @@ attention):
   shorter sequences, and AVX-512 CPUs without BF16, run the fp32 kernel (faster there); elsewhere
   torch ops in bfloat16.
 
-Around them: the encoder layers get a lean forward (sparse_ofa/fastpath_layer.py: post-ops fused into
-the linears, the feed-forward block as one op) and the embeddings one too (sparse_ofa/fastpath_embed.py).
+Around them: the encoder layers get a lean forward (sparse_ofa/fastpath/layer.py: post-ops fused into
+the linears, the feed-forward block as one op) and the embeddings one too (sparse_ofa/fastpath/embeddings.py).
 
 The module's state_dict is untouched: the fused weight is derived (like a backend layout), held
 outside the module tree, and rebuilt when the q/k/v buffers change (load_state_dict, .to(device),
@@ -41,10 +41,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _nn_module
 
-from . import backends as _backends
-from .backends import cpu as _cpu_backend
-from .formats import PackedWeight
-from .modules import SparseInt8Linear
+from .. import backends as _backends
+from ..backends import cpu as _cpu_backend
+from ..formats import PackedWeight
+from ..modules import SparseInt8Linear
 
 ATTENTION_MODES = ("fp32", "sdpa", "bf16")
 BF16_MIN_KEYS = 32  # below, converting q/k/v to bf16 pairs costs what the bf16 products save (bench/NOTES.md)
@@ -400,17 +400,17 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
     that got it now.
 
     Every fusable self-attention gets fused QKV + fused attention; every BERT-style layer around one
-    gets the lean layer forward (sparse_ofa/fastpath_layer.py), and the model's BERT-style embeddings
-    a lean forward (sparse_ofa/fastpath_embed.py, same output bit for bit), and a BERT-style base model
-    around them a lean forward of its own (sparse_ofa/fastpath_model.py). attention: "fp32" (default: the
+    gets the lean layer forward (sparse_ofa/fastpath/layer.py), and the model's BERT-style embeddings
+    a lean forward (sparse_ofa/fastpath/embeddings.py, same output bit for bit), and a BERT-style base model
+    around them a lean forward of its own (sparse_ofa/fastpath/model.py). attention: "fp32" (default: the
     fused CPU kernel where AVX-512 runs, else torch's SDPA; fp32 numerics), "sdpa" (always torch's
     SDPA) or "bf16" (attention products on bfloat16 inputs on CPU where that is faster, slightly
     different numerics: see the module docstring).
     fuse: run residual add + LayerNorm and GELU as post-ops inside the linear kernels (cpu backend,
     AVX-512). attention="sdpa", fuse=False computes exactly what the plain sparsified model does."""
-    from .fastpath_embed import FastEmbeddingsMixin, lean_embeddings_mixin
-    from .fastpath_layer import FastLayerMixin, lean_layer_mixin
-    from .fastpath_model import FastModelMixin, lean_model_mixin
+    from .embeddings import FastEmbeddingsMixin, lean_embeddings_mixin
+    from .layer import FastLayerMixin, lean_layer_mixin
+    from .model import FastModelMixin, lean_model_mixin
 
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")

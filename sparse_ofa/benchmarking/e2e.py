@@ -26,7 +26,7 @@ def bert_base_pruned(sparsity: float = 0.9, pattern: str = "unstructured", seed:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import BertConfig, BertModel
 
-    from .masks import magnitude_prune_
+    from ..masks import magnitude_prune_
 
     torch.manual_seed(seed)
     config = BertConfig(**{**BERT_BASE, "num_hidden_layers": num_layers}, vocab_size=vocab_size,
@@ -44,7 +44,7 @@ def distilbert_base_pruned(sparsity: float = 0.9, pattern: str = "unstructured",
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import DistilBertConfig, DistilBertModel
 
-    from .masks import magnitude_prune_
+    from ..masks import magnitude_prune_
 
     torch.manual_seed(seed)
     model = DistilBertModel(DistilBertConfig(vocab_size=vocab_size, attn_implementation="sdpa")).eval()
@@ -61,7 +61,7 @@ def random_inputs(batch: int, seq: int, vocab: int = 30522, seed: int = 0) -> di
 
 def sentence_inputs(tokenizer, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Real English sentences (sparse_ofa.corpus), padded to exactly `seq` tokens."""
-    from .corpus import sample_sentences
+    from ..tasks.corpus import sample_sentences
 
     return dict(tokenizer(sample_sentences(batch, seed=seed), padding="max_length", truncation=True,
                           max_length=seq, return_tensors="pt"))
@@ -76,14 +76,14 @@ def quantize_dynamic(model: nn.Module) -> nn.Module:
 
 
 def sparse_ofa_model(model: nn.Module, *, backend: str = "auto", fastpath: bool = True) -> nn.Module:
-    from .sparsify import sparsify
+    from ..sparsify import sparsify
 
     return sparsify(copy.deepcopy(model), backend=backend, fastpath=fastpath)
 
 
 def dispatched_backend(model: nn.Module, tokens: int) -> str:
     """Backend name the first sparse layer runs at `tokens` tokens (what "auto" resolved to)."""
-    from .modules import SparseInt8Linear
+    from ..modules import SparseInt8Linear
 
     for module in model.modules():
         if isinstance(module, SparseInt8Linear):
@@ -94,7 +94,7 @@ def dispatched_backend(model: nn.Module, tokens: int) -> str:
 @torch.inference_mode()
 def embeddings(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean-pooled last hidden state over non-padding tokens, float32 [batch, hidden]."""
-    from .minilm import mean_pool
+    from ..models.minilm import mean_pool
 
     hidden = model(**inputs).last_hidden_state
     return mean_pool(hidden.float(), inputs["attention_mask"])

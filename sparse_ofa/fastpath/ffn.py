@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from . import backends as _backends
-from .modules import SparseInt8Linear, _needs_grad
+from .. import backends as _backends
+from ..modules import SparseInt8Linear, _needs_grad
 
 
 def feed_forward(first: SparseInt8Linear, second: SparseInt8Linear, x: torch.Tensor,

@@ -25,7 +25,7 @@ from transformers import Trainer, TrainerCallback
 from .distill import DistillLoss, check_teacher_student
 from .lock import PatternLock
 from .pruning import Pruner
-from .train import LABEL_KEYS, safe_load
+from .loop import LABEL_KEYS, safe_load
 
 PRUNER_STATE_FILE = "sparse_ofa_pruner.pt"
 

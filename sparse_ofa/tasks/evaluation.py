@@ -237,7 +237,7 @@ def encode(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 
            progress: bool | str = False) -> torch.Tensor:
     """L2-normalised mean-pooled embeddings [len(sentences), hidden], float32, in input order. The
     sentences run sorted by length (less padding), in batches of `batch_size`."""
-    from .minilm import mean_pool
+    from ..models.minilm import mean_pool
 
     if not sentences:
         raise ValueError("encode: no sentences")

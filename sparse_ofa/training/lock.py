@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .ddp import unwrap
-from .sparsify import is_encoder_linear
+from ..sparsify import is_encoder_linear
 
 FilterFn = Callable[[nn.Module, str], bool]
 _POOLER = re.compile(r"(^|\.)pooler\.dense$")

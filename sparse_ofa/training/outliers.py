@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .ddp import unwrap
-from .quant import quantize_per_token
+from ..quant import quantize_per_token
 
 
 @torch.no_grad()

@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 from .ddp import broadcast_masks
-from .formats import check_pattern
+from ..formats import check_pattern
 from .lock import FilterFn, MaskedWeights, default_prune_filter, format_report  # noqa: F401 (re-exported)
-from .masks import magnitude_mask
+from ..masks import magnitude_mask
 
 
 @dataclass(frozen=True)
