@@ -43,7 +43,7 @@ def main() -> None:
     import torch
 
     from sparse_ofa.benchmarking import e2e
-    from sparse_ofa.fastpath.attention import apply_fastpath
+    from sparse_ofa.fastpath import apply_fastpath
 
     if args.cpu_time and args.threads != 1:
         raise SystemExit("--cpu-time needs --threads 1")

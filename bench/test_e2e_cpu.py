@@ -40,7 +40,7 @@ def _run(benchmark, fn, group: str, **info):
 
 
 def _sparse(model, suffix: str):
-    from sparse_ofa.fastpath.attention import apply_fastpath
+    from sparse_ofa.fastpath import apply_fastpath
 
     opts = dict(SPARSE_VARIANTS[suffix])
     fast_opts = {key: opts.pop(key) for key in ("attention", "fuse") if key in opts}
@@ -146,7 +146,7 @@ def test_minilm_sparse_ofa(benchmark, batch, sparsity):
 # ---------------------------------------------------------------------------------- issue 17's table
 # BERT-base shape, batch 1 x 128, unstructured 0 / 80 / 90 %: torch fp32 eager, torch quantize_dynamic
 # and sparsify() (backend="auto": dense INT8 where a layer is not sparse enough: on CPUs without VNNI
-# the panel GEMM, backends/dense.py), each model in its own row, the same session. Run with
+# the panel GEMM, backends/cpu/dispatch.py), each model in its own row, the same session. Run with
 #     SPARSE_OFA_BENCH_THREADS=2 pytest bench/test_e2e_cpu.py -k table --benchmark-columns=median,min
 TABLE_SPARSITIES = [0.0, 0.8, 0.9]
 

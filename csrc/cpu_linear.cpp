@@ -1,5 +1,5 @@
-// torch.ops.sparse_ofa.cpu_* : argument checks, workspaces, threading (at::parallel_for) and ISA
-// dispatch around the kernels of csrc/cpu/. Registered with TORCH_LIBRARY_FRAGMENT because the
+// torch.ops.sparse_ofa.cpu_isa, cpu_quantize, cpu_int_mm(_out), cpu_linear(_out): argument checks, workspaces,
+// threading (at::parallel_for) and ISA dispatch around the sparse kernels of csrc/cpu/. Registered with TORCH_LIBRARY_FRAGMENT because the
 // CUDA extension and sparse_ofa/backends/reference.py add ops to the same namespace.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

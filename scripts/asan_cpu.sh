@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build the CPU kernels (csrc/cpu, csrc/sparse_ofa_cpu.cpp) with AddressSanitizer + UndefinedBehavior-
+# Build the CPU kernels (csrc/cpu, csrc/cpu_linear.cpp) with AddressSanitizer + UndefinedBehavior-
 # Sanitizer into a separate extension dir and run the CPU kernel, attention, post-op and FFN tests against
 # that build.
 # Any sanitizer report aborts the run (non-zero exit). Usage: scripts/asan_cpu.sh [pytest args]

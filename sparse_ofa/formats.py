@@ -277,3 +277,21 @@ def kept_mask(packed: PackedWeight) -> torch.Tensor:
     n, k, block = packed.out_features, packed.in_features, packed.block
     kept = unpack_bits(packed.mask, k // block)
     return kept.repeat_interleave(block, dim=1)
+
+
+def concat_packed(parts: list[PackedWeight]) -> PackedWeight:
+    """Stack packed weights along the output rows: [N1 + N2 + ..., K], same K and pattern."""
+    first = parts[0]
+    if any(p.in_features != first.in_features or p.pattern != first.pattern for p in parts):
+        raise ValueError("concat_packed needs the same in_features and pattern in every part")
+    offsets, base = [first.row_offsets[:1]], 0
+    for p in parts:
+        offsets.append(p.row_offsets[1:] + base)
+        base += p.values.numel()
+    meta = first.meta.clone()
+    meta[1] = sum(p.out_features for p in parts)
+    return PackedWeight(mask=torch.cat([p.mask for p in parts]),
+                        values=torch.cat([p.values for p in parts]),
+                        row_offsets=torch.cat(offsets),
+                        scale=torch.cat([p.scale for p in parts]),
+                        meta=meta)

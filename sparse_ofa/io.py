@@ -53,7 +53,7 @@ def load_sparse_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, shell)
     model.load_state_dict(state_dict, strict=strict)
-    from .fastpath.attention import apply_fastpath  # as sparsify() does: fused QKV, lean layers
+    from .fastpath import apply_fastpath  # as sparsify() does: fused QKV, lean layers
 
     apply_fastpath(model)
     return model

@@ -92,7 +92,7 @@ class SparseInt8Linear(nn.Module):
                          if rowsum is not None else self.bias)
         # assigned only once everything above succeeded: a failure leaves the module as it was
         self._info, self._chain, self._prepared, self._epilogue_bias = info, chain, prepared, epilogue_bias
-        self._direct = {}  # call plans by key (_remember): direct(), sparse_ofa.ffn, the fast attention
+        self._plans = {}  # call plans by key (remember_plan): direct(), the fast path's FFN and attention
 
     @property
     def packed(self) -> PackedWeight:
@@ -182,14 +182,14 @@ class SparseInt8Linear(nn.Module):
         those torch ops. forward(x) is direct(x) outside torch.compile / jit tracing."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"SparseInt8Linear expects a tensor, got {type(x).__name__}")
-        if torch.is_grad_enabled() and _needs_grad(x, residual, norm):
+        if torch.is_grad_enabled() and needs_autograd(x, residual, norm):
             return self._direct_grad(x, residual, gelu, norm)
         post = (residual is not None, gelu, norm is not None)
         key = (x.shape, x.dtype, x.device, _backends.plan_context(), post)
-        fn = self._direct.get(key)
+        fn = self._plans.get(key)
         if fn is None:
             self._check_input(x)  # raises the error that names the problem
-            fn = self._remember(key, self._plan(x.numel() // self.in_features, x.dtype, post))
+            fn = self.remember_plan(key, self._plan(x.numel() // self.in_features, x.dtype, post))
         return fn(x, residual, norm)
 
     def _direct_grad(self, x, residual, gelu, norm):
@@ -205,20 +205,31 @@ class SparseInt8Linear(nn.Module):
             y = torch.layer_norm(y, (self.out_features,), norm[0], norm[1], norm[2])
         return y
 
-    def _remember(self, key, plan):
-        """Cache a resolved call plan under `key` (direct(), sparse_ofa.ffn, the fast attention all keep
-        theirs here: rebuilding the layouts drops them all) and return it."""
-        if len(self._direct) >= 64:  # many distinct shapes: keep the cache small
-            self._direct.clear()
-        self._direct[key] = plan
+    # ----------------------------------------------------------------------------- call plans
+    # A call plan is a closure over one backend's kernel arguments for one input shape. direct(), the
+    # fast path's feed-forward block and its fused attention keep theirs here; rebuilding the layouts
+    # (_refresh: load_state_dict, .to(), set_backend) drops them all.
+    def kernel_args(self, m: int) -> tuple[_backends.Backend, tuple]:
+        """The backend that runs m tokens of this layer, and what its *_fn methods take for it:
+        (prepared layout, weight scale, epilogue bias, activation quantization)."""
+        backend = _backends.select(self._chain, m, self._info)
+        return backend, (self._prepared[backend.name], self.weight_scale, self._epilogue_bias, self.act)
+
+    def cached_plan(self, key):
+        """The call plan cached under `key`, or None."""
+        return self._plans.get(key)
+
+    def remember_plan(self, key, plan):
+        """Cache `plan` under `key` and return it."""
+        if len(self._plans) >= 64:  # many distinct shapes: keep the cache small
+            self._plans.clear()
+        self._plans[key] = plan
         return plan
 
     def _plan(self, m: int, dtype: torch.dtype, post: tuple[bool, bool, bool]):
         """fn(x, residual, norm) for direct() (x [..., K] -> [..., N]): the backend's own (post-ops
         fused) where it has one."""
-        backend = _backends.select(self._chain, m, self._info)
-        prepared = self._prepared[backend.name]
-        w_scale, bias, act = self.weight_scale, self._epilogue_bias, self.act
+        backend, (prepared, w_scale, bias, act) = self.kernel_args(m)
         k, n = self.in_features, self.out_features
         fn = backend.linear_fn(prepared, w_scale, bias, act, m, dtype, post)
         if fn is not None:
@@ -247,7 +258,7 @@ class SparseInt8Linear(nn.Module):
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_direct"] = {}  # closures: rebuilt on the next call, never pickled
+        state["_plans"] = {}  # closures: rebuilt on the next call, never pickled
         return state
 
     def extra_repr(self) -> str:
@@ -367,7 +378,7 @@ def _act_quant_of(qparams, key: str) -> ActQuant:
         raise ValueError(f"{key}: {exc}") from None
 
 
-def _needs_grad(x: torch.Tensor, residual, norm) -> bool:
+def needs_autograd(x: torch.Tensor, residual, norm) -> bool:
     """Whether autograd must see direct()'s result (with grad mode on): an input that requires grad."""
     return (x.requires_grad or (residual is not None and residual.requires_grad)
             or (norm is not None and (norm[0] is not None and norm[0].requires_grad

@@ -135,7 +135,7 @@ def sparsify(model: nn.Module, *, filter_fn: FilterFn | None = None, backend: st
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
     if fastpath:  # fused QKV + direct SDPA for BERT-style attention (sparse_ofa/fastpath/)
-        from .fastpath.attention import apply_fastpath
+        from .fastpath import apply_fastpath
         apply_fastpath(model)
     if verbose:
         print(summarize(model))

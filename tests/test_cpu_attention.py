@@ -206,7 +206,8 @@ def test_fast_path_runs_the_kernel(monkeypatch):
     from transformers import BertConfig, BertModel
 
     from sparse_ofa import magnitude_prune_, sparsify
-    from sparse_ofa.fastpath import attention as fastpath
+    from sparse_ofa.backends.cpu import CpuBackend
+    from sparse_ofa.fastpath import apply_fastpath
 
     if cpu_backend.best_isa() != "avx512vnni":
         pytest.skip("the fused attention is used on AVX-512 CPUs only")
@@ -215,15 +216,15 @@ def test_fast_path_runs_the_kernel(monkeypatch):
     magnitude_prune_(model.eval(), 0.5)
     model = sparsify(model)
     calls = []  # what each forward's check answered
-    real = fastpath._cpu_attention_runs
-    monkeypatch.setattr(fastpath, "_cpu_attention_runs", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = CpuBackend.attention_runs
+    monkeypatch.setattr(CpuBackend, "attention_runs", lambda self, *a: calls.append(real(self, *a)) or calls[-1])
     ids = torch.randint(0, 50, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, 6:] = 0
     with torch.inference_mode():
         fused = model(input_ids=ids, attention_mask=mask).last_hidden_state
         assert calls and all(calls)
-        fastpath.apply_fastpath(model, attention="sdpa")
+        apply_fastpath(model, attention="sdpa")
         calls.clear()
         sdpa = model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert not calls  # "sdpa" never asks
@@ -298,7 +299,7 @@ def test_fast_path_runs_projection_and_attention_as_one_op(monkeypatch):
     import copy
 
     from sparse_ofa import sparsify
-    from sparse_ofa.fastpath import attention as fastpath
+    from sparse_ofa.fastpath import attention as fast_attention
 
     from conftest import tiny_pruned_bert
 
@@ -313,9 +314,9 @@ def test_fast_path_runs_projection_and_attention_as_one_op(monkeypatch):
         fast(input_ids=ids, attention_mask=mask)
         got = fast(input_ids=ids, attention_mask=mask).last_hidden_state
         fused = [key for layer in fast.encoder.layer
-                 for key, fn in layer.attention.self._sparse_ofa_qkv[1]._direct.items()
-                 if key[0] == "qkv_attention" and fn is not None]
-        monkeypatch.setattr(fastpath, "_qkv_attention_plan", lambda *a: None)
+                 for key, fn in layer.attention.self._sparse_ofa_qkv[1]._plans.items()
+                 if key[0] == "qkv_attention" and callable(fn)]
+        monkeypatch.setattr(fast_attention, "_qkv_attention_plan", lambda *a: None)
         two_ops(input_ids=ids, attention_mask=mask)
         want = two_ops(input_ids=ids, attention_mask=mask).last_hidden_state
     assert len(fused) == 2 and torch.equal(got, want)

@@ -162,7 +162,7 @@ def test_fast_path_bf16_mode_runs_the_bf16_kernel_from_32_keys(monkeypatch):
     import copy
 
     from sparse_ofa import sparsify
-    from sparse_ofa.fastpath import attention as fastpath
+    from sparse_ofa import fastpath
 
     from conftest import tiny_pruned_bert
 

@@ -168,7 +168,7 @@ PANEL_PATHS = [0] + ([1] if cpu_backend is not None and cpu_backend.best_isa() !
 
 
 def panel_of(w_t):
-    from sparse_ofa.backends.dense import derive_panel
+    from sparse_ofa.backends.cpu.layouts import derive_panel
 
     p = derive_panel(w_t.t())
     return p["w_panel"], p["w_layout"]
@@ -216,7 +216,7 @@ def test_panel_int_mm_exact_odd_shapes_and_extremes(isa, m, k, n):
              (torch.where(torch.rand(m, k, generator=g) < 0.5, 127, -127).to(torch.int8),
               torch.where(torch.rand(n, k, generator=g) < 0.5, 127, -127).to(torch.int8)),
              (torch.full((m, k), -128, dtype=torch.int8), torch.full((n, k), -128, dtype=torch.int8))]
-    from sparse_ofa.backends.dense import derive_panel
+    from sparse_ofa.backends.cpu.layouts import derive_panel
 
     for x_q, w_q in cases:
         p = derive_panel(w_q)
@@ -277,7 +277,7 @@ def test_panel_bad_input_is_named():
 def test_dense_backend_routes(route, monkeypatch):
     """SPARSE_OFA_DENSE_ROUTE picks the route at prepare(); both give the reference backend's output,
     with and without the fused post-ops of direct()."""
-    from sparse_ofa.backends.dense import ROUTES, cpu_route, measure_cpu_route
+    from sparse_ofa.backends.cpu.dispatch import DENSE_ROUTES as ROUTES, dense_route as cpu_route, measure_cpu_route
 
     monkeypatch.setenv("SPARSE_OFA_DENSE_ROUTE", route)
     torch.manual_seed(1)

@@ -171,7 +171,7 @@ def test_bad_post_ops_are_named():
 
 def test_fast_path_fuses_and_can_be_told_not_to():
     from sparse_ofa import sparsify
-    from sparse_ofa.fastpath.attention import apply_fastpath
+    from sparse_ofa.fastpath import apply_fastpath
 
     if cpu_backend.best_isa() == "scalar":
         pytest.skip("the post-ops are fused on AVX2 and AVX-512 CPUs only")

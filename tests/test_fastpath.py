@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from sparse_ofa import magnitude_prune_, sparsify, unpack_int8
-from sparse_ofa.fastpath.attention import (FastMixin, FastSelfAttentionMixin, apply_fastpath, concat_packed,
-                                 remove_fastpath)
+from sparse_ofa.fastpath import apply_fastpath, remove_fastpath
+from sparse_ofa.fastpath.attention import FastSelfAttentionMixin
+from sparse_ofa.fastpath.guards import FastMixin
+from sparse_ofa.formats import concat_packed
 from sparse_ofa.fastpath.layer import FastLayerMixin
 from sparse_ofa.formats import pack
 from sparse_ofa.modules import SparseInt8Linear
@@ -69,7 +71,7 @@ def test_fast_path_equals_plain_path(arch):
 
 
 def test_distilbert_gets_its_own_mixins_and_old_forms_are_left_alone():
-    from sparse_ofa.fastpath.attention import FastDistilSelfAttentionMixin, _attention_mixin
+    from sparse_ofa.fastpath.attention import FastDistilSelfAttentionMixin, attention_mixin as _attention_mixin
     from sparse_ofa.fastpath.layer import FastDistilLayerMixin
 
     fast = sparsify(_tiny("distilbert"))
@@ -271,7 +273,7 @@ def test_backend_without_fused_post_ops_composes_torch_ops():
     _hidden(fast, inputs)  # first call: the layers' self-check
     assert torch.equal(_hidden(fast, inputs), want)
     linears = [m for m in fast.modules() if isinstance(m, SparseInt8Linear)]
-    assert any(key[-1] != (False, False, False) for m in linears for key in m._direct)  # post-ops were asked
+    assert any(key[-1] != (False, False, False) for m in linears for key in m._plans)  # post-ops were asked
 
 
 @pytest.mark.parametrize("arch", ["bert", "distilbert"])

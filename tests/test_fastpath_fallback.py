@@ -17,7 +17,8 @@ import sparse_ofa.fastpath.embeddings as fastpath_embed
 import sparse_ofa.fastpath.layer as fastpath_layer
 import sparse_ofa.fastpath.model as fastpath_model
 from sparse_ofa import magnitude_prune_, sparsify
-from sparse_ofa.fastpath.attention import FastPathWarning, FastSelfAttentionMixin
+from sparse_ofa.fastpath import FastPathWarning
+from sparse_ofa.fastpath.attention import FastSelfAttentionMixin
 from sparse_ofa.fastpath.embeddings import FastEmbeddingsMixin
 from sparse_ofa.fastpath.layer import FastLayerMixin
 from sparse_ofa.fastpath.model import FastModelMixin, encoder_mask
@@ -87,7 +88,7 @@ def test_lean_model_that_raises_at_its_first_call_falls_back_for_good_with_one_w
     assert _modes(fast, "_sparse_ofa_model_mode") == ["off"]
     messages = _fast_path_warnings(caught)
     assert len(messages) == 1, messages  # off for good: it is not tried (nor reported) again
-    from sparse_ofa.fastpath.attention import base_class
+    from sparse_ofa.fastpath.guards import base_class
 
     assert f"{base_class(fast).__name__} runs its own forward" in messages[0]  # the model's own class
     assert f"transformers {_transformers_version()}" in messages[0] and "position_ids" in messages[0]

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from sparse_ofa import sparsify
-from sparse_ofa.fastpath.attention import FastSelfAttentionMixin, apply_fastpath
+from sparse_ofa.fastpath import apply_fastpath
+from sparse_ofa.fastpath.attention import FastSelfAttentionMixin
 from sparse_ofa.fastpath.layer import FastLayerMixin
 from test_fastpath import _inputs, _tiny
 

@@ -201,11 +201,11 @@ def test_direct_equals_forward(backend, monkeypatch):
             # forward() runs the cached plan too; _forward_traced dispatches afresh (torch.compile's path)
             want = m._forward_traced(x)
             assert torch.equal(m.direct(x), want) and torch.equal(m(x), want), (shape, dtype)
-    assert len(m._direct) == 8  # one plan per (input shape, dtype), shared by forward() and direct()
+    assert len(m._plans) == 8  # one plan per (input shape, dtype), shared by forward() and direct()
     if backend == "cpu":  # the ISA knob is part of the plan's key
         monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")
         x = torch.randn(5, 40)
-        assert torch.equal(m.direct(x), m._forward_traced(x)) and len(m._direct) == 9
+        assert torch.equal(m.direct(x), m._forward_traced(x)) and len(m._plans) == 9
 
 
 def test_forward_plan_follows_set_backend(monkeypatch):
@@ -232,10 +232,10 @@ def test_direct_follows_rebuilds_and_pickles():
     before = m.direct(x)
     other = SparseInt8Linear.from_linear(_linear(24, 40, 0.5))
     m.load_state_dict(other.state_dict())  # new weights: the cached plan must not survive
-    assert not m._direct
+    assert not m._plans
     assert torch.equal(m.direct(x), other(x)) and not torch.equal(m.direct(x), before)
     m.set_backend("reference")
-    assert not m._direct and torch.equal(m.direct(x), other(x))
+    assert not m._plans and torch.equal(m.direct(x), other(x))
     for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):  # closures are never pickled
         assert torch.equal(clone.direct(x), other(x))
 

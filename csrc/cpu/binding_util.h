@@ -1,4 +1,4 @@
-// Helpers shared by the two CPU bindings (sparse_ofa_cpu.cpp, cpu_attention.cpp).
+// Helpers shared by the two CPU bindings (cpu_linear.cpp, cpu_attention.cpp).
 #pragma once
 
 #include <cstdint>
@@ -7,7 +7,7 @@
 namespace sparse_ofa_cpu {
 
 // The ISA code the kernels run: `isa`, or the best this CPU runs when negative; raises for an ISA
-// this CPU does not run (defined in sparse_ofa_cpu.cpp).
+// this CPU does not run (defined in cpu_linear.cpp).
 int64_t resolve_isa(int64_t isa);
 
 // Per-thread growing scratch (a fresh multi-100 KB malloc per call would be an mmap + page faults),

@@ -1,4 +1,4 @@
-// The pieces of the fused-linear binding (sparse_ofa_cpu.cpp) that the fused FFN binding
+// The pieces of the fused-linear binding (cpu_linear.cpp) that the fused FFN binding
 // (cpu_ffn.cpp) reuses: argument checks, the activation tiles, quantize + pack, post-ops.
 #pragma once
 

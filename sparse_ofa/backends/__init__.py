@@ -35,6 +35,7 @@ def register_backend(name: str, factory: str, auto_for: tuple[str, ...] = ()) ->
     """Register "module:Class" under `name`; `auto_for` lists the device types where auto tries it."""
     _FACTORIES[name] = factory
     _INSTANCES.pop(name, None)
+    _ATTENTION.clear()
     for device_type in auto_for:
         order = AUTO_ORDER.setdefault(device_type, [])
         if name not in order:
@@ -123,6 +124,24 @@ def plan_context() -> tuple:
     return env_value("SPARSE_OFA_CPU_ISA"), torch.get_num_threads()
 
 
+_ATTENTION: dict[str, list[Backend]] = {}
+
+
+def attention_backend(x: torch.Tensor, mask) -> Backend | None:
+    """The backend whose attention kernel takes a fused q|k|v like x with this mask (Backend.attention),
+    first in AUTO_ORDER for x's device; None where none does (the caller runs torch's SDPA)."""
+    device_type = x.device.type
+    candidates = _ATTENTION.get(device_type)
+    if candidates is None:  # available backends of this device that offer attention, resolved once
+        candidates = _ATTENTION[device_type] = [
+            _instance(name) for name in AUTO_ORDER.get(device_type, [])
+            if availability(name)[0] and type(_instance(name)).attention_runs is not Backend.attention_runs]
+    for backend in candidates:
+        if backend.attention_runs(x, mask):
+            return backend
+    return None
+
+
 def select(chain: list[Backend], m: int, info: LayerInfo) -> Backend:
     """First backend in the chain that expects to win at M tokens; the last one otherwise."""
     for backend in chain[:-1]:
@@ -132,4 +151,4 @@ def select(chain: list[Backend], m: int, info: LayerInfo) -> Backend:
 
 
 __all__ = ["Backend", "LayerInfo", "AUTO_ORDER", "register_backend", "backend_names", "list_backends",
-           "get_backend", "resolve", "select", "availability", "plan_context", "env_value"]
+           "get_backend", "resolve", "select", "attention_backend", "availability", "plan_context", "env_value"]

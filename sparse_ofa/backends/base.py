@@ -76,5 +76,21 @@ class Backend:
         products on bf16 inputs (fp32 sums, softmax). None: not offered."""
         return None
 
+    def attention_runs(self, x: torch.Tensor, mask) -> bool:
+        """Optional: whether `attention` takes a fused q|k|v shaped and typed like x ([B, S, 3H] on one
+        of this backend's devices) with this mask (None, bool or additive, broadcastable to
+        [B, heads, S, S]). False (the default): not offered; the fast path runs torch's SDPA."""
+        return False
+
+    def attention(self, qkv: torch.Tensor, mask, heads: int, scale: float, bf16: bool = False) -> torch.Tensor:
+        """Attention of a fused q|k|v [B, S, 3H] (`heads` heads of H / heads channels; scores scaled
+        by `scale`, softmax in fp32) -> [B, S, H] with the heads merged; bf16: both products on bf16
+        inputs where `bf16_attention()`. Called only where attention_runs(qkv, mask)."""
+        raise NotImplementedError
+
+    def bf16_attention(self) -> bool:
+        """Whether attention(bf16=True) runs its products in bf16 here (else it runs them in fp32)."""
+        return False
+
     def __repr__(self) -> str:
         return f"<sparse_ofa backend {self.name!r}>"

@@ -21,6 +21,7 @@ import torch
 
 from ..formats import PackedWeight
 from .base import Backend, LayerInfo
+from .int8 import quantize_input
 
 MIN_M = 256
 TILE_ROWS = 128  # csrc/cuda/sp24_int8.h: kSp24TileRows
@@ -97,13 +98,6 @@ def find_meta_mode(ops, device) -> int | None:
     return None
 
 
-def _quantize(x, act):
-    # One Triton launch where Triton is installed, torch's ops otherwise (same numerics).
-    from .triton import quantize_input
-
-    return quantize_input(x, act)
-
-
 class CudaBackend(Backend):
     name = "cuda"
     device_types = ("cuda",)
@@ -153,7 +147,7 @@ class CudaBackend(Backend):
                                                      self.meta_mode)
 
     def linear(self, x, prepared, w_scale, bias, act, out_dtype):
-        x_q, x_scale = _quantize(x, act)
+        x_q, x_scale = quantize_input(x, act)
         n = w_scale.shape[0]
         return torch.ops.sparse_ofa.cuda_sp24_linear(
             x_q, prepared["values"], prepared["meta"], x_scale, w_scale,

@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 
 from ..formats import PackedWeight
-from ..quant import dequantize, quantize_activations
 from .base import Backend, LayerInfo
+from .int8 import dequantize_output, int_mm, quantize_input
 
 SMALL_M = 0  # default bitmap_max_tokens: measured, see the module docstring
 MAX_DENSITY = 0.5
@@ -37,30 +37,6 @@ def _kernels():
     from sparse_ofa.kernels import bitmap_int8, block_int8, layouts
 
     return bitmap_int8, block_int8, layouts
-
-
-def quantize_input(x: torch.Tensor, act) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activation quantization: one Triton launch for dynamic per-token on CUDA (bit-identical to
-    sparse_ofa.quant.quantize_per_token), torch otherwise (static scales, CPU tensors)."""
-    if act.is_static or not x.is_cuda:
-        return quantize_activations(x, act)
-    try:
-        from sparse_ofa.kernels.quantize import quantize_per_token
-    except ImportError:  # no Triton: the CUDA backend still works, with torch's quantization
-        return quantize_activations(x, act)
-    return quantize_per_token(x)
-
-
-def dequantize_output(acc: torch.Tensor, x_scale, w_scale, bias, out_dtype) -> torch.Tensor:
-    """The epilogue on an int32 product: one Triton launch on CUDA (bit-identical to
-    sparse_ofa.quant.dequantize, which takes ~5 torch ops), torch otherwise."""
-    if acc.is_cuda:
-        try:
-            from sparse_ofa.kernels.dequantize import dequantize as dequantize_one_launch
-        except ImportError:  # no Triton
-            return dequantize(acc, x_scale, w_scale, bias, out_dtype)
-        return dequantize_one_launch(acc, x_scale, w_scale, bias, out_dtype)
-    return dequantize(acc, x_scale, w_scale, bias, out_dtype)
 
 
 class TritonBackend(Backend):
@@ -112,9 +88,7 @@ class TritonBackend(Backend):
             layout = {key[6:]: v for key, v in prepared.items() if key.startswith("block_")}
             return block_int8.block_int8_mm(x_q, layout, n, k, block_n=TILE_N, block_k=TILE_K,
                                             **epilogue)
-        from .dense import DenseInt8Backend
-
-        acc = DenseInt8Backend().int_mm(x_q, {"w_t": prepared["block_dense"].t()})
+        acc = int_mm(x_q, prepared["block_dense"].t())
         return dequantize_output(acc, **epilogue) if epilogue else acc
 
     def int_mm(self, x_q, prepared):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import FastMixin, first_call, lean_or_own, own_forward_arguments, traced_or_hooked_globally
+from .guards import FastMixin, first_call, lean_or_own, own_forward_arguments, traced_or_hooked_globally
 
 _PARTS = ("word_embeddings", "position_embeddings", "token_type_embeddings", "LayerNorm")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .. import backends as _backends
-from ..modules import SparseInt8Linear, _needs_grad
+from ..modules import SparseInt8Linear, needs_autograd
 
 
 def feed_forward(first: SparseInt8Linear, second: SparseInt8Linear, x: torch.Tensor,
@@ -26,19 +26,19 @@ def feed_forward(first: SparseInt8Linear, second: SparseInt8Linear, x: torch.Ten
     Like SparseInt8Linear.direct, the kernel arguments for x's token count are resolved on the first
     call and cached in both modules' caches: rebuilding either one's layouts drops it, and a plan is
     used only while both caches hold it (so a reused id of `second` cannot pick up a stale one)."""
-    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and _needs_grad(x, residual, norm):
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and needs_autograd(x, residual, norm):
         # autograd must see it: the two layers' direct() calls carry the input gradients
         return second.direct(first.direct(x, gelu=gelu), residual=residual, norm=norm)
     post = (residual is not None, norm is not None)
     key = ("ffn", id(second), x.shape, x.dtype, x.device, _backends.plan_context(), gelu, post)
-    fn = first._direct.get(key)
-    if fn is None or second._direct.get(key) is not fn:
+    fn = first.cached_plan(key)
+    if fn is None or second.cached_plan(key) is not fn:
         if first.out_features != second.in_features:
             raise ValueError(f"feed_forward: first has {first.out_features} output features but second "
                              f"takes {second.in_features}")
         fn = _plan(first, second, x, gelu, post)
-        first._remember(key, fn)
-        second._remember(key, fn)
+        first.remember_plan(key, fn)
+        second.remember_plan(key, fn)
     return fn(x, residual, norm)
 
 
@@ -49,13 +49,11 @@ def _plan(first: SparseInt8Linear, second: SparseInt8Linear, x: torch.Tensor, ge
             or x.device != first.weight_values.device):
         first.forward(x)  # raises the error that names the problem
     m = x.numel() // first.in_features
-    b1 = _backends.select(first._chain, m, first._info)
-    b2 = _backends.select(second._chain, m, second._info)
+    b1, args1 = first.kernel_args(m)
+    b2, args2 = second.kernel_args(m)
     fn = None
     if b1.name == b2.name and x.dtype == torch.float32 and second.weight_values.device == x.device:
-        fn = b1.ffn_fn((first._prepared[b1.name], first.weight_scale, first._epilogue_bias, first.act),
-                       (second._prepared[b2.name], second.weight_scale, second._epilogue_bias, second.act),
-                       m, gelu, post)
+        fn = b1.ffn_fn(args1, args2, m, gelu, post)
     if fn is not None:
         return fn
 

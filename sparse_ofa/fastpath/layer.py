@@ -32,10 +32,10 @@ from torch import nn
 
 from dataclasses import dataclass
 
-from .attention import (FastDistilSelfAttentionMixin, FastMixin, FastSelfAttentionMixin, _uses_cache,
-                       first_call as _first_call, lean_or_own, traced_or_hooked_globally)
-from .ffn import feed_forward
 from ..modules import SparseInt8Linear
+from .attention import FastDistilSelfAttentionMixin, FastSelfAttentionMixin
+from .ffn import feed_forward
+from .guards import FastMixin, first_call, has_hooks, lean_or_own, traced_or_hooked_globally, uses_cache
 
 
 @dataclass(frozen=True)
@@ -66,10 +66,6 @@ DISTILBERT_LAYOUT = LayerLayout("attention", FastDistilSelfAttentionMixin, "atte
                                 "ffn.lin1", "ffn.activation", "ffn.lin2", "output_layer_norm", ("ffn",), "ffn")
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
 def _links(layer: nn.Module, path: str) -> list[tuple[dict, str, object]]:
     """(parent's _modules or __dict__, name, child) for each step of a dotted path; KeyError if absent.
     A replaced module shows as another child in its parent's dict."""
@@ -89,11 +85,11 @@ def _node(layer: nn.Module, path: str):
 
 def _eligible(layer: nn.Module, args, kwargs) -> bool:
     if (layer.training or traced_or_hooked_globally()
-            or kwargs.get("output_attentions") or _uses_cache(args, kwargs)):
+            or kwargs.get("output_attentions") or uses_cache(args, kwargs)):
         return False
     if _route(layer) is not None:  # nothing hooked in the layer
         return True
-    return not any(_has_hooks(_node(layer, path)) for path in layer._sparse_ofa_layout.skipped)
+    return not any(has_hooks(_node(layer, path)) for path in layer._sparse_ofa_layout.skipped)
 
 
 class _Route:
@@ -112,6 +108,13 @@ class _Route:
         self.ffn_fused = (fuse and _plain_sparse(self.ffn1) and _plain_sparse(self.ffn2) and _is_erf_gelu(self.act)
                           and _plain_layer_norm(self.out_norm, self.ffn2.out_features)
                           and self.ffn1.out_features == self.ffn2.in_features)
+
+    @classmethod
+    def for_one_call(cls, layer: nn.Module) -> "_Route":
+        """The leaves as they are now, for one call while modules of the layer have hooks (never
+        cached: hooked modules are called as modules, so their hooks run)."""
+        leaves = tuple(_node(layer, path) for path in layer._sparse_ofa_layout.paths())
+        return cls(layer, (), (), leaves)
 
     def current(self, layer: nn.Module) -> bool:
         if layer._sparse_ofa_fuse != self.fuse:
@@ -139,13 +142,13 @@ def _route(layer: nn.Module) -> _Route | None:
                 links.append(link)
     watched = tuple({id(m): m for _, _, m in links if isinstance(m, nn.Module)}.values())
     leaves = tuple(path_links[-1][2] for path_links in per_path)
-    route = None if any(_has_hooks(m) for m in watched) else _Route(layer, watched, tuple(links), leaves)
+    route = None if any(has_hooks(m) for m in watched) else _Route(layer, watched, tuple(links), leaves)
     layer.__dict__["_sparse_ofa_route"] = route
     return route
 
 
 def _plain_sparse(module: nn.Module) -> bool:
-    return type(module) is SparseInt8Linear and not _has_hooks(module)
+    return type(module) is SparseInt8Linear and not has_hooks(module)
 
 
 def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -154,13 +157,13 @@ def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _plain_layer_norm(module: nn.Module, features: int) -> bool:
-    return (type(module) is nn.LayerNorm and not _has_hooks(module) and module.weight is not None
+    return (type(module) is nn.LayerNorm and not has_hooks(module) and module.weight is not None
             and tuple(module.normalized_shape) == (features,))
 
 
 def _layer_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """module(x), as the op itself for a plain, unhooked nn.LayerNorm (what its forward calls)."""
-    if type(module) is nn.LayerNorm and not _has_hooks(module):
+    if type(module) is nn.LayerNorm and not has_hooks(module):
         p = module._parameters
         return torch.layer_norm(x, module.normalized_shape, p["weight"], p["bias"], module.eps)
     return module(x)
@@ -169,7 +172,7 @@ def _layer_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _is_erf_gelu(act) -> bool:
     """HF's GELUActivation computing F.gelu (erf form), unhooked."""
     return (type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is F.gelu
-            and not _has_hooks(act))
+            and not has_hooks(act))
 
 
 def _dense_add_norm(dense: nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
@@ -179,17 +182,6 @@ def _dense_add_norm(dense: nn.Module, x: torch.Tensor, residual: torch.Tensor, n
         p = norm._parameters
         return dense.direct(x, residual=residual, norm=(p["weight"], p["bias"], norm.eps))
     return _layer_norm(norm, _linear(dense, x) + residual)
-
-
-def _feed_forward(first: nn.Module, act, second: nn.Module, norm: nn.Module, x: torch.Tensor,
-                  fuse: bool) -> torch.Tensor:
-    """norm(second(act(first(x))) + x): one kernel call for the whole block where it can be
-    (sparse_ofa.ffn: the intermediate never leaves the threads' caches), else two."""
-    if (fuse and _plain_sparse(first) and _plain_sparse(second) and _is_erf_gelu(act)
-            and _plain_layer_norm(norm, second.out_features) and first.out_features == second.in_features):
-        p = norm._parameters
-        return feed_forward(first, second, x, residual=x, norm=(p["weight"], p["bias"], norm.eps))
-    return _dense_add_norm(second, _dense_act(first, x, act, fuse), x, norm, fuse)
 
 
 def _dense_act(dense: nn.Module, x: torch.Tensor, act, fuse: bool) -> torch.Tensor:
@@ -203,13 +195,17 @@ _LOOKUP = object()
 
 
 def _lean_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask, route=_LOOKUP) -> torch.Tensor:
-    """route: the layer's _Route if the caller has just checked it (None: hooked), else looked up."""
+    """The layer's forward as the module doc writes it. route: the layer's _Route if the caller has
+    just checked it, else looked up; while a module of the layer has hooks there is none, and this
+    call resolves its own (for_one_call)."""
     if route is _LOOKUP:
         route = _route(layer)
-    if route is None:  # a leaf module has hooks: resolve every call, call hooked modules as modules
-        return _lean_forward_checked(layer, hidden_states, attention_mask)
+    if route is None:
+        route = _Route.for_one_call(layer)
     self_attn = route.self_attn
-    attn = None if self_attn.training else self_attn.fast_attention(hidden_states, attention_mask)
+    attn = None
+    if not self_attn.training and not has_hooks(self_attn):
+        attn = self_attn.fast_attention(hidden_states, attention_mask)
     if attn is None:  # the attention module's own forward (which may hold the output projection)
         h1 = _own_attention_block(self_attn, route.projects, route.ao, route.ao_norm, hidden_states,
                                   attention_mask, route.fuse)
@@ -218,7 +214,7 @@ def _lean_forward(layer: nn.Module, hidden_states: torch.Tensor, attention_mask,
         h1 = route.ao.direct(attn, residual=hidden_states, norm=(p["weight"], p["bias"], route.ao_norm.eps))
     else:
         h1 = _dense_add_norm(route.ao, attn, hidden_states, route.ao_norm, route.fuse)
-    if route.ffn_fused:
+    if route.ffn_fused:  # the whole feed-forward block as one call (fastpath/ffn.py)
         p = route.out_norm._parameters
         return feed_forward(route.ffn1, route.ffn2, h1, residual=h1, norm=(p["weight"], p["bias"], route.out_norm.eps))
     return _dense_add_norm(route.ffn2, _dense_act(route.ffn1, h1, route.act, route.fuse), h1, route.out_norm,
@@ -232,21 +228,6 @@ def _own_attention_block(self_attn: nn.Module, projects: bool, ao: nn.Module, ao
     if projects:  # its forward applied the output projection already
         return _layer_norm(ao_norm, attn + hidden_states)
     return _dense_add_norm(ao, attn, hidden_states, ao_norm, fuse)
-
-
-def _lean_forward_checked(layer: nn.Module, hidden_states: torch.Tensor, attention_mask) -> torch.Tensor:
-    self_attn, ao, ao_norm, ffn1, act, ffn2, out_norm = (
-        _node(layer, path) for path in layer._sparse_ofa_layout.paths())
-    fuse = layer._sparse_ofa_fuse
-    attn = None
-    if not _has_hooks(self_attn) and not self_attn.training:
-        attn = self_attn.fast_attention(hidden_states, attention_mask)
-    if attn is None:
-        h1 = _own_attention_block(self_attn, layer._sparse_ofa_layout.out_proj_in_attention, ao, ao_norm,
-                                  hidden_states, attention_mask, fuse)
-    else:
-        h1 = _dense_add_norm(ao, attn, hidden_states, ao_norm, fuse)
-    return _feed_forward(ffn1, act, ffn2, out_norm, h1, fuse)
 
 
 def _same(mine: torch.Tensor, theirs) -> str | None:
@@ -285,7 +266,7 @@ class FastLayerMixin(FastMixin):
             mine = _lean_forward(self, hidden_states, attention_mask, route)
             return mine if mode != "tuple" else (mine,)
         if mode is None:  # first call: check against the model's own forward, learn its return type
-            return _first_call(self, "_sparse_ofa_layer_mode", lean, own, _same)
+            return first_call(self, "_sparse_ofa_layer_mode", lean, own, _same)
         return lean_or_own(self, "_sparse_ofa_layer_mode", lean, own)
 
 

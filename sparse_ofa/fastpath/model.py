@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import FastMixin, base_class, first_call, lean_or_own, traced_or_hooked_globally
+from .guards import FastMixin, first_call, lean_or_own, traced_or_hooked_globally
 from .layer import FastLayerMixin, _eligible as _layer_eligible, _lean_forward, _same
 
 # options the lean forward honours as long as they ask for the default output
