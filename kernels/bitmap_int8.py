@@ -6,7 +6,7 @@ Math, per output tile (rows m of x, output channels n) and K tile kt of width BL
     w(n, k)      = values[pos(n, k)] if bit(n, k) else 0                (int8 tile, K-major)
     acc[m, n]   += sum_k x_q[m, k] * w(n, k)                             (int8 tensor-core dot, int32)
 The weight moves 1/8 byte per weight of bitmap + 1 byte per kept weight + 4/BLOCK_K bytes of offsets,
-against 1 byte per weight dense: at 90 % sparsity ~0.26 bytes, the ~4x byte ceiling of the issue.
+against 1 byte per weight dense: at 90 % sparsity ~0.26 bytes: at most ~4x fewer bytes than dense.
 The expanded tile never touches memory: registers -> shared memory -> tl.dot (wgmma on Hopper).
 Split-K (grid axis 2) gives small-M problems enough programs to fill the GPU; partial sums are then
 atomically added in int32 and the float epilogue runs afterwards (kernels/dequantize.py).

@@ -4,7 +4,7 @@ Math, per output tile (rows m, output channels n in N-tile nt):
     acc[m, n] = sum over listed tiles kt in tile_k[tile_ptr[nt] : tile_ptr[nt+1]] of
                 sum_{k in tile kt} x_q[m, k] * W_q[n, k]                 (int8 tensor-core dot, int32)
 Tiles that hold no kept weight contribute 0 and are never read, so at tile density d the kernel does
-d of the dense work: 90 % block-pruned weights give the 10x ceiling of the issue (4x goal).
+d of the dense work: 90 % block-pruned weights bound the speedup at 10x.
 W_q is the dense int8 [N, K] matrix (K contiguous, the K-major operand wgmma wants); the tile list is
 derived from the packed weight by kernels/layouts.py:block_layout. BLOCK_N and BLOCK_K are the
 layout's tile shape; BLOCK_M, warps and pipeline depth are autotuned.

@@ -9,7 +9,8 @@ from .io import from_pretrained, load_sparse_state_dict, save_pretrained
 from .masks import magnitude_mask, magnitude_prune_
 from .modules import SparseInt8Linear
 from .quant import ActQuant
-from .sparsify import SparsifyReport, is_encoder_linear, sparsify, summarize
+from .selection import is_encoder_linear
+from .sparsify import SparsifyReport, sparsify, summarize
 
 __version__ = "0.1.0"
 

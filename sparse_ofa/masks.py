@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .formats import check_pattern
+from .selection import is_encoder_linear
 
 
 def check_sparsity(sparsity: float) -> None:
@@ -69,8 +70,6 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float, pattern: str = "unstru
 def magnitude_prune_(model: nn.Module, sparsity: float, pattern: str = "unstructured",
                      filter_fn=None) -> dict[str, float]:
     """One-shot magnitude pruning of the selected Linear weights, in place; {name: sparsity}."""
-    from .sparsify import is_encoder_linear
-
     select = filter_fn or is_encoder_linear
     result = {}
     for name, module in model.named_modules():

@@ -1,30 +1,17 @@
 """sparsify(model): swap a model's encoder nn.Linear layers for SparseInt8Linear, in place.
 
-Default selection (`is_encoder_linear`): nn.Linear modules inside a numbered transformer layer stack,
-i.e. whose qualified name contains `encoder.layer.<i>.` (BERT, RoBERTa, MiniLM, ELECTRA),
-`transformer.layer.<i>.` (DistilBERT) or `layers.<i>.`: attention q/k/v/output, intermediate and
-output projections. Embeddings, LayerNorms, the pooler and task heads are never selected by default.
+Default selection: `is_encoder_linear` (selection.py), the encoder layers' nn.Linear modules.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .modules import SparseInt8Linear
 from .quant import ActQuant
-
-_LAYER_STACK = re.compile(r"(^|\.)(encoder\.layer|transformer\.layer|layers?)\.\d+\.")
-
-FilterFn = Callable[[nn.Module, str], bool]
-
-
-def is_encoder_linear(module: nn.Module, name: str) -> bool:
-    """The default filter: an nn.Linear inside a numbered encoder layer."""
-    return isinstance(module, nn.Linear) and _LAYER_STACK.search(name) is not None
+from .selection import FilterFn, is_encoder_linear
 
 
 @dataclass

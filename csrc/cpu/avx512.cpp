@@ -203,7 +203,7 @@ void spmm_task(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int6
   // tile[channel][token] -> out[token][channel], 16 x 16 at a time. Direct: each transpose's 16
   // rows stored at once, 64 B into each of 16 output rows. Staged (output rows a multiple of 2 KB
   // apart, where those 16 stores share one or two L1 sets: N = 1024, 3072, 4096 paid 6x for them,
-  // bench/NOTES.md stop 13): the transposes fill a 16-token row-major stage, then each token row is
+  // bench/NOTES.md, "staged epilogue"): the transposes fill a 16-token row-major stage, then each token row is
   // written as one run of up to kRunRows channels.
   alignas(64) int32_t stage[16][kRunRows];
   for (int t = 0; t < T && 16 * t < mt; ++t) {

@@ -1,4 +1,4 @@
-"""`sparse-ofa evaluate MODEL [MODEL ...]`: quality of saved models on real benchmarks (sparse_ofa.evaluation).
+"""`sparse-ofa evaluate MODEL [MODEL ...]`: quality of saved models on real benchmarks (sparse_ofa.tasks.evaluation).
 
 Each MODEL is a local folder: a Hugging Face model (dense, or with pruned zeros) or a packed sparse INT8
 model written by `sparse-ofa quantize` / `sparse_ofa.save_pretrained`. Without --task: STS-B dev
@@ -54,11 +54,11 @@ def encoder_sparsity(model) -> float:
     """Fraction of zeros over the Linear weights of the numbered encoder layers (packed or dense; the
     pooler and task heads, never pruned, are not counted)."""
     from ..modules import SparseInt8Linear
-    from ..sparsify import _LAYER_STACK, is_encoder_linear
+    from ..selection import in_encoder_layer, is_encoder_linear
 
     zeros = total = 0
     for name, module in model.named_modules():
-        if isinstance(module, SparseInt8Linear) and _LAYER_STACK.search(name):
+        if isinstance(module, SparseInt8Linear) and in_encoder_layer(name):
             n = module.in_features * module.out_features
             zeros += round(module.sparsity * n)
             total += n
