@@ -2,7 +2,7 @@
 fast path runs it, against the same block in torch, same run.
 
 Rows (docs/bench.md convention, kind "ffn", shape "768x3072x768", group "ffn-cpu-m128"):
-    sparse_ofa:cpu              sparse_ofa.ffn.feed_forward: one cpu_ffn op (intermediate kept
+    sparse_ofa:cpu              sparse_ofa.fastpath.feed_forward: one cpu_ffn op (intermediate kept
                                 channel-major in each thread's cache)
     sparse_ofa:cpu:two_linears  the same block as two fused linears (GELU, add + LayerNorm as post-ops)
     quantize_dynamic            torch.ao dynamic INT8 linears + torch GELU, add, LayerNorm
