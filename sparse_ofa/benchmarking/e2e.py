@@ -60,7 +60,7 @@ def random_inputs(batch: int, seq: int, vocab: int = 30522, seed: int = 0) -> di
 
 
 def sentence_inputs(tokenizer, batch: int, seq: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Real English sentences (sparse_ofa.corpus), padded to exactly `seq` tokens."""
+    """Real English sentences (sparse_ofa.tasks.corpus), padded to exactly `seq` tokens."""
     from ..tasks.corpus import sample_sentences
 
     return dict(tokenizer(sample_sentences(batch, seed=seed), padding="max_length", truncation=True,

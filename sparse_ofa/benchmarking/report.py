@@ -14,7 +14,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-# Baseline columns in this order first (the list), any other baseline impl after, sorted.
+# Baseline columns in this order first (dense fp32, then the INT8 and fp16 references, 2:4 last), any
+# other baseline impl after, sorted.
 BASELINE_ORDER = ("fp32_linear", "fp32_model", "int_mm", "quantize_dynamic", "fp16_linear",
                   "fp16_model", "semi_structured_2:4")
 # The baseline the plot measures speedup against, first one present wins.

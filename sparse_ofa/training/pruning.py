@@ -8,7 +8,7 @@ and masks are recomputed every `update_every` (dt) steps from t0 until `end_step
 the ramp); the end of the ramp is always an update step, so the final sparsity is always reached.
 Between updates (and after end_step) the masks are only enforced.
 
-Step convention (also used by train.py and the HF callback): `step` is the number of optimizer steps
+Step convention (also used by train_prune_ofa and the HF callback): `step` is the number of optimizer steps
 already taken. Call `pruner.step(step)` *before* the forward pass of that step and
 `pruner.apply_masks()` right after `optimizer.step()`.
 

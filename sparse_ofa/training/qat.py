@@ -172,7 +172,7 @@ def convert_qat(model: nn.Module, backend: str = "auto", dynamic: Iterable[str] 
     """Every FakeQuantLinear -> SparseInt8Linear with its learned static activation scale (weight zeros
     = sparsity pattern, detected per layer). Per-tensor QAT weights are re-quantized per channel.
     dynamic: names of layers to run with dynamic per-token activations instead (e.g. those
-    sparse_ofa.outliers.outlier_layers finds, whose static range outliers have stretched)."""
+    sparse_ofa.training.outliers.outlier_layers finds, whose static range outliers have stretched)."""
     from ..sparsify import sparsify
 
     base = unwrap(model)
