@@ -1,7 +1,7 @@
 """Whole-model A/B of the CPU dispatch (not collected by pytest): for one model shape, sparsity and
 pattern, every layer forced sparse (backend="cpu"), every layer dense INT8 (backend="dense"), what
 backend="auto" picks, torch fp32 eager and torch quantize_dynamic, interleaved round by round (load
-changes hit all variants alike), medians. The AVX2 dispatch limits in sparse_ofa/backends/cpu.py
+changes hit all variants alike), medians. The AVX2 dispatch limits in sparse_ofa/backends/cpu/dispatch.py
 come from this script (bench/NOTES.md, "AVX2-only CPUs").
 
     python bench/dispatch_ab.py --shape bert-base --tokens 128 --sparsity 0.8 --pattern unstructured

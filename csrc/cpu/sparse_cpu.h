@@ -5,7 +5,7 @@
 //     acc[m, n] = sum_k x_q[m, k] * W_q[n, k]                           (exact, int32)
 //     y[m, n]   = ((float)acc[m, n] * x_scale[m]) * w_scale[n] + bias[n]  (float32, no FMA)
 //
-// Weight layout "quads v2" (derived once from packed format v1 by sparse_ofa/backends/cpu.py):
+// Weight layout "quads v2" (derived once from packed format v1 by sparse_ofa/backends/cpu/layouts.py):
 // the input channels of row n are cut into aligned quads k = 4q .. 4q+3 (K padded with zeros to a
 // multiple of 4); a row keeps only the quads holding a non-zero weight:
 //     quad_w  int32 [nq]    the 4 int8 weights of a kept quad (byte j = W_q[n, 4q + j])
