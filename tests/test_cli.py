@@ -133,13 +133,13 @@ def test_finetune_keeps_masks_and_quantize_packs_them(workdir, pruned):
         if ".encoder." in name:
             assert m.pattern == "1x4" and m.sparsity == pytest.approx(0.75, abs=0.01)
     # the reloaded packed model reproduces the metrics measured in the quantize run
-    from sparse_ofa.commands._shared import evaluate
+    from sparse_ofa.tasks.evaluation import task_metrics
     from sparse_ofa.tasks.data import load_glue
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(q, local_files_only=True)
     dev = load_glue("sst2", "validation", DATA / "glue_sst2")
-    assert evaluate(model, "sst2", dev, tokenizer, 32) == q_config["metrics"]
+    assert task_metrics(model, "sst2", dev, tokenizer, 32) == q_config["metrics"]
 
     # the plain sparsify path works on the fine-tuned (fp32, zeros) model too
     assert main(["sparsify", str(ft), str(workdir / "s")]) == 0

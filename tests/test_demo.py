@@ -115,33 +115,6 @@ def test_bf16_default_and_step_defaults(monkeypatch):
     assert demo.DemoConfig().bf16 is True
 
 
-def test_bf16_training_keeps_fp32_weights_and_float_loss():
-    import copy
-
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from sparse_ofa.demo.run import _FloatOutputs, distill_loss
-
-    torch.manual_seed(0)
-    teacher = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64), add_pooling_layer=False).eval()
-    student = copy.deepcopy(teacher)
-    ids = torch.randint(0, 50, (3, 7))
-    mask = torch.ones_like(ids)
-    seen = []
-    student.encoder.layer[0].intermediate.dense.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with torch.no_grad():
-            t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    assert seen == [torch.bfloat16]  # autocast really ran the linears in bf16
-    loss = distill_loss(_FloatOutputs(s.hidden_states), _FloatOutputs(t.hidden_states), mask, 1.0)
-    assert loss.dtype == torch.float32 and loss.item() < 1e-2  # identical models: ~0 up to bf16 noise
-    loss.backward()
-    assert all(p.dtype == torch.float32 and p.grad is not None for p in student.encoder.parameters())
-
-
 def _tiny_minilm_shaped_teacher():
     import torch
     from transformers import BertConfig, BertModel
@@ -149,29 +122,6 @@ def _tiny_minilm_shaped_teacher():
     torch.manual_seed(0)
     return BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                 intermediate_size=64), add_pooling_layer=False).eval()
-
-
-def test_teacher_cache_gives_the_teachers_hidden_states():
-    import torch
-
-    from sparse_ofa.demo.run import TeacherCache
-    from sparse_ofa.models.minilm import load_minilm
-
-    tokenizer = load_minilm()[1]
-    teacher = _tiny_minilm_shaped_teacher()
-    sentences = ["A short one.", "This sentence is quite a bit longer than the first one is.",
-                 "Truncated: " + "word " * 40, "Medium length sentence here."]
-    cache = TeacherCache(teacher, tokenizer, sentences, max_length=24, bf16=False, batch_size=3)
-    batch = tokenizer(sentences[1:], padding=True, truncation=True, max_length=24, return_tensors="pt")
-    with torch.no_grad():
-        want = teacher(**batch, output_hidden_states=True).hidden_states
-    got = cache.outputs(sentences[1:], batch["input_ids"].shape[1])
-    assert len(got.hidden_states) == len(want) == 3 and got.last_hidden_state is got.hidden_states[-1]
-    keep = batch["attention_mask"].bool()
-    for g, w in zip(got.hidden_states, want):
-        assert g.shape == w.shape and g.dtype == torch.float32
-        torch.testing.assert_close(g[keep], w[keep], rtol=1e-5, atol=1e-5)
-        assert not g[~keep].any()  # padding is zeros, which every loss masks out
 
 
 def test_eager_attention_is_restored_even_after_an_error():
@@ -187,22 +137,6 @@ def test_eager_attention_is_restored_even_after_an_error():
     with pytest.raises(KeyError), eager_attention(model):
         raise KeyError("boom")
     assert model.config._attn_implementation == "sdpa"
-
-
-def test_lr_factor_is_gentle_before_the_ramp_and_full_at_its_end():
-    from sparse_ofa.demo.run import lr_factor
-    from sparse_ofa.training.pruning import GMPSchedule
-
-    gmp = GMPSchedule(0.9, 0.0, start_step=0, ramp_steps=100, update_every=10)
-    gentle = [lr_factor(t, 120, 10, gmp, "sparsity", 0.05) for t in range(120)]
-    flat = [lr_factor(t, 120, 10, gmp, "flat") for t in range(120)]
-    assert flat[:10] == pytest.approx([(t + 1) / 10 for t in range(10)]) and set(flat[10:100]) == {1.0}
-    # the cubic ramp: s(t + 1) / s_final, floored at 5 %, times the warm-up while it lasts
-    assert gentle[0] == pytest.approx(0.05 * 0.1)
-    assert gentle[50] == pytest.approx(1 - (1 - 51 / 100) ** 3)
-    assert gentle[:100] == sorted(gentle[:100]) and gentle[99] == 1.0
-    assert gentle[100:] == flat[100:] and gentle[-1] == pytest.approx(1.0 - 0.9 * 19 / 20)
-    assert lr_factor(5, 60, 10) == pytest.approx(0.6) and lr_factor(30, 60, 10) == pytest.approx(1 - 0.9 * 0.5)
 
 
 def test_stsb_scores_report_missing_data_and_goals(tmp_path):

@@ -158,6 +158,19 @@ def test_encode_is_batch_and_order_independent_and_normalised(minilm):
                                rtol=1e-4, atol=1e-5)
 
 
+
+def test_encode_is_the_normalised_embedding(minilm):
+    from sparse_ofa.models.minilm import embed
+
+    model, tokenizer = minilm
+    sentences = [p[0] for p in evaluation.load_stsb("validation", FIXTURE)][:9]
+    raw = embed(model, tokenizer, sentences, batch_size=4)
+    assert raw.dtype == torch.float32 and raw.norm(dim=-1).min() > 1.5  # all-MiniLM's raw vectors are not unit
+    torch.testing.assert_close(evaluation.encode(model, tokenizer, sentences, batch_size=4),
+                               torch.nn.functional.normalize(raw, dim=-1), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no sentences"):
+        evaluation.encode(model, tokenizer, [])
+
 def test_a_classifier_is_scored_on_its_encoder_states(minilm, tmp_path):
     """A model with a task head (no last_hidden_state in its output) is encoded from its hidden states:
     the same embeddings as its base model."""
@@ -299,3 +312,25 @@ def test_general_distillation_text_holds_no_evaluation_sentence():
     train_only = dev - set(evaluation.stsb_sentences())  # a few dev sentences also occur in train pairs
     assert not pool & train_only and not pool & held
     assert {e["text_a"] for e in data.load_rotten_tomatoes("train")} <= pool
+
+
+def test_sentence_batches_replay_epoch_after_epoch_and_carry_their_texts(minilm):
+    from sparse_ofa.tasks.corpus import SentenceBatches
+
+    tokenizer = minilm[1]
+    sentences = [f"sentence number {i} " + "word " * (i % 7) for i in range(50)]
+
+    def two_epochs(seed):
+        batches = SentenceBatches(sentences, tokenizer, batch_size=4, max_length=16, seed=seed)
+        return [list(iter(batches)) for _ in range(2)]
+
+    first, second = two_epochs(3)
+    again = two_epochs(3)
+    assert [b["sentences"] for b in first + second] == [b["sentences"] for b in again[0] + again[1]]
+    assert [b["sentences"] for b in first] != [b["sentences"] for b in second]  # each epoch reshuffles
+    for epoch in (first, second):
+        assert sorted(s for b in epoch for s in b["sentences"]) == sorted(sentences)
+    for batch in first:
+        want = tokenizer(batch["sentences"], padding=True, truncation=True, max_length=16, return_tensors="pt")
+        assert torch.equal(batch["input_ids"], want["input_ids"])
+        assert torch.equal(batch["attention_mask"], want["attention_mask"])

@@ -192,3 +192,26 @@ def test_prune_ofa_loop_and_resume_on_cuda(tmp_path):
     assert all(m.is_cuda for m in pruner.masks.values())
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_without_dropout_only_the_qat_observers_train_and_on_step_sees_every_step():
+    """dropout=False: the student runs in eval mode, the FakeQuantLinear observers in train mode (their
+    activation ranges move); on_step hears each step with its loss and the LR that step used."""
+    torch.manual_seed(0)
+    student = tiny_mlm()
+    prepare_qat(student)
+    observers = [m for m in student.modules() if isinstance(m, FakeQuantLinear)]
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (s + 1))
+    modes, seen = [], []
+
+    def loss_fn(model, teacher, batch, distill):
+        modes.append((model.training, model.bert.encoder.layer[0].attention.self.dropout.training,
+                      all(m.training for m in observers)))
+        return model(**batch).loss
+
+    result = train_prune_ofa(student, None, make_batches(2), optimizer=opt, scheduler=sched, steps=3,
+                             loss_fn=loss_fn, progress=False, dropout=False, on_step=seen.append)
+    assert modes == [(False, False, True)] * 3
+    assert [(i.step, i.loss, i.lr) for i in seen] == list(zip(range(3), result.losses, [0.1, 0.05, 0.1 / 3]))
+    assert all(bool(m.act_observed) and float(m.act_max) > float(m.act_min) for m in observers)

@@ -1,5 +1,7 @@
-"""Pieces the training subcommands (prune, finetune, quantize) share: loading local models, task
-heads, batches, evaluation, the run config written beside the outputs."""
+"""What the training subcommands (prune, finetune, quantize) share on the command side: their common
+flags and checks, turning them into TrainOptions, local model folders and tokenizers, the process
+group under torchrun, and the run config written beside the outputs. The training itself is
+sparse_ofa.training; task data, heads and metrics are sparse_ofa.tasks."""
 from __future__ import annotations
 
 import json
@@ -11,7 +13,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import nn
 
 RUN_CONFIG = "run_config.json"
 
@@ -73,24 +74,6 @@ def check_training_args(args) -> None:
         raise ValueError(f"--warmup-steps must be in [0, --steps), got {args.warmup_steps}")
 
 
-def optimizer_and_schedule(model: nn.Module, args):
-    """AdamW (no decay on biases / LayerNorms) with linear warm-up then linear decay to zero."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.dim() < 2 else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-    warmup, total = args.warmup_steps, args.steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 @contextmanager
 def distributed():
     """Under torchrun / accelerate (WORLD_SIZE > 1): join the process group for the command (gloo on
@@ -109,127 +92,14 @@ def distributed():
             dist.destroy_process_group()
 
 
-def is_main_process() -> bool:
-    """Rank 0 (or the only process): the one that writes outputs and reports."""
-    from ..training.ddp import is_main_process as main
+def train_options(args, output: Path, description: str):
+    """The TrainOptions that add_common_training_args' flags ask for (checkpoints in OUTPUT/checkpoints)."""
+    from ..training.loop import TrainOptions
 
-    return main()
-
-
-def to_training_device(*models) -> torch.device:
-    """Move the models (None skipped) to this process's device: its GPU under torchrun, the GPU of a
-    single process when CUDA is there, else the CPU. Call it before building masks from them."""
-    from ..training.ddp import setup_distributed
-
-    device = setup_distributed()
-    for model in models:
-        if model is not None:
-            model.to(device)
-    return device
-
-
-def run_training(args, output: Path, description: str, student, teacher, loader, **loop_kwargs):
-    """train_prune_ofa with the optimizer and the checkpoint / resume / progress flags that
-    add_common_training_args defines; loop_kwargs carry the pruner or lock, distill, loss_fn.
-    Student and teacher move to this process's device; under torchrun the student trains wrapped in
-    DistributedDataParallel (the loader already holds this rank's share, see `batches`)."""
-    from ..training.ddp import wrap_ddp
-    from ..training.loop import train_prune_ofa
-
-    device = to_training_device(teacher)
-    optimizer, scheduler = optimizer_and_schedule(student, args)  # the same Parameters DDP wraps
-    student = wrap_ddp(student, device)
     checkpoints = output / "checkpoints" if (args.checkpoint_every or args.resume) else None
-    return train_prune_ofa(student, teacher, loader, optimizer=optimizer, scheduler=scheduler, steps=args.steps,
-                           checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every,
-                           resume=args.resume, progress=not args.no_progress, description=description,
-                           **loop_kwargs)
-
-
-def batches(features: list[dict], collate, batch_size: int, seed: int):
-    """A re-iterable, seeded-shuffle DataLoader (train.py replays it exactly on resume). Under
-    torchrun each rank takes its own share of the examples (every world_size-th one)."""
-    from torch.utils.data import DataLoader
-
-    from ..training.ddp import shard, world_size
-
-    if not features:
-        raise ValueError("no training examples")
-    features = shard(features)
-    if not features:
-        raise ValueError(f"fewer training examples than the {world_size()} processes")
-    return DataLoader(features, batch_size=batch_size, shuffle=True, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(seed), num_workers=0)
-
-
-def task_model_class(task: str):
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-    return AutoModelForQuestionAnswering if task == "squad" else AutoModelForSequenceClassification
-
-
-def load_task_model(path: Path, task: str, what: str):
-    """A model with the task's head; a fresh head on a pre-trained encoder, named in a warning."""
-    from ..tasks.data import glue_task
-
-    cls = task_model_class(task)
-    kwargs = {} if task == "squad" else {"num_labels": glue_task(task).num_labels}
-    model = cls.from_pretrained(path, local_files_only=True, **kwargs)
-    if task != "squad" and model.config.num_labels != kwargs["num_labels"]:
-        raise ValueError(f"{what} {path} has {model.config.num_labels} labels; {task} needs {kwargs['num_labels']}")
-    return model
-
-
-def task_features(task: str, examples: list[dict], tokenizer, max_length: int, train: bool) -> list[dict]:
-    from ..tasks.data import glue_features, squad_features
-
-    if task == "squad":
-        return squad_features(examples, tokenizer, max_length=max_length, stride=max_length // 4, train=train)
-    return glue_features(examples, tokenizer, max_length=max_length)
-
-
-def task_collator(tokenizer):
-    from transformers import DataCollatorWithPadding
-
-    pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-
-    def collate(features: list[dict]) -> dict:
-        model_keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
-        return dict(pad([{k: f[k] for k in model_keys if k in f} for f in features]))
-
-    return collate
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, task: str, examples: list[dict], tokenizer, max_length: int,
-             batch_size: int = 32) -> dict[str, float]:
-    """The task's metrics (GLUE accuracy [+ F1 for qqp]; SQuAD exact_match / f1) on `examples`."""
-    from ..tasks.data import squad_predictions
-    from ..tasks.metrics import glue_metrics, squad_metrics
-
-    model.eval()
-    device = next(model.parameters()).device
-    features = task_features(task, examples, tokenizer, max_length, train=False)
-    collate = task_collator(tokenizer)
-    outputs = []
-    for i in range(0, len(features), batch_size):
-        chunk = features[i:i + batch_size]
-        batch = {k: v.to(device) for k, v in collate(chunk).items() if k != "labels"}
-        with torch.inference_mode():
-            out = model(**batch)
-        outputs.append(out.__class__(**{k: v.cpu() for k, v in out.items()}))
-    if task == "squad":
-        starts = [row for out in outputs for row in out.start_logits]
-        ends = [row for out in outputs for row in out.end_logits]
-        preds = squad_predictions(examples, features, starts, ends)
-        return squad_metrics(preds, {e["id"]: e["answers"]["text"] for e in examples})
-    predictions = torch.cat([out.logits.argmax(-1) for out in outputs]).tolist()
-    return glue_metrics(task, predictions, [e["label"] for e in examples])
-
-
-def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:
-    total = sum(m.numel() for m in masks.values())
-    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+    return TrainOptions(steps=args.steps, lr=args.lr, warmup_steps=args.warmup_steps, checkpoint_dir=checkpoints,
+                        checkpoint_every=args.checkpoint_every, resume=args.resume, progress=not args.no_progress,
+                        description=description)
 
 
 def write_run_config(output: Path, command: str, args, **results) -> Path:

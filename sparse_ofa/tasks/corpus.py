@@ -115,7 +115,7 @@ GENERAL_SOURCES = ("rotten_tomatoes_train", "stsb_train")
 
 
 def general_sentences(stsb: str | None = None, log=None) -> tuple[tuple[str, ...], list[str]]:
-    """(sentences, sources used): the snippets of the Rotten Tomatoes *train* split (sparse_ofa.data's
+    """(sentences, sources used): the snippets of the Rotten Tomatoes *train* split (sparse_ofa.tasks.data's
     fixed split; dev and test snippets are never used) interleaved with the distinct sentences of the
     STS-B *train* split (no scores; dev and test never), each where available. Raises
     DataNotFoundError when neither is."""
@@ -151,3 +151,30 @@ def sample_split(pool, n_train: int, n_heldout: int, seed: int = 0) -> tuple[lis
         raise ValueError(f"asked for {n_train} + {n_heldout} sentences; the corpus has {len(pool)}")
     picked = random.Random(seed).sample(pool, n_train + n_heldout)
     return picked[:n_train], picked[n_train:]
+
+
+class SentenceBatches:
+    """Shuffled batches of tokenized sentences, epoch after epoch: a re-iterable for train_prune_ofa.
+
+    Each group of 16 batches is sorted by length (less padding), and the batches are shuffled again.
+    A batch is the tokenizer's tensors plus "sentences", the texts themselves (what a TeacherCache
+    looks the teacher's states up by). One seeded generator runs through all epochs: each iteration
+    is the next epoch, and a fresh SentenceBatches with the same seed gives the same stream."""
+
+    def __init__(self, sentences: list[str], tokenizer, batch_size: int, max_length: int, seed: int = 0):
+        self.sentences, self.tokenizer = list(sentences), tokenizer
+        self.batch_size, self.max_length = batch_size, max_length
+        self._rng = random.Random(seed)
+
+    def __iter__(self):
+        order = self.sentences[:]
+        self._rng.shuffle(order)
+        chunk = self.batch_size * 16
+        for i in range(0, len(order), chunk):
+            group = sorted(order[i:i + chunk], key=len)
+            batches = [group[j:j + self.batch_size] for j in range(0, len(group), self.batch_size)]
+            self._rng.shuffle(batches)
+            for texts in batches:
+                tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                                        return_tensors="pt")
+                yield {**tokens, "sentences": texts}

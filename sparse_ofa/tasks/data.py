@@ -523,3 +523,43 @@ def squad_predictions(examples: list[dict], features: list[dict], start_logits, 
                 if qid not in best or score > best[qid][0]:
                     best[qid] = (score, contexts[qid][offsets[s][0]:offsets[e][1]])
     return {qid: best.get(qid, (0.0, ""))[1] for qid in contexts}
+
+
+# ------------------------------------------------------------------------------------------ task heads
+def task_model_class(task: str):
+    """The transformers Auto class with `task`'s head: question answering for squad, else classification."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    return AutoModelForQuestionAnswering if task == "squad" else AutoModelForSequenceClassification
+
+
+def load_task_model(path: str | os.PathLike, task: str, what: str = "model"):
+    """A local model with the task's head (a fresh head on a pre-trained encoder is named in
+    transformers' warning); ValueError if a classifier's label count does not fit the task."""
+    cls = task_model_class(task)
+    kwargs = {} if task == "squad" else {"num_labels": glue_task(task).num_labels}
+    model = cls.from_pretrained(path, local_files_only=True, **kwargs)
+    if task != "squad" and model.config.num_labels != kwargs["num_labels"]:
+        raise ValueError(f"{what} {path} has {model.config.num_labels} labels; {task} needs {kwargs['num_labels']}")
+    return model
+
+
+def task_features(task: str, examples: list[dict], tokenizer, max_length: int, train: bool) -> list[dict]:
+    """Tokenized features of a task's examples: SQuAD windows (stride max_length // 4; with answer
+    positions if `train`, with offsets for decoding if not) or GLUE-style sentence (pair) features."""
+    if task == "squad":
+        return squad_features(examples, tokenizer, max_length=max_length, stride=max_length // 4, train=train)
+    return glue_features(examples, tokenizer, max_length=max_length)
+
+
+def task_collator(tokenizer):
+    """collate(features) -> a padded dict of the model's input tensors (+ labels / answer positions)."""
+    from transformers import DataCollatorWithPadding
+
+    pad = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+    def collate(features: list[dict]) -> dict:
+        model_keys = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
+        return dict(pad([{k: f[k] for k in model_keys if k in f} for f in features]))
+
+    return collate

@@ -1,5 +1,5 @@
 """Quality on real benchmarks: STS-B (sentence similarity, Spearman x 100) for any sentence encoder, and
-accuracy of a sentence classifier on the fixed Rotten Tomatoes split (sparse_ofa.data).
+accuracy of a sentence classifier on the fixed Rotten Tomatoes split (sparse_ofa.tasks.data).
 
 STS-B: each pair's score is the cosine of the two mean-pooled, L2-normalised sentence embeddings (the
 sentence-transformers recipe all-MiniLM-L6-v2 was trained with); the metric is the Spearman rank
@@ -211,59 +211,14 @@ def spearman(x, y) -> float:
     return float((rx @ ry).item() / denom)
 
 
-def _forward(model: nn.Module, batch):
-    """The model's output on a batch; a model with a task head (no last_hidden_state) is asked for
-    its hidden states."""
-    out = model(**batch)
-    if getattr(out, "last_hidden_state", None) is None and not (isinstance(out, dict) and "last_hidden_state" in out):
-        out = model(**batch, output_hidden_states=True)
-    return out
-
-
-def _hidden(out) -> torch.Tensor:
-    hidden = getattr(out, "last_hidden_state", None)
-    if hidden is None and isinstance(out, dict):
-        hidden = out.get("last_hidden_state")
-    if hidden is None:
-        states = getattr(out, "hidden_states", None)
-        if not states:
-            raise ValueError("the encoder returned neither last_hidden_state nor hidden_states")
-        hidden = states[-1]
-    return hidden
-
-
-@torch.no_grad()
 def encode(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 64, max_length: int = 128,
            progress: bool | str = False) -> torch.Tensor:
-    """L2-normalised mean-pooled embeddings [len(sentences), hidden], float32, in input order. The
-    sentences run sorted by length (less padding), in batches of `batch_size`."""
-    from ..models.minilm import mean_pool
+    """L2-normalised mean-pooled embeddings [len(sentences), hidden], float32, in input order (the
+    sentences run sorted by length, in batches of `batch_size`): sparse_ofa.models.minilm.embed."""
+    from ..models.minilm import embed
 
-    if not sentences:
-        raise ValueError("encode: no sentences")
-    model.eval()
-    device = next(model.parameters()).device
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    out = [None] * len(sentences)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(sentences), desc=progress if isinstance(progress, str) else "encoding",
-                   unit="sent", dynamic_ncols=True, leave=False)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        batch = tokenizer([sentences[j] for j in idx], padding=True, truncation=True, max_length=max_length,
-                          return_tensors="pt").to(device)
-        pooled = mean_pool(_hidden(_forward(model, batch)).float(), batch["attention_mask"])
-        pooled = torch.nn.functional.normalize(pooled, dim=-1).cpu()
-        for row, j in enumerate(idx):
-            out[j] = pooled[row]
-        if bar is not None:
-            bar.update(len(idx))
-    if bar is not None:
-        bar.close()
-    return torch.stack(out)
+    return embed(model, tokenizer, sentences, batch_size, max_length, normalize=True, by_length=True,
+                 progress=progress)
 
 
 def stsb_spearman(model: nn.Module, tokenizer, pairs: list[tuple[str, str, float]], batch_size: int = 64,
@@ -285,7 +240,7 @@ def stsb_spearman(model: nn.Module, tokenizer, pairs: list[tuple[str, str, float
 def classification_accuracy(model: nn.Module, tokenizer, examples: list[dict], batch_size: int = 64,
                             max_length: int = 128) -> float:
     """Accuracy of a sequence classifier on examples {"text_a", "text_b", "label"} (e.g. a split of
-    sparse_ofa.data.load_rotten_tomatoes)."""
+    sparse_ofa.tasks.data.load_rotten_tomatoes)."""
     from .metrics import accuracy
 
     if not examples:
@@ -304,11 +259,38 @@ def classification_accuracy(model: nn.Module, tokenizer, examples: list[dict], b
 
 def rotten_tomatoes_accuracy(model: nn.Module, tokenizer, split: str = "validation",
                              source: str | os.PathLike | None = None, max_length: int = 128) -> float:
-    """Accuracy on a split of the fixed Rotten Tomatoes split (sparse_ofa.data.rt_split_of)."""
+    """Accuracy on a split of the fixed Rotten Tomatoes split (sparse_ofa.tasks.data.rt_split_of)."""
     from .data import load_rotten_tomatoes
 
     return classification_accuracy(model, tokenizer, load_rotten_tomatoes(split, source), max_length=max_length)
 
 
+
+@torch.no_grad()
+def task_metrics(model: nn.Module, task: str, examples: list[dict], tokenizer, max_length: int,
+                 batch_size: int = 32) -> dict[str, float]:
+    """The task's metrics on `examples`: GLUE accuracy (+ F1 for qqp), SQuAD exact_match / f1."""
+    from .data import squad_predictions, task_collator, task_features
+    from .metrics import glue_metrics, squad_metrics
+
+    model.eval()
+    device = next(model.parameters()).device
+    features = task_features(task, examples, tokenizer, max_length, train=False)
+    collate = task_collator(tokenizer)
+    outputs = []
+    for i in range(0, len(features), batch_size):
+        chunk = features[i:i + batch_size]
+        batch = {k: v.to(device) for k, v in collate(chunk).items() if k != "labels"}
+        with torch.inference_mode():
+            out = model(**batch)
+        outputs.append(out.__class__(**{k: v.cpu() for k, v in out.items()}))
+    if task == "squad":
+        starts = [row for out in outputs for row in out.start_logits]
+        ends = [row for out in outputs for row in out.end_logits]
+        preds = squad_predictions(examples, features, starts, ends)
+        return squad_metrics(preds, {e["id"]: e["answers"]["text"] for e in examples})
+    predictions = torch.cat([out.logits.argmax(-1) for out in outputs]).tolist()
+    return glue_metrics(task, predictions, [e["label"] for e in examples])
+
 __all__ = ["classification_accuracy", "default_stsb_dir", "encode", "load_stsb", "read_stsb_csv",
-           "rotten_tomatoes_accuracy", "spearman", "stsb_sentences", "stsb_spearman"]
+           "rotten_tomatoes_accuracy", "spearman", "stsb_sentences", "stsb_spearman", "task_metrics"]

@@ -72,6 +72,30 @@ def shard(items: list) -> list:
     return items[rank()::world_size()]
 
 
+def to_training_device(*models: nn.Module | None) -> torch.device:
+    """Move the models (None skipped) to this process's device: its GPU under torchrun, the GPU of a
+    single process when CUDA is there, else the CPU. Call it before building masks from them."""
+    device = setup_distributed()
+    for model in models:
+        if model is not None:
+            model.to(device)
+    return device
+
+
+def sharded_loader(features: list[dict], collate, batch_size: int, seed: int):
+    """A re-iterable DataLoader that shuffles with its own seeded generator (train_prune_ofa replays
+    it exactly on resume). Under torchrun each rank takes its own share (every world_size-th example)."""
+    from torch.utils.data import DataLoader
+
+    if not features:
+        raise ValueError("no training examples")
+    features = shard(features)
+    if not features:
+        raise ValueError(f"fewer training examples than the {world_size()} processes")
+    return DataLoader(features, batch_size=batch_size, shuffle=True, collate_fn=collate,
+                      generator=torch.Generator().manual_seed(seed), num_workers=0)
+
+
 def broadcast_masks(masks: dict[str, torch.Tensor], src: int = 0) -> None:
     """Overwrite every rank's masks with rank `src`'s, in place.
 

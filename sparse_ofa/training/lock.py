@@ -14,15 +14,13 @@ one bool keep-mask per weight, gradient hooks and the in-place application of th
 from __future__ import annotations
 
 import re
-from typing import Callable
 
 import torch
 from torch import nn
 
 from .ddp import unwrap
-from ..sparsify import is_encoder_linear
+from ..sparsify import FilterFn, is_encoder_linear
 
-FilterFn = Callable[[nn.Module, str], bool]
 _POOLER = re.compile(r"(^|\.)pooler\.dense$")
 
 
@@ -137,3 +135,9 @@ class PatternLock(MaskedWeights):
 
     def load_state_dict(self, state: dict) -> None:
         self._load_masks(state["masks"], "PatternLock")
+
+
+def mask_sparsity(masks: dict[str, torch.Tensor]) -> float:
+    """Fraction of pruned (False) entries over all the keep-masks together."""
+    total = sum(m.numel() for m in masks.values())
+    return 1.0 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)

@@ -1,5 +1,7 @@
 """A plain PyTorch loop for Prune OFA: GMP pruning or pattern lock, knowledge distillation, QAT, DDP,
-and checkpoints that resume exactly.
+and checkpoints that resume exactly. The one loop of the package: `sparse-ofa demo` trains through it
+(its own loss, LR schedule and history via loss_fn / scheduler / on_step), and so do `sparse-ofa
+prune | finetune | quantize` (through `train_with_adamw`, at the end of this module).
 
     pruner = Pruner(student, GMPSchedule(0.9, ramp_steps=..., update_every=...), pattern="1x4")
     result = train_prune_ofa(student, teacher, loader, optimizer=opt, scheduler=sched, pruner=pruner,
@@ -10,6 +12,7 @@ One step (`step` = optimizer steps already taken, 0-based):
     loss = loss_fn(student, teacher, batch, distill)      # default: DistillLoss on both outputs
     backward (pruned weights get zero grad) -> clip (max_grad_norm) -> optimizer.step() -> scheduler.step()
     pruner.apply_masks(); lock.apply()          # pruned weights back to exactly 0
+    on_step(StepInfo(step, loss, lr))           # optional: progress reports, histories
     checkpoint every `checkpoint_every` steps and after the last step
 
 Batches: a re-iterable of dicts of tensors (a list, a DataLoader); it is re-iterated for each epoch
@@ -42,7 +45,8 @@ import torch
 from torch import nn
 
 from .ddp import barrier, is_main_process, rank, unwrap
-from .distill import DistillLoss, check_teacher_student
+from .distill import DistillLoss, check_teacher_student, output_field
+from .qat import FakeQuantLinear
 
 LABEL_KEYS = ("labels", "next_sentence_label", "start_positions", "end_positions")
 _CHECKPOINT = re.compile(r"^step-(\d+)$")
@@ -57,8 +61,12 @@ class TrainResult:
     last_checkpoint: Path | None = None
 
 
-def _field(output, name):
-    return output.get(name) if isinstance(output, dict) else getattr(output, name, None)
+@dataclass(frozen=True)
+class StepInfo:
+    """What `on_step` hears after each optimizer step."""
+    step: int          # 0-based index of the step just taken
+    loss: float
+    lr: float          # the learning rate this step used (first param group)
 
 
 def default_loss(student: nn.Module, teacher: nn.Module | None, batch: dict,
@@ -66,13 +74,13 @@ def default_loss(student: nn.Module, teacher: nn.Module | None, batch: dict,
     """Student forward on the batch; with a teacher, distill(student_out, teacher_out, out.loss, mask)."""
     out = student(**batch)
     if teacher is None or distill is None:
-        loss = _field(out, "loss")
+        loss = output_field(out, "loss")
         if loss is None:
             raise ValueError("the student returned no loss: give the batches labels, or a teacher to distill from")
         return loss
     with torch.no_grad():
         teacher_out = teacher(**{k: v for k, v in batch.items() if k not in LABEL_KEYS})
-    return distill(out, teacher_out, _field(out, "loss"), batch.get("attention_mask"))
+    return distill(out, teacher_out, output_field(out, "loss"), batch.get("attention_mask"))
 
 
 def _to_device(batch, device):
@@ -208,13 +216,17 @@ def train_prune_ofa(student: nn.Module, teacher: nn.Module | None, batches: Iter
                     distill: DistillLoss | None = None, steps: int, checkpoint_dir=None,
                     checkpoint_every: int | None = None, resume=False, progress: bool = True,
                     loss_fn: LossFn | None = None, max_grad_norm: float | None = None,
-                    check_models: bool = True, description: str = "prune-ofa") -> TrainResult:
+                    check_models: bool = True, description: str = "prune-ofa", dropout: bool = True,
+                    on_step: Callable[[StepInfo], None] | None = None) -> TrainResult:
     """Train `student` for `steps` optimizer steps in total (see the module docstring).
 
     student may be wrapped in DistributedDataParallel; teacher (None: no distillation) is put in eval
     mode. distill defaults to DistillLoss() (0.5 hard + 0.5 T=2 soft) when a teacher is given. A teacher
     that can't teach the student (vocabulary, head, size) raises before any step (check_models=False
-    skips it). Returns TrainResult(step, losses, last_checkpoint).
+    skips it). dropout=False trains the student in eval mode (no dropout: a student that imitates a
+    deterministic teacher learns better without it) with only the QAT observers (FakeQuantLinear) in
+    train mode, where they learn activation ranges. on_step(StepInfo) runs after every step (the pruned
+    weights already zero): progress reports, histories. Returns TrainResult(step, losses, last_checkpoint).
     """
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
@@ -252,7 +264,13 @@ def train_prune_ofa(student: nn.Module, teacher: nn.Module | None, batches: Iter
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=start, desc=description, dynamic_ncols=True)
-    student.train()
+    if dropout:
+        student.train()
+    else:
+        student.eval()
+        for module in student.modules():
+            if isinstance(module, FakeQuantLinear):
+                module.train()
     for step in range(start, steps):
         if pruner is not None:
             pruner.step(step, optimizer, scheduler)
@@ -262,6 +280,7 @@ def train_prune_ofa(student: nn.Module, teacher: nn.Module | None, batches: Iter
         loss.backward()
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(student.parameters(), max_grad_norm)
+        step_lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -271,6 +290,8 @@ def train_prune_ofa(student: nn.Module, teacher: nn.Module | None, batches: Iter
             lock.apply()
         result.losses.append(float(loss.detach()))
         result.step = step + 1
+        if on_step is not None:
+            on_step(StepInfo(step=step, loss=result.losses[-1], lr=step_lr))
         if bar is not None:
             postfix = {"loss": f"{result.losses[-1]:.4f}"}
             if pruner is not None:
@@ -287,5 +308,40 @@ def train_prune_ofa(student: nn.Module, teacher: nn.Module | None, batches: Iter
     return result
 
 
-__all__ = ["LABEL_KEYS", "TrainResult", "batch_stream", "default_loss", "latest_checkpoint",
-           "load_checkpoint", "save_checkpoint", "train_prune_ofa"]
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """How `train_with_adamw` trains: `steps` optimizer steps of AdamW at peak `lr` (weight decay 0.01
+    on matrices) with linear warm-up over `warmup_steps`, then linear decay to 0; checkpoints in
+    `checkpoint_dir` every `checkpoint_every` steps and at the end (None: none), `resume` from the
+    latest one there; a progress bar named `description` if `progress`."""
+    steps: int
+    lr: float
+    warmup_steps: int = 0
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int | None = None
+    resume: bool = False
+    progress: bool = True
+    description: str = "prune-ofa"
+
+
+def train_with_adamw(student: nn.Module, teacher: nn.Module | None, batches: Iterable, options: TrainOptions,
+                     **loop_kwargs) -> TrainResult:
+    """train_prune_ofa with the optimizer and schedule of `options`, on this process's device: student
+    and teacher move there, and under torchrun the student trains wrapped in DistributedDataParallel
+    (`batches` must already hold this rank's share: ddp.sharded_loader). loop_kwargs: the pruner or
+    lock, distill, loss_fn ... of train_prune_ofa."""
+    from .ddp import to_training_device, wrap_ddp
+    from .optim import adamw, warmup_linear_decay
+
+    device = to_training_device(teacher)
+    optimizer = adamw(student, options.lr, weight_decay=0.01)  # the same Parameters DDP wraps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(options.warmup_steps, options.steps))
+    student = wrap_ddp(student, device)
+    return train_prune_ofa(student, teacher, batches, optimizer=optimizer, scheduler=scheduler, steps=options.steps,
+                           checkpoint_dir=options.checkpoint_dir, checkpoint_every=options.checkpoint_every,
+                           resume=options.resume, progress=options.progress, description=options.description,
+                           **loop_kwargs)
+
+__all__ = ["LABEL_KEYS", "StepInfo", "TrainResult", "batch_stream", "default_loss", "latest_checkpoint",
+           "load_checkpoint", "save_checkpoint", "train_prune_ofa", "train_with_adamw", "TrainOptions"]
