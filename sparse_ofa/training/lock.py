@@ -13,22 +13,11 @@ one bool keep-mask per weight, gradient hooks and the in-place application of th
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
 from .ddp import unwrap
-from ..sparsify import FilterFn, is_encoder_linear
-
-_POOLER = re.compile(r"(^|\.)pooler\.dense$")
-
-
-def default_prune_filter(module: nn.Module, name: str) -> bool:
-    """Every encoder Linear (attention q/k/v/output, intermediate, output) plus the pooler dense.
-
-    Never embeddings, LayerNorms, biases (only `.weight` is masked) or task heads."""
-    return isinstance(module, nn.Linear) and (is_encoder_linear(module, name) or bool(_POOLER.search(name)))
+from ..selection import FilterFn, default_prune_filter  # noqa: F401 (default_prune_filter re-exported)
 
 
 def select_linears(model: nn.Module, filter_fn: FilterFn | None, who: str) -> dict[str, nn.Linear]:
