@@ -76,7 +76,7 @@ def build_lock(build_dir: Path, name: str, *, note_every: float = 30.0):
         return
     timeout = float(os.environ.get("SPARSE_OFA_BUILD_LOCK_TIMEOUT", "1800"))
     build_dir.mkdir(parents=True, exist_ok=True)
-    path = build_dir / "sparse_ofa.training.lock"
+    path = build_dir / "sparse_ofa.lock"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         start = time.monotonic()

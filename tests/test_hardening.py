@@ -360,7 +360,7 @@ def test_live_builder_is_waited_for_with_a_message_and_a_timeout(tmp_path):
     src.write_text(TINY)
     build_dir = tmp_path / "ext" / "sparse_ofa_locktest"
     build_dir.mkdir(parents=True)
-    fd = os.open(build_dir / "sparse_ofa.training.lock", os.O_RDWR | os.O_CREAT)
+    fd = os.open(build_dir / "sparse_ofa.lock", os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         os.write(fd, f"{os.getpid()}\n".encode())
