@@ -16,7 +16,7 @@ from sparse_ofa.quant import ActQuant, dequantize, quantize_activations
 
 from conftest import cpu_kernel_paths, threads
 
-pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # portable and AVX-512 paths
+pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # every ISA path this CPU runs
 
 
 def weight(n: int, k: int, seed: int, sparsity: float = 0.5):
