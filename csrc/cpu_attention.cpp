@@ -139,9 +139,12 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
                    qkv2, is, c10::nullopt, false, c10::nullopt, c10::nullopt, 1e-12);
     return attention(qkv, mask_in, heads, scale, is, bf16);
   }
-  // 1. the projection, channel-major qkv_t [3 hidden][mp]: each thread its own 64-token tiles
+  // 1. the projection, channel-major qkv_t [3 hidden][ld]: each thread its own 64-token tiles. The
+  // attention reads K^T rows ld floats apart: a multiple of 1 KB would put a head's 64 rows in a few L1
+  // sets (they evict each other), so such a row stride gets 16 floats more.
   const int64_t mp = (m + kTileTokens - 1) / kTileTokens * kTileTokens;
-  at::Tensor qkv_t = at::empty({wq.n, mp}, xf.options());
+  const int64_t ld = mp % 256 == 0 ? mp + 16 : mp;
+  at::Tensor qkv_t = at::empty({wq.n, ld}, xf.options());
   float* yt = qkv_t.data_ptr<float>();
   const float* xp = xf.data_ptr<float>();
   const int64_t ldx = xf.stride(0), nq = (wq.k + 3) / 4;
@@ -151,14 +154,14 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
     uint8_t* xt = scratch(xt_buf, one_tile(wq).bytes);
     alignas(64) float xs[kTileTokens];
     pack_tile(is, wq, xp, ldx, s0, mt, qp, xt, xs);
-    spmm_cols(is, wq, PackedActs{xt, mt, kTileTokens, nq, flip_of(is), xs}, ws, bp, false, yt + s0, mp, nullptr,
+    spmm_cols(is, wq, PackedActs{xt, mt, kTileTokens, nq, flip_of(is), xs}, ws, bp, false, yt + s0, ld, nullptr,
               nullptr);
   });
   // 2. the attention, reading q, k, v from it
   at::Tensor out = at::empty({b, s, hidden}, xf.options());
   AttnProblem p{};
   p.qkv = yt;
-  p.sb = s, p.st = 1, p.sc = mp;  // token (b, i) is column b * s + i
+  p.sb = s, p.st = 1, p.sc = ld;  // token (b, i) is column b * s + i
   run_attention(p, b, s, heads, hidden / heads, scale, mask_in, out, is, bf16);
   return out;
 }

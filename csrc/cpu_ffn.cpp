@@ -86,7 +86,10 @@ at::Tensor cpu_ffn(const at::Tensor& x, const std::vector<at::Tensor>& w1, const
   check_vec(w2_scale, "w2_scale", at::kFloat, wb.n);
   const float* b1p = bias_of(b1, "b1", wa.n);
   const float* b2p = bias_of(b2, "b2", wb.n);
-  if (has_cols_route(is) && rows > 0 && tiles_for_every_thread(rows)) {
+  // (the 256-bit paths: from 32 tokens on; below, the 64-token tile of the 3072-wide intermediate
+  // no longer fits the L1 that the row-major route's 16-token one does, and the op lost 7-12 % at 4-12
+  // tokens: bench/NOTES.md)
+  if (has_cols_route(is) && rows > 0 && tiles_for_every_thread(rows) && (is == kAvx512Vnni || rows >= 32)) {
     const FfnArgs f{wa, wb, w1_scale.data_ptr<float>(), b1p, w2_scale.data_ptr<float>(), b2p, quant_params(static_scale1, inv_scale1, zero_point1, qmin1, qmax1),
                     quant_params(static_scale2, inv_scale2, zero_point2, qmin2, qmax2), gelu,
                     post_ops(res2, false, ln_weight, ln_bias, ln_eps, out2, rows, wb.n)};

@@ -150,8 +150,8 @@ def _bf16_attention(qkv: torch.Tensor, heads: int, mask) -> torch.Tensor:
 
 
 def _cpu_attention_runs(qkv: torch.Tensor, mask) -> bool:
-    """Whether torch.ops.sparse_ofa.cpu_attention takes this call: fp32 [B, S, 3H] on a CPU whose
-    kernels run AVX-512 (elsewhere torch's SDPA is the faster fp32 attention), a bool or fp32 mask."""
+    """Whether torch.ops.sparse_ofa.cpu_attention takes this call: fp32 [B, S, 3H] on an ISA path where
+    it measured faster than torch's SDPA (backends.cpu.runs_attention_op), a bool or fp32 mask."""
     if qkv.device.type != "cpu" or qkv.dtype != torch.float32 or qkv.dim() != 3:
         return False
     if torch.is_grad_enabled() and qkv.requires_grad:  # the op has no backward: SDPA then
@@ -160,7 +160,7 @@ def _cpu_attention_runs(qkv: torch.Tensor, mask) -> bool:
                              or mask.dim() > 4):
         return False
     try:
-        return _cpu_backend.effective_isa() == _cpu_backend.ISAS["avx512vnni"]
+        return _cpu_backend.runs_attention_op(_cpu_backend.effective_isa(), qkv.shape[-2])
     except (RuntimeError, ValueError):  # no compiler for the extension, or a bad $SPARSE_OFA_CPU_ISA
         return False
 

@@ -317,3 +317,29 @@ def test_fast_path_runs_projection_and_attention_as_one_op(monkeypatch):
         two_ops(input_ids=ids, attention_mask=mask)
         want = two_ops(input_ids=ids, attention_mask=mask).last_hidden_state
     assert len(fused) == 2 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("b,s", [(1, 12), (1, 64), (2, 128), (3, 100)])
+def test_qkv_attention_tile_edges_every_path(isa, b, s):
+    """Every ISA path at token counts around the 64-token tiles (12: a short tile; 256 = 2 x 128: the
+    channel-major qkv gets its padded row stride), fresh inputs with large and zero tokens, both
+    layouts, 1 and 2 threads: bit for bit the two ops, and close to torch's SDPA on that projection."""
+    h, d, k = 3, 16, 40
+    for gathered in (False, True):
+        packed, args, bias = _qkv_layer(h * d, k, 7 + s, gathered)
+        g = torch.Generator().manual_seed(b * 1000 + s)
+        x = torch.randn(b, s, k, generator=g)
+        x[0, 1] *= 1e4
+        x[-1, -1] = 0.0
+        mask = torch.rand(b, 1, 1, s, generator=g) > 0.2
+        mask[..., 0] = True
+        for nthreads in (1, 2):
+            with threads(nthreads):
+                qkv = torch.ops.sparse_ofa.cpu_linear(x, *args, packed.scale, bias, *DYNAMIC, torch.float32, isa)
+                want = torch.ops.sparse_ofa.cpu_attention(qkv, mask, h, 0.25, isa)
+                torch.full((b, s, h * d), float("nan"))
+                got = torch.ops.sparse_ofa.cpu_qkv_attention(x, args, packed.scale, bias, *DYNAMIC, mask, h, 0.25,
+                                                              isa)
+            assert torch.equal(got, want)
+            assert_accurate(got, qkv, mask, h, 0.25)

@@ -211,7 +211,9 @@ void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e
 // so the same bits as the row-major linear. amax / nonfinite: per token max |y| and NaN/Inf.
 void SPARSE_OFA_SPMM_COLS(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias,
                           bool gelu, float* yt, int64_t ldy, float* amax, uint64_t* nonfinite) {
-  constexpr int T = kTileTokens / 8;
+  // only the 8-token vectors holding live tokens (a short tile: 12 tokens cost 2 vectors, not 8); the
+  // rest of yt is not written (quant_pack_cols_avx2 packs those tokens as zeros)
+  const int T = (int)((a.m + 7) / 8);
   alignas(32) float xs_pad[kTileTokens];  // padding tokens: scale 0
   for (int i = 0; i < kTileTokens; ++i) xs_pad[i] = i < a.m ? a.x_scale[i] : 0.0f;
   alignas(32) float mx[kTileTokens] = {};
@@ -219,12 +221,12 @@ void SPARSE_OFA_SPMM_COLS(const QuadWeight& w, const PackedActs& a, const float*
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 inf = _mm256_set1_ps(__builtin_inff());
   for (int64_t n = 0; n < w.n; ++n) {
-    __m256i acc[T];
-    if (w.gather) {
+    __m256i acc[kTileTokens / 8];
+    if (w.gather) {  // 32 tokens a call
       row_gather8(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp, acc);
-      row_gather8(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + 32, a.mp, acc + 4);
+      if (T > 4) row_gather8(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + 32, a.mp, acc + 4);
     } else {
-      row_product8<T>(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp * 4, acc);
+      row_product8_any(T, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp * 4, acc);
     }
     const __m256i corr = _mm256_set1_epi32((int32_t)((uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u)));
     const __m256 ws = _mm256_set1_ps(w_scale[n]);

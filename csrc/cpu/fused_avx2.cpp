@@ -8,7 +8,9 @@
 //         inv = (1 / amax) * 127, q = rne(y * inv)                       (dynamic, no clamp needed)
 //         q = clamp(rne(y * inv_scale) + zero_point, qmin, qmax)       (static)
 //       kind 0 quads: dword (q, m) = bytes q[4q + j][m] ^ flip (shifts and ors of 4 channel rows);
-//       kind 1 columns: bytes q[k][m] ^ flip, 32 tokens per store. Tokens with a NaN/Inf take
+//       kind 1 columns: bytes q[k][m] ^ flip, 32 tokens per store; only the 8-token vectors with a
+//       live token (and for kind 1 up to the next 32), the padding tokens among them as zeros.
+//       Tokens with a NaN/Inf take
 //       quantize_token_exact, like a bad row-major row.
 // AVX2 + FMA (the GELU of the epilogue): the fused ops take these only where fma_supported().
 #include <cstdint>
@@ -28,7 +30,7 @@ namespace sparse_ofa_cpu {
 
 void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
                           const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale) {
-  constexpr int T = kTileTokens / 8;
+  const int live = (int)((m + 7) / 8);  // vectors spmm_cols_avx2 wrote; the others are packed as zeros
   const bool dynamic = qp.static_scale == 0.0f;
   alignas(32) float inv[kTileTokens];
   for (int i = 0; i < kTileTokens; ++i) {
@@ -45,7 +47,7 @@ void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* am
   const __m256 zp = _mm256_set1_ps((float)qp.zero_point);
   // int32 q (8 tokens) of channel row kk; rows past k are zeros (the padding of the last quad)
   auto quant8 = [&](int64_t kk, int t) -> __m256i {
-    if (kk >= k) return _mm256_setzero_si256();
+    if (kk >= k || t >= live) return _mm256_setzero_si256();
     __m256 v = _mm256_mul_ps(_mm256_load_ps(yt + kk * kTileTokens + 8 * t), _mm256_load_ps(inv + 8 * t));
     if (!dynamic) {
       v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -58,7 +60,7 @@ void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* am
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256i flip8 = _mm256_set1_epi8((char)flip);
     for (int64_t kk = 0; kk < k; ++kk)
-      for (int t = 0; t < T; t += 4) {
+      for (int t = 0; t < live; t += 4) {  // (the gathered product reads 32 tokens at a time)
         const __m256i ab = _mm256_packs_epi32(quant8(kk, t), quant8(kk, t + 1));
         const __m256i cd = _mm256_packs_epi32(quant8(kk, t + 2), quant8(kk, t + 3));
         const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
@@ -69,7 +71,7 @@ void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* am
     const __m256i flip32 = _mm256_set1_epi32((int32_t)(0x01010101u * flip));
     const int64_t nq = (k + 3) / 4;
     for (int64_t q = 0; q < nq; ++q)
-      for (int t = 0; t < T; ++t) {
+      for (int t = 0; t < live; ++t) {  // (the aligned product reads the live vectors only)
         const __m256i b0 = _mm256_and_si256(quant8(4 * q, t), ff);
         const __m256i b1 = _mm256_slli_epi32(_mm256_and_si256(quant8(4 * q + 1, t), ff), 8);
         const __m256i b2 = _mm256_slli_epi32(_mm256_and_si256(quant8(4 * q + 2, t), ff), 16);

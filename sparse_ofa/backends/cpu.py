@@ -313,6 +313,31 @@ def _dense_route() -> str:
     return cpu_route()
 
 
+# ISA codes on which the fast path calls the fused ops (csrc/cpu_ffn.cpp, csrc/cpu_attention.cpp): they
+# exist for AVX-512 and the 256-bit paths (AVX2 / AVX-VNNI with FMA; the portable path runs their op
+# sequences), and are called where they measured faster than the unfused route (bench/NOTES.md,
+# "Fused FFN and QKV-attention on the 256-bit paths").
+FFN_OP_ISAS = frozenset({ISAS["avx512vnni"], ISAS["avxvnni"], ISAS["avx2"]})
+ATTENTION_OP_ISAS = frozenset({ISAS["avx512vnni"], ISAS["avxvnni"], ISAS["avx2"]})
+
+
+def runs_ffn_op(isa: int) -> bool:
+    """Whether the fused FFN op is the faster route for ISA code `isa` (-1 = the best)."""
+    return (ISAS[best_isa()] if isa < 0 else isa) in FFN_OP_ISAS
+
+
+# The 256-bit attention kernel is up to 1.3x slower than torch's SDPA at 256-512 keys (1 thread, AVX2):
+# there the fast path keeps SDPA.
+MAX_KEYS_256 = 128
+
+
+def runs_attention_op(isa: int, keys: int) -> bool:
+    """Whether the attention kernel (and the fused QKV projection + attention) is the faster route than
+    torch's SDPA after the projection, for ISA code `isa` (-1 = the best) and `keys` keys."""
+    isa = ISAS[best_isa()] if isa < 0 else isa
+    return isa in ATTENTION_OP_ISAS and (isa == ISAS["avx512vnni"] or keys <= MAX_KEYS_256)
+
+
 def fuses_post_ops(isa: int, out_dtype: torch.dtype, post: tuple[bool, bool, bool]) -> bool:
     """Whether an op of this extension should run `post` (residual, GELU, LayerNorm) itself: only in
     float32 and with the AVX-512 or AVX2 post-ops (the portable ones are no faster than torch's)."""
@@ -413,10 +438,9 @@ class CpuBackend(Backend):
         return post_op_fn(torch.ops.sparse_ofa.cpu_linear.default, args, post)
 
     def qkv_attention_fn(self, prepared, w_scale, bias, act, m, heads, scale, bf16=False):
-        # one cpu_qkv_attention op: the projection channel-major, K^T read in place (csrc/cpu_attention.cpp);
-        # AVX-512 only, like the fused attention kernel itself
+        # one cpu_qkv_attention op: the projection channel-major, K^T read in place (csrc/cpu_attention.cpp)
         isa = isa_code()
-        if (ISAS[best_isa()] if isa < 0 else isa) != ISAS["avx512vnni"]:
+        if not runs_attention_op(isa, 0):  # (the caller checked the sequence length)
             return None
         args = (list(self.choose(m, prepared, isa)), w_scale, bias, *act.kernel_args())
         op = torch.ops.sparse_ofa.cpu_qkv_attention.default
@@ -424,9 +448,9 @@ class CpuBackend(Backend):
 
     def ffn_fn(self, first, second, m, gelu, post):
         # one cpu_ffn op: the intermediate stays channel-major in each thread's cache (csrc/cpu_ffn.cpp);
-        # AVX-512 float32 only (elsewhere two linear_fn calls are as fast)
+        # float32 (feed_forward's caller checks)
         isa = isa_code()
-        if (ISAS[best_isa()] if isa < 0 else isa) != ISAS["avx512vnni"]:
+        if not runs_ffn_op(isa):
             return None
         has_residual, has_norm = post
         (prep1, w1_scale, b1, act1), (prep2, w2_scale, b2, act2) = first, second
