@@ -387,7 +387,8 @@ class CpuBackend(Backend):
             # 0.043 ms; after stop 13's vectorised pack and epilogue 0.061 / 0.077 vs 0.023 ms at 2
             # threads) are 2.6-4.4x slower, dense INT8 on such a CPU about 2x: demand half the work. (And no more than half of
             # 0.35: the whole-model wins behind 0.5 above 32 tokens came with the fused FFN /
-            # attention ops and post-ops, which are AVX-512 only.)
+            # attention ops and post-ops; these limits were set before the 256-bit paths had the
+            # fused ops and were not re-measured with them.)
             limit = min(limit, 0.35) / 2
         return work_fraction(m, info) <= limit + 1e-9  # (a 1x4 layer at exactly 80 % is 0.2000...04)
 
