@@ -4,6 +4,7 @@ table" comes from this script).
 
     python bench/peer_table.py --threads 2 --sparsity 0,0.8,0.9 --rounds 15
     python bench/peer_table.py ... --deepsparse-python /path/to/venv-with-deepsparse/bin/python
+    python bench/peer_table.py --threads 1 --cpu-time      # a loaded machine: process CPU time
 
 Engines: torch fp32 eager, torch quantize_dynamic (dynamic INT8, fbgemm), onnxruntime fp32 and
 onnxruntime dynamic INT8 (onnxruntime.quantization.quantize_dynamic, QInt8 weights) on the same model
@@ -26,7 +27,8 @@ DEEPSPARSE_TIMER = r"""
 import json, statistics, sys, time
 import numpy as np
 from deepsparse import compile_model
-path, ids, mask, out, cores, rounds = sys.argv[1:7]
+path, ids, mask, out, cores, rounds, cpu_time = sys.argv[1:8]
+clock = time.process_time if cpu_time == "1" else time.perf_counter
 engine = compile_model(path, batch_size=1, num_cores=int(cores))
 inputs = [np.load(ids), np.load(mask)]
 y = engine.run(inputs)[0]
@@ -34,9 +36,9 @@ for _ in range(3):
     engine.run(inputs)
 times = []
 for _ in range(int(rounds)):
-    t = time.perf_counter()
+    t = clock()
     engine.run(inputs)
-    times.append(time.perf_counter() - t)
+    times.append(clock() - t)
 np.save(out, y)
 print(json.dumps({"median": statistics.median(times)}))
 """
@@ -71,9 +73,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--deepsparse-python", default=None)
+    p.add_argument("--cpu-time", action="store_true",
+                   help="one thread: time the process's CPU time (every engine runs in its calling thread then)")
     p.add_argument("--engines", default="fp32,quantize_dynamic,ort_fp32,ort_int8,sparse_ofa")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.cpu_time and args.threads != 1:
+        raise SystemExit("--cpu-time needs --threads 1")
+    clock = time.process_time if args.cpu_time else time.perf_counter
 
     import numpy as np
     import torch
@@ -93,7 +100,8 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="sparse_ofa_peers_")
     with open("/proc/loadavg") as f:
         load0 = f.read().split()[0]
-    print(f"BERT-base shape 1x{args.tokens}, {args.threads} threads, rounds={args.rounds}, load at start {load0}, "
+    print(f"BERT-base shape 1x{args.tokens}, {args.threads} threads{' (process CPU time)' if args.cpu_time else ''}, "
+          f"rounds={args.rounds}, load at start {load0}, "
           f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
           f"onnxruntime {ort.__version__ if ort else '-'}", flush=True)
     for sparsity in (float(s) for s in args.sparsity.split(",")):
@@ -131,16 +139,16 @@ def main() -> None:
             outs[name] = out if isinstance(out, torch.Tensor) else out.last_hidden_state
         for _ in range(args.rounds):
             for name, fn in fns.items():
-                start = time.perf_counter()
+                start = clock()
                 fn()
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         if args.deepsparse_python:
             ids_path, mask_path, out_path = (os.path.join(tmp, n) for n in ("ids.npy", "mask.npy", "ds_out.npy"))
             np.save(ids_path, feeds["input_ids"])
             np.save(mask_path, feeds["attention_mask"])
             run = subprocess.run([args.deepsparse_python, "-c", DEEPSPARSE_TIMER, onnx_path, ids_path, mask_path,
-                                  out_path, str(args.threads), str(args.rounds)], capture_output=True, text=True)
+                                  out_path, str(args.threads), str(args.rounds), "1" if args.cpu_time else "0"], capture_output=True, text=True)
             if run.returncode == 0:
                 medians["DeepSparse (fp32 ONNX, own process)"] = json.loads(run.stdout.strip().splitlines()[-1])["median"]
                 outs["DeepSparse (fp32 ONNX, own process)"] = torch.from_numpy(np.load(out_path))
