@@ -65,12 +65,14 @@ void run_attention(AttnProblem& p, int64_t b, int64_t s, int64_t heads, int64_t 
     p.mb = mask.stride(0), p.mh = mask.stride(1), p.mi = mask.stride(2);
   }
   p.out = out.data_ptr<float>(), p.ob = out.stride(0), p.ot = out.stride(1);
+  static const bool fma = fma_supported();
   const int64_t scratch_floats = bf16 ? attention_bf16_scratch_words(p) : attention_scratch_floats(p);
   at::parallel_for(0, b * heads, 1, [&](int64_t t0, int64_t t1) {
     thread_local std::vector<uint8_t> buf;
     float* work = reinterpret_cast<float*>(scratch(buf, (size_t)scratch_floats * sizeof(float)));
     if (bf16) attention_avx512_bf16(p, t0, t1, work);
     else if (is == kAvx512Vnni) attention_avx512(p, t0, t1, work);
+    else if (is >= kAvx2 && fma) attention_avx2(p, t0, t1, work);
     else attention_scalar(p, t0, t1, work);
   });
 }
@@ -111,7 +113,8 @@ at::Tensor attention(const at::Tensor& qkv, const c10::optional<at::Tensor>& mas
 }
 
 // The fused QKV projection (sparse INT8, cpu_linear's numerics) and the attention as one op, equal bit
-// for bit to cpu_attention(cpu_linear(x, ...)). On AVX-512 with a 64-token tile per thread, the
+// for bit to cpu_attention(cpu_linear(x, ...)). With a 64-token tile per thread (AVX-512, or AVX2 /
+// AVX-VNNI with FMA: has_cols_route), the
 // projection is written channel-major, as its accumulators come (no 16x16 output transposes), and
 // the attention reads K^T from it in place (it transposes K from a row-major qkv; here V instead).
 at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, const at::Tensor& w_scale,
@@ -129,16 +132,19 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   const QuantParams qp = quant_params(static_scale, inv_scale, zero_point, qmin, qmax);
   const int64_t b = x.size(0), s = x.size(1), m = b * s, hidden = wq.n / 3;
   const at::Tensor xf = float_input(x.reshape({m, x.size(2)}), wq.k);
-  if (is != kAvx512Vnni || m == 0 || hidden == 0 || !tiles_for_every_thread(m)) {
+  if (!has_cols_route(is) || m == 0 || hidden == 0 || !tiles_for_every_thread(m)) {
     at::Tensor qkv = at::empty({b, s, wq.n}, xf.options());
     at::Tensor qkv2 = qkv.view({m, wq.n});
     cpu_linear_out(xf, w[0], w[1], w[2], w[3], w[4], w_scale, bias, static_scale, inv_scale, zero_point, qmin, qmax,
                    qkv2, is, c10::nullopt, false, c10::nullopt, c10::nullopt, 1e-12);
     return attention(qkv, mask_in, heads, scale, is, bf16);
   }
-  // 1. the projection, channel-major qkv_t [3 hidden][mp]: each thread its own 64-token tiles
+  // 1. the projection, channel-major qkv_t [3 hidden][ld]: each thread its own 64-token tiles. The
+  // attention reads K^T rows ld floats apart: a multiple of 1 KB would put a head's 64 rows in a few L1
+  // sets (they evict each other), so such a row stride gets 16 floats more.
   const int64_t mp = (m + kTileTokens - 1) / kTileTokens * kTileTokens;
-  at::Tensor qkv_t = at::empty({wq.n, mp}, xf.options());
+  const int64_t ld = mp % 256 == 0 ? mp + 16 : mp;
+  at::Tensor qkv_t = at::empty({wq.n, ld}, xf.options());
   float* yt = qkv_t.data_ptr<float>();
   const float* xp = xf.data_ptr<float>();
   const int64_t ldx = xf.stride(0), nq = (wq.k + 3) / 4;
@@ -147,15 +153,15 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
     thread_local std::vector<uint8_t> xt_buf;
     uint8_t* xt = scratch(xt_buf, one_tile(wq).bytes);
     alignas(64) float xs[kTileTokens];
-    pack_tile_avx512(wq, xp, ldx, s0, mt, qp, xt, xs);
-    spmm_cols_avx512(wq, PackedActs{xt, mt, kTileTokens, nq, flip_of(kAvx512Vnni), xs}, ws, bp, false, yt + s0, mp,
-                     nullptr, nullptr);
+    pack_tile(is, wq, xp, ldx, s0, mt, qp, xt, xs);
+    spmm_cols(is, wq, PackedActs{xt, mt, kTileTokens, nq, flip_of(is), xs}, ws, bp, false, yt + s0, ld, nullptr,
+              nullptr);
   });
   // 2. the attention, reading q, k, v from it
   at::Tensor out = at::empty({b, s, hidden}, xf.options());
   AttnProblem p{};
   p.qkv = yt;
-  p.sb = s, p.st = 1, p.sc = mp;  // token (b, i) is column b * s + i
+  p.sb = s, p.st = 1, p.sc = ld;  // token (b, i) is column b * s + i
   run_attention(p, b, s, heads, hidden / heads, scale, mask_in, out, is, bf16);
   return out;
 }

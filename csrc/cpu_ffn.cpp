@@ -8,8 +8,9 @@
 // W1 writes it row-major through 16x16 transposes, and W2 reads it twice (max per token, then
 // quantize) and packs it back through transposes. Here each thread takes 64-token tiles and keeps
 // the tile's intermediate channel-major, as W1's accumulators produce it, in its own cache
-// (cpu/ffn_avx512.cpp): no transposes either way, one parallel region. AVX-512 only; elsewhere, or
-// with too few tokens for one tile per thread, it runs the two cpu_linear calls.
+// (cpu/ffn_avx512.cpp; the 256-bit paths: cpu/fused_avx2.cpp): no transposes either way, one parallel
+// region. AVX-512, and AVX2 / AVX-VNNI with FMA; elsewhere, or with too few tokens for one tile per
+// thread, it runs the two cpu_linear calls.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,7 +29,6 @@ namespace {
 using sparse_ofa::fmt_dims;
 using sparse_ofa::fmt_num;
 
-#if defined(__x86_64__) || defined(__i386__)
 struct FfnArgs {
   QuadWeight w1, w2;
   const float *w1_scale, *b1, *w2_scale, *b2;
@@ -37,24 +37,24 @@ struct FfnArgs {
   PostOps post;
 };
 
-// Tokens [s, s + mt) (mt <= kTileTokens) of x [*, ldx] -> out [*, ldo], one thread.
-void ffn_tile(const FfnArgs& f, const float* x, int64_t ldx, float* out, int64_t ldo, int64_t s, int64_t mt) {
+// Tokens [s, s + mt) (mt <= kTileTokens) of x [*, ldx] -> out [*, ldo], one thread, ISA `is`
+// (has_cols_route(is)).
+void ffn_tile(int is, const FfnArgs& f, const float* x, int64_t ldx, float* out, int64_t ldo, int64_t s, int64_t mt) {
   thread_local std::vector<uint8_t> xt1_buf, yt_buf, xt2_buf;
   uint8_t* xt1 = scratch(xt1_buf, one_tile(f.w1).bytes);
   float* yt = (float*)scratch(yt_buf, (size_t)(f.w1.n * kTileTokens * sizeof(float)));
   uint8_t* xt2 = scratch(xt2_buf, one_tile(f.w2).bytes);
   alignas(64) float xs1[kTileTokens], xs2[kTileTokens], amax[kTileTokens];
-  const uint8_t flip = flip_of(kAvx512Vnni);
-  pack_tile_avx512(f.w1, x, ldx, s, mt, f.q1, xt1, xs1);
+  const uint8_t flip = flip_of(is);
+  pack_tile(is, f.w1, x, ldx, s, mt, f.q1, xt1, xs1);
   uint64_t nonfinite = 0;
-  spmm_cols_avx512(f.w1, PackedActs{xt1, mt, kTileTokens, (f.w1.k + 3) / 4, flip, xs1}, f.w1_scale, f.b1, f.gelu,
-                   yt, kTileTokens, amax, &nonfinite);
-  quant_pack_cols_avx512(yt, f.w1.n, mt, amax, nonfinite, f.q2, f.w2.gather, flip, xt2, xs2);
+  spmm_cols(is, f.w1, PackedActs{xt1, mt, kTileTokens, (f.w1.k + 3) / 4, flip, xs1}, f.w1_scale, f.b1, f.gelu, yt,
+            kTileTokens, amax, &nonfinite);
+  quant_pack_cols(is, yt, f.w1.n, mt, amax, nonfinite, f.q2, f.w2.gather, xt2, xs2);
   const Epilogue e{kOutFloat, f.w2_scale, f.b2, out + s * ldo, ldo, false};
-  spmm_avx512(f.w2, PackedActs{xt2, mt, kTileTokens, (f.w2.k + 3) / 4, flip, xs2}, e, 0, task_count(mt, f.w2.n));
-  if (f.post.any()) post_rows_avx512(f.post, out, ldo, f.w2.n, s, s + mt);
+  spmm_tasks(is, f.w2, PackedActs{xt2, mt, kTileTokens, (f.w2.k + 3) / 4, flip, xs2}, e, 0, task_count(mt, f.w2.n));
+  if (f.post.any()) post_rows_raw(is, f.post, out, ldo, f.w2.n, s, s + mt);
 }
-#endif
 
 at::Tensor cpu_ffn(const at::Tensor& x, const std::vector<at::Tensor>& w1, const at::Tensor& w1_scale,
                    const c10::optional<at::Tensor>& b1, double static_scale1, double inv_scale1, int64_t zero_point1,
@@ -86,20 +86,19 @@ at::Tensor cpu_ffn(const at::Tensor& x, const std::vector<at::Tensor>& w1, const
   check_vec(w2_scale, "w2_scale", at::kFloat, wb.n);
   const float* b1p = bias_of(b1, "b1", wa.n);
   const float* b2p = bias_of(b2, "b2", wb.n);
-  const bool fused = is == kAvx512Vnni && rows > 0 && tiles_for_every_thread(rows);
-#if defined(__x86_64__) || defined(__i386__)
-  if (fused) {
+  // (the 256-bit paths: from 32 tokens on; below, the 64-token tile of the 3072-wide intermediate
+  // no longer fits the L1 that the row-major route's 16-token one does, and the op lost 7-12 % at 4-12
+  // tokens: bench/NOTES.md)
+  if (has_cols_route(is) && rows > 0 && tiles_for_every_thread(rows) && (is == kAvx512Vnni || rows >= 32)) {
     const FfnArgs f{wa, wb, w1_scale.data_ptr<float>(), b1p, w2_scale.data_ptr<float>(), b2p, quant_params(static_scale1, inv_scale1, zero_point1, qmin1, qmax1),
                     quant_params(static_scale2, inv_scale2, zero_point2, qmin2, qmax2), gelu,
                     post_ops(res2, false, ln_weight, ln_bias, ln_eps, out2, rows, wb.n)};
     const float* xp = xf.data_ptr<float>();
     float* op = out2.data_ptr<float>();
     const int64_t ldx = xf.stride(0), ldo = out2.stride(0);
-    for_each_tile(rows, [&](int64_t s, int64_t mt) { ffn_tile(f, xp, ldx, op, ldo, s, mt); });
+    for_each_tile(rows, [&](int64_t s, int64_t mt) { ffn_tile(is, f, xp, ldx, op, ldo, s, mt); });
     return out;
   }
-#endif
-  (void)fused, (void)b1p, (void)b2p;
   at::Tensor mid = at::empty({rows, wa.n}, xf.options());
   cpu_linear_out(xf, w1[0], w1[1], w1[2], w1[3], w1[4], w1_scale, b1, static_scale1, inv_scale1, zero_point1, qmin1,
                  qmax1, mid, is, c10::nullopt, gelu, c10::nullopt, c10::nullopt, 1e-12);

@@ -280,17 +280,47 @@ Tiles one_tile(const QuadWeight& w) {
   return Tiles{kTileTokens, kTileTokens, (bytes + 63) / 64 * 64, 1};
 }
 
-void pack_tile_avx512(const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
-                      uint8_t* xt, float* x_scale) {
+void pack_tile(int isa, const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
+               uint8_t* xt, float* x_scale) {
   thread_local std::vector<uint8_t> block_buf;
   int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * w.k));
   const Tiles tile = one_tile(w);
   for (int64_t b = 0; b < kTileTokens / kTokenPad; ++b) {  // 16 tokens at a time, via an L1-sized block
     const int64_t m0 = b * kTokenPad, m1 = std::min(mt, m0 + kTokenPad);
-    if (m1 > m0) quantize_rows(kAvx512Vnni, x + (s + m0) * ldx, ldx, w.k, 0, m1 - m0, q, block, w.k, x_scale + m0);
-    pack_block(kAvx512Vnni, w, tile, block, w.k, mt, b, flip_of(kAvx512Vnni), xt);  // (past mt: padding)
+    if (m1 > m0) quantize_rows(isa, x + (s + m0) * ldx, ldx, w.k, 0, m1 - m0, q, block, w.k, x_scale + m0);
+    pack_block(isa, w, tile, block, w.k, mt, b, flip_of(isa), xt);  // (past mt: padding)
   }
 }
+
+bool has_cols_route(int isa) {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool fma = fma_supported();
+  return isa == kAvx512Vnni || ((isa == kAvx2 || isa == kAvxVnni) && fma);
+#else
+  (void)isa;
+  return false;
+#endif
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+void spmm_cols(int isa, const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
+               float* yt, int64_t ldy, float* amax, uint64_t* nonfinite) {
+  if (isa == kAvx512Vnni) spmm_cols_avx512(w, a, w_scale, bias, gelu, yt, ldy, amax, nonfinite);
+  else if (isa == kAvxVnni) spmm_cols_avxvnni(w, a, w_scale, bias, gelu, yt, ldy, amax, nonfinite);
+  else spmm_cols_avx2(w, a, w_scale, bias, gelu, yt, ldy, amax, nonfinite);
+}
+
+void quant_pack_cols(int isa, const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
+                     const QuantParams& qp, int gather, uint8_t* xt, float* x_scale) {
+  if (isa == kAvx512Vnni) quant_pack_cols_avx512(yt, k, m, amax, nonfinite, qp, gather, flip_of(isa), xt, x_scale);
+  else quant_pack_cols_avx2(yt, k, m, amax, nonfinite, qp, gather, flip_of(isa), xt, x_scale);
+}
+#else  // never called (has_cols_route is false), defined so that the bindings link
+void spmm_cols(int, const QuadWeight&, const PackedActs&, const float*, const float*, bool, float*, int64_t, float*,
+               uint64_t*) {}
+void quant_pack_cols(int, const float*, int64_t, int64_t, const float*, uint64_t, const QuantParams&, int, uint8_t*,
+                     float*) {}
+#endif
 
 at::Tensor float_input(const at::Tensor& x, int64_t k) {
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
@@ -331,12 +361,15 @@ PostOps post_ops(const c10::optional<at::Tensor>& residual, bool gelu, const c10
   return po;
 }
 
-void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m0, int64_t m1) {
-  float* y = out.data_ptr<float>();
+void post_rows_raw(int isa, const PostOps& po, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1) {
   static const bool fma = fma_supported();
-  if (isa == kAvx512Vnni) post_rows_avx512(po, y, out.stride(0), n, m0, m1);
-  else if (isa >= kAvx2 && fma) post_rows_avx2(po, y, out.stride(0), n, m0, m1);
-  else post_rows_scalar(po, y, out.stride(0), n, m0, m1);
+  if (isa == kAvx512Vnni) post_rows_avx512(po, y, ldy, n, m0, m1);
+  else if (isa >= kAvx2 && fma) post_rows_avx2(po, y, ldy, n, m0, m1);
+  else post_rows_scalar(po, y, ldy, n, m0, m1);
+}
+
+void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m0, int64_t m1) {
+  post_rows_raw(isa, po, out.data_ptr<float>(), out.stride(0), n, m0, m1);
 }
 
 // ---------------------------------------------------------------------------------------- ops

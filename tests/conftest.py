@@ -49,8 +49,9 @@ def threads(n: int):
 
 
 def cpu_kernel_paths():
-    """(skip mark without the cpu backend, its module or None, the ISA codes of the two code paths
-    this machine runs: 0 = portable, 3 = AVX-512 where the CPU has it)."""
+    """(skip mark without the cpu backend, its module or None, the ISA codes of every kernel path this
+    machine runs, ascending, so the last is the best: 0 = portable, 1 = AVX2, 2 = AVX-VNNI, 3 = AVX-512
+    VNNI, each where the CPU has it)."""
     from sparse_ofa.backends import availability
 
     ok, why = availability("cpu")
@@ -60,5 +61,14 @@ def cpu_kernel_paths():
     from sparse_ofa.backends import cpu
 
     cpu.load()
-    return mark, cpu, [0] + ([3] if cpu.best_isa() == "avx512vnni" else [])
+    return mark, cpu, [code for code in sorted(cpu.ISA_NAMES) if _cpu_runs(code)]
+
+
+def _cpu_runs(code: int) -> bool:
+    """Whether this CPU runs the kernels of ISA code `code` (the ops raise for one it does not)."""
+    try:
+        torch.ops.sparse_ofa.cpu_quantize(torch.zeros(1, 1), 0.0, 0.0, 0, -127, 127, code)
+    except RuntimeError:
+        return False
+    return True
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from conftest import cpu_kernel_paths, threads
 
-pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # portable and AVX-512 paths
+pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # every ISA path this CPU runs
 
 
 def reference(qkv: torch.Tensor, mask, heads: int, scale: float) -> torch.Tensor:
@@ -131,7 +131,7 @@ def padding_masks(lengths, s: int):
 
 @pytest.mark.parametrize("isa", PATHS)
 def test_padding_keys_are_skipped_exactly(isa):
-    """A padded batch: keys masked in every row are not computed on AVX-512 (their probability is
+    """A padded batch: keys masked in every row are not computed on the vector paths (their probability is
     exactly 0). Exact: the bool mask (skips them) gives the same bits as the same mask written
     additively (computes them, exp(-inf) = 0), and K / V holding NaN at those keys change nothing."""
     s, h, d = 70, 3, 24
@@ -142,7 +142,7 @@ def test_padding_keys_are_skipped_exactly(isa):
     assert_accurate(got, qkv, bool_mask, h, 0.3)
     assert torch.equal(got, run(qkv, add_mask, h, 0.3, isa))
     assert torch.equal(got[-1], torch.zeros(s, h * d))  # no key at all: zeros, as torch's SDPA
-    if isa == 3:  # the portable path computes every key (0 * NaN there is NaN)
+    if isa != 0:  # the portable path computes every key (0 * NaN there is NaN)
         poisoned = qkv.clone()
         for b, n in enumerate(lengths):
             poisoned[b, n:, h * d:] = float("nan")  # k and v of the padding tokens
@@ -320,3 +320,29 @@ def test_fast_path_runs_projection_and_attention_as_one_op(monkeypatch):
         two_ops(input_ids=ids, attention_mask=mask)
         want = two_ops(input_ids=ids, attention_mask=mask).last_hidden_state
     assert len(fused) == 2 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+@pytest.mark.parametrize("b,s", [(1, 12), (1, 64), (2, 128), (3, 100)])
+def test_qkv_attention_tile_edges_every_path(isa, b, s):
+    """Every ISA path at token counts around the 64-token tiles (12: a short tile; 256 = 2 x 128: the
+    channel-major qkv gets its padded row stride), fresh inputs with large and zero tokens, both
+    layouts, 1 and 2 threads: bit for bit the two ops, and close to torch's SDPA on that projection."""
+    h, d, k = 3, 16, 40
+    for gathered in (False, True):
+        packed, args, bias = _qkv_layer(h * d, k, 7 + s, gathered)
+        g = torch.Generator().manual_seed(b * 1000 + s)
+        x = torch.randn(b, s, k, generator=g)
+        x[0, 1] *= 1e4
+        x[-1, -1] = 0.0
+        mask = torch.rand(b, 1, 1, s, generator=g) > 0.2
+        mask[..., 0] = True
+        for nthreads in (1, 2):
+            with threads(nthreads):
+                qkv = torch.ops.sparse_ofa.cpu_linear(x, *args, packed.scale, bias, *DYNAMIC, torch.float32, isa)
+                want = torch.ops.sparse_ofa.cpu_attention(qkv, mask, h, 0.25, isa)
+                torch.full((b, s, h * d), float("nan"))
+                got = torch.ops.sparse_ofa.cpu_qkv_attention(x, args, packed.scale, bias, *DYNAMIC, mask, h, 0.25,
+                                                              isa)
+            assert torch.equal(got, want)
+            assert_accurate(got, qkv, mask, h, 0.25)

@@ -16,7 +16,7 @@ from sparse_ofa.quant import ActQuant, dequantize, quantize_activations
 
 from conftest import cpu_kernel_paths, threads
 
-pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # portable and AVX-512 paths
+pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # every ISA path this CPU runs
 
 
 def weight(n: int, k: int, seed: int, sparsity: float = 0.5):
@@ -299,3 +299,16 @@ def test_dense_backend_routes(route, monkeypatch):
     monkeypatch.setenv("SPARSE_OFA_DENSE_ROUTE", "fast")
     with pytest.raises(ValueError, match="SPARSE_OFA_DENSE_ROUTE='fast'"):
         cpu_route()
+
+
+def test_route_calibration_skips_an_inexact_int_mm(monkeypatch):
+    """A torch._int_mm that gets the product wrong (as oneDNN held to AVX2 on an AVX-512 CPU did) is not
+    a route; the exact panel GEMM is kept. Neither exact: an error naming both."""
+    from sparse_ofa.backends.cpu.dispatch import measure_cpu_route
+
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: real(a, b) + 1)
+    assert set(measure_cpu_route(8, 16, 16)) == {"panel"}
+    monkeypatch.setattr(torch.ops.sparse_ofa, "cpu_dense_panel_int_mm", lambda x, w, l: real(x, x.new_zeros(16, 16)))
+    with pytest.raises(RuntimeError, match="neither torch._int_mm nor the panel GEMM is exact"):
+        measure_cpu_route(8, 16, 16)

@@ -202,3 +202,55 @@ def test_empty_and_one_dimensional_inputs():
         got = ffn(x, first, second, DYNAMIC, DYNAMIC, PATHS[-1])
         want = two_linears(x.reshape(-1, 8), first, second, DYNAMIC, DYNAMIC, PATHS[-1]).reshape(shape)
         assert got.shape == shape and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("isa", PATHS)
+def test_tile_edges_every_path(isa):
+    """Every ISA path at token counts around the 64-token tiles (the 256-bit paths take the fused route
+    from 32 tokens on and compute only the live 8-token vectors of a short tile), fresh inputs with a
+    huge and an all-zero token, static and dynamic quantization, both layouts: bit for bit the two
+    fused linears, output poisoned before each run."""
+    for m in (31, 32, 33, 40, 63, 64, 65, 97, 128, 130):
+        for gathered in ((False, True), (True, False)):
+            first = weight(52, 36, m, "unstructured", 0.8, gathered[0])
+            second = weight(36, 52, m + 1, "unstructured", 0.8, gathered[1])
+            g = torch.Generator().manual_seed(m)
+            x = torch.randn(m, 36, generator=g)
+            x[m // 2] *= 1e5
+            x[m - 1] = 0.0
+            r = torch.randn(m, 36, generator=g)
+            ln = (torch.randn(36, generator=g), torch.randn(36, generator=g))
+            for q2 in (DYNAMIC, static(0.5, zero_point=-3, qmin=-128, qmax=127)):
+                with threads(1):
+                    want = two_linears(x, first, second, DYNAMIC, q2, isa, True, r, ln)
+                    poison_allocator((m, 36))
+                    got = ffn(x, first, second, DYNAMIC, q2, isa, True, r, ln)
+                assert torch.equal(got, want), (m, gathered, q2)
+
+
+@pytest.mark.parametrize("isa", [code for code in PATHS if code in (1, 2)])
+def test_fast_path_takes_the_fused_ops_on_the_256_bit_paths(isa, monkeypatch):
+    """With $SPARSE_OFA_CPU_ISA on AVX2 / AVX-VNNI the lean layer calls cpu_ffn and cpu_qkv_attention
+    (up to backends.cpu.dispatch.MAX_KEYS_256 keys); the FFN op gives the bits of the two linears, the attention
+    kernel torch SDPA's numbers to fp32 rounding."""
+    from sparse_ofa import sparsify
+    from sparse_ofa.backends.cpu import ISA_NAMES, ISAS, dispatch
+
+    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", ISA_NAMES[isa])
+    fast = sparsify(tiny_pruned_bert(0.6), backend="cpu")
+    unfused = copy.deepcopy(fast)
+    ids = torch.randint(0, 60, (2, 70))
+    mask = torch.ones_like(ids)
+    mask[1, 50:] = 0
+    with torch.inference_mode(), threads(1):
+        got = fast(input_ids=ids, attention_mask=mask).last_hidden_state
+        plans = [key[0] for layer in fast.encoder.layer
+                 for module in (layer.attention.self._sparse_ofa_qkv[1], layer.intermediate.dense)
+                 for key, fn in module._plans.items() if callable(fn)]
+        assert plans.count("qkv_attention") == 2 and plans.count("ffn") == 2
+        monkeypatch.setattr(dispatch, "ATTENTION_OP_ISAS", frozenset({ISAS["avx512vnni"]}))
+        no_attention = copy.deepcopy(unfused)(input_ids=ids, attention_mask=mask).last_hidden_state
+        monkeypatch.setattr(dispatch, "FFN_OP_ISAS", frozenset({ISAS["avx512vnni"]}))
+        want = unfused(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(no_attention, want)  # the FFN op alone changes no bit

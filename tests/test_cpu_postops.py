@@ -17,7 +17,7 @@ from sparse_ofa.formats import pack
 
 from conftest import cpu_kernel_paths, threads, tiny_pruned_bert
 
-pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # portable and AVX-512 paths
+pytestmark, cpu_backend, PATHS = cpu_kernel_paths()  # every ISA path this CPU runs
 if cpu_backend is not None and cpu_backend.best_isa() != "scalar":
     PATHS = sorted({*PATHS, 1})  # and the AVX2 post-ops (postops_avx2.cpp)
 

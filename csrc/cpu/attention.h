@@ -44,6 +44,7 @@ int64_t attention_scratch_floats(const AttnProblem& p);
 // tasks [t0, t1) of batch * heads, task = b * heads + h
 void attention_scalar(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch);
 void attention_avx512(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch);
+void attention_avx2(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch);  // AVX2 + FMA
 
 // bf16 products (vdpbf16ps; attention_bf16.cpp), fp32 softmax: on CPUs where
 // bf16_attention_supported(); its scratch in 4-byte words

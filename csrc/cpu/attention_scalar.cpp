@@ -11,8 +11,8 @@ namespace sparse_ofa_cpu {
 int64_t attention_scratch_floats(const AttnProblem& p) {
   const int64_t seq_pad = (p.seq + 15) / 16 * 16, dim_pad = (p.dim + 15) / 16 * 16;
   // AVX-512: K^T [dim][seq_pad] (row-major qkv) or V [seq][dim_pad] (channel-major) + 6 score rows;
-  // scalar: 1 row
-  return seq_pad * (dim_pad + 8) + 64;
+  // AVX2: the same with K^T rows up to seq_pad + 16 apart; scalar: 1 row
+  return seq_pad * (dim_pad + 8) + 16 * dim_pad + 64;
 }
 
 void attention_scalar(const AttnProblem& p, int64_t t0, int64_t t1, float* scratch) {

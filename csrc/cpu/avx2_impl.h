@@ -1,6 +1,8 @@
 // The AVX2 product (8 tokens per ymm), included by avx2.cpp (plain AVX2) and avxvnni.cpp (AVX-VNNI)
-// under their own `#pragma GCC target`, with SPARSE_OFA_VNNI 0 or 1 and SPARSE_OFA_SPMM the name.
-// Both layouts: aligned quads (row_product8) and gathered quads (row_gather8).
+// under their own `#pragma GCC target`, with SPARSE_OFA_VNNI 0 or 1 and SPARSE_OFA_SPMM the name of
+// the product; and by fused_avx2.cpp / fused_avxvnni.cpp (target + "fma", SPARSE_OFA_AVX2_MATH) with
+// SPARSE_OFA_SPMM_COLS the name of the fused ops' channel-major product. Each name that is defined gets
+// its function. Both layouts: aligned quads (row_product8) and gathered quads (row_gather8).
 //
 // VNNI (flip 0x80, xt holds u8 = x + 128):  c += vpdpbusd(x_u8 quads, w quads)   (AVX-VNNI, ymm)
 // plain AVX2 (flip 0, xt holds s8): vpmaddubsw would saturate int16 (255 * 127 * 2 > 32767), so the
@@ -11,29 +13,11 @@
 
 #include <cstring>
 
+#include "avx2_util.h"
 #include "sparse_cpu.h"
 
 namespace sparse_ofa_cpu {
 namespace {
-
-// r[i] lane j <-> r[j] lane i (8x8 dwords: 24 shuffles)
-inline void transpose8x8(__m256i r[8]) {
-  __m256i a[8], b[8];
-  for (int i = 0; i < 8; i += 2) {
-    a[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
-    a[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 8; i += 4) {
-    b[i] = _mm256_unpacklo_epi64(a[i], a[i + 2]);
-    b[i + 1] = _mm256_unpackhi_epi64(a[i], a[i + 2]);
-    b[i + 2] = _mm256_unpacklo_epi64(a[i + 1], a[i + 3]);
-    b[i + 3] = _mm256_unpackhi_epi64(a[i + 1], a[i + 3]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[i] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x20);
-    r[i + 4] = _mm256_permute2x128_si256(b[i], b[i + 4], 0x31);
-  }
-}
 
 // 8 floats -> 8 bf16 (round to nearest even, NaN -> 0x7FC0), as float_to_bf16
 inline __m128i to_bf16_8(__m256 f) {
@@ -181,6 +165,7 @@ inline void row_product8_any(int T, const int32_t* qw, const uint16_t* qk, int32
 
 }  // namespace
 
+#ifdef SPARSE_OFA_SPMM
 void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   const int64_t ngroups = (w.n + kRowGroup - 1) / kRowGroup;
   const int64_t qstride = a.mp * 4;
@@ -217,5 +202,58 @@ void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e
     store_tile8<kTokenBlock>(e, a, tile, m0, mt, n0, nr);
   }
 }
+#endif  // SPARSE_OFA_SPMM
+
+#ifdef SPARSE_OFA_SPMM_COLS
+// The fused ops' channel-major product on one 64-token tile (sparse_cpu.h, spmm_cols_avx512): row n of
+// yt gets y = GELU(((float)acc * x_scale) * w_scale[n] + b[n]) for the 64 tokens, as the 8 accumulators
+// hold them (no transposes); the same operations in the same order as store_tile8 + post_rows_avx2,
+// so the same bits as the row-major linear. amax / nonfinite: per token max |y| and NaN/Inf.
+void SPARSE_OFA_SPMM_COLS(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias,
+                          bool gelu, float* yt, int64_t ldy, float* amax, uint64_t* nonfinite) {
+  // only the 8-token vectors holding live tokens (a short tile: 12 tokens cost 2 vectors, not 8); the
+  // rest of yt is not written (quant_pack_cols_avx2 packs those tokens as zeros)
+  const int T = (int)((a.m + 7) / 8);
+  alignas(32) float xs_pad[kTileTokens];  // padding tokens: scale 0
+  for (int i = 0; i < kTileTokens; ++i) xs_pad[i] = i < a.m ? a.x_scale[i] : 0.0f;
+  alignas(32) float mx[kTileTokens] = {};
+  alignas(32) uint32_t bad[kTileTokens] = {};
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 inf = _mm256_set1_ps(__builtin_inff());
+  for (int64_t n = 0; n < w.n; ++n) {
+    __m256i acc[kTileTokens / 8];
+    if (w.gather) {  // 32 tokens a call
+      row_gather8(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp, acc);
+      if (T > 4) row_gather8(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + 32, a.mp, acc + 4);
+    } else {
+      row_product8_any(T, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp * 4, acc);
+    }
+    const __m256i corr = _mm256_set1_epi32((int32_t)((uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u)));
+    const __m256 ws = _mm256_set1_ps(w_scale[n]);
+    const __m256 b = bias ? _mm256_set1_ps(bias[n]) : _mm256_setzero_ps();
+    float* row = yt + n * ldy;
+    for (int t = 0; t < T; ++t) {
+      __m256 y = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(acc[t], corr)),
+                                             _mm256_load_ps(xs_pad + 8 * t)), ws);
+      if (bias) y = _mm256_add_ps(y, b);
+      if (gelu) y = gelu8(y);
+      _mm256_storeu_ps(row + 8 * t, y);
+      if (amax == nullptr) continue;
+      const __m256 ay = _mm256_and_ps(y, abs_mask);
+      _mm256_store_ps(mx + 8 * t, _mm256_max_ps(_mm256_load_ps(mx + 8 * t), ay));
+      const __m256 nf = _mm256_cmp_ps(ay, inf, _CMP_NLT_UQ);  // NaN or Inf
+      _mm256_store_si256((__m256i*)(bad + 8 * t),
+                         _mm256_or_si256(_mm256_load_si256((const __m256i*)(bad + 8 * t)), _mm256_castps_si256(nf)));
+    }
+  }
+  if (amax == nullptr) return;
+  uint64_t bits = 0;
+  for (int i = 0; i < kTileTokens; ++i) {
+    amax[i] = mx[i];
+    if (i < a.m && bad[i]) bits |= 1ull << i;
+  }
+  *nonfinite = bits;
+}
+#endif  // SPARSE_OFA_SPMM_COLS
 
 }  // namespace sparse_ofa_cpu

@@ -58,25 +58,6 @@ void spmm_cols_avx512(const QuadWeight& w, const PackedActs& a, const float* w_s
   *nonfinite = bits;
 }
 
-namespace {
-
-// A token whose y column has a NaN/Inf: the exact scalar quantizer on the gathered column.
-void quantize_token_exact(const float* yt, int64_t k, int64_t m, const QuantParams& qp, int gather, uint8_t flip,
-                          uint8_t* xt, float* x_scale) {
-  thread_local std::vector<float> col;
-  thread_local std::vector<int8_t> q;
-  col.resize(k);
-  q.resize(k);
-  for (int64_t kk = 0; kk < k; ++kk) col[kk] = yt[kk * kTileTokens + m];
-  quantize_row_exact(col.data(), k, qp, q.data(), x_scale + m);
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const int64_t at = gather ? kk * kTileTokens + m : ((kk / 4) * kTileTokens + m) * 4 + kk % 4;
-    xt[at] = (uint8_t)q[kk] ^ flip;
-  }
-}
-
-}  // namespace
-
 void quant_pack_cols_avx512(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
                             const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale) {
   constexpr int T = kTileTokens / 16;

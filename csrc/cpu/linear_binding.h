@@ -51,10 +51,23 @@ void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m
 
 // One tile of kTileTokens tokens in w's activation layout (mp = kTileTokens for both kinds), and
 // tokens [s, s + mt) (mt <= kTileTokens) of float rows x [*, ldx] quantized per token into it
-// (x_scale [mt]); AVX-512 only (the fused ops: cpu_ffn.cpp, cpu_attention.cpp).
+// (x_scale [mt]) by ISA `isa` (the fused ops: cpu_ffn.cpp, cpu_attention.cpp).
 Tiles one_tile(const QuadWeight& w);
-void pack_tile_avx512(const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
-                      uint8_t* xt, float* x_scale);
+void pack_tile(int isa, const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
+               uint8_t* xt, float* x_scale);
+
+// The fused ops' channel-major steps (sparse_cpu.h: spmm_cols_*, quant_pack_cols_*) by ISA. They exist
+// for AVX-512 and for the 256-bit paths on a CPU with FMA (their epilogue's GELU); elsewhere the fused
+// ops run the op sequences they replace.
+bool has_cols_route(int isa);
+void spmm_cols(int isa, const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
+               float* yt, int64_t ldy, float* amax, uint64_t* nonfinite);
+void quant_pack_cols(int isa, const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
+                     const QuantParams& qp, int gather, uint8_t* xt, float* x_scale);
+// the product + epilogue for tasks [t0, t1) of the ISA's kernel
+void spmm_tasks(int isa, const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
+// the post-ops of rows [m0, m1) of y [*, ldy] by the ISA (as cpu_linear runs them)
+void post_rows_raw(int isa, const PostOps& po, float* y, int64_t ldy, int64_t n, int64_t m0, int64_t m1);
 
 // torch.ops.sparse_ofa.cpu_quantize: x [M, K] float -> (x_q int8 [M, K], x_scale float32 [M])
 std::tuple<at::Tensor, at::Tensor> cpu_quantize(const at::Tensor& x, double static_scale, double inv_scale,

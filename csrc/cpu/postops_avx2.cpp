@@ -1,7 +1,6 @@
 // AVX2 + FMA post-ops (sparse_cpu.h, PostOps) on a finished float32 output row, 8 channels at a time:
 // the AVX-512 post-ops (postops_avx512.cpp) in 256-bit lanes, same formulas and order.
-//   GELU: Abramowitz & Stegun 7.1.28 erf as gelu_ps in avx512_util.h; 1 / p by a division (AVX2 has
-//   no vrcp14ps: vrcpps' 12 bits + one Newton step would leave ~2 ulp before the 16th power).
+//   GELU: gelu8 (avx2_util.h), also used by the AVX2 fused ops' epilogue.
 //   LayerNorm: mean, then the mean square of (y - mean) (two passes over the cached row), fp32 lanes.
 // The last n % 8 channels go through the same vector code on a zero-padded copy (lanes past n are
 // masked out of the LayerNorm sums and never stored).
@@ -14,39 +13,12 @@
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define SPARSE_OFA_AVX2_MATH
+#include "avx2_util.h"
 
 namespace sparse_ofa_cpu {
 
 namespace {
-
-inline __m256 gelu8(__m256 x) {
-  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-  // z capped at 5 (NaN stays NaN: min returns its second operand then), as gelu_ps
-  const __m256 z = _mm256_min_ps(_mm256_set1_ps(5.0f),
-                                 _mm256_and_ps(_mm256_mul_ps(x, _mm256_set1_ps(0.70710678118654752f)), abs_mask));
-  __m256 p = _mm256_set1_ps(0.0000430638f);
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(0.0002765672f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(0.0001520143f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(0.0092705272f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(0.0422820123f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(0.0705230784f));
-  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.f));
-  __m256 r = _mm256_div_ps(_mm256_set1_ps(1.f), p);
-  r = _mm256_mul_ps(r, r);
-  r = _mm256_mul_ps(r, r);
-  r = _mm256_mul_ps(r, r);
-  r = _mm256_mul_ps(r, r);
-  const __m256 sign = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
-  const __m256 erf = _mm256_or_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), r), _mm256_and_ps(x, sign));
-  return _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), _mm256_add_ps(_mm256_set1_ps(1.f), erf));
-}
-
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // 8 floats from p, or the first `live` of them and zeros (live < 8)
 inline __m256 load8(const float* p, int64_t live) {

@@ -2,6 +2,7 @@
 // Also the exact scalar helpers every ISA falls back on (non-finite rows, tails, bf16 rounding).
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "sparse_cpu.h"
 
@@ -38,6 +39,20 @@ void quantize_row_exact(const float* x, int64_t k, const QuantParams& qp, int8_t
     if (r != r) r = 0.0f;
     else r = r < lo ? lo : (r > hi ? hi : r);
     q[i] = (int8_t)(int)r;
+  }
+}
+
+void quantize_token_exact(const float* yt, int64_t k, int64_t m, const QuantParams& qp, int gather, uint8_t flip,
+                          uint8_t* xt, float* x_scale) {
+  thread_local std::vector<float> col;
+  thread_local std::vector<int8_t> q;
+  col.resize(k);
+  q.resize(k);
+  for (int64_t kk = 0; kk < k; ++kk) col[kk] = yt[kk * kTileTokens + m];
+  quantize_row_exact(col.data(), k, qp, q.data(), x_scale + m);
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const int64_t at = gather ? kk * kTileTokens + m : ((kk / 4) * kTileTokens + m) * 4 + kk % 4;
+    xt[at] = (uint8_t)q[kk] ^ flip;
   }
 }
 

@@ -159,6 +159,18 @@ void spmm_cols_avx512(const QuadWeight& w, const PackedActs& a, const float* w_s
                       float* yt, int64_t ldy, float* amax, uint64_t* nonfinite);
 void quant_pack_cols_avx512(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
                             const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale);
+// The same on the 256-bit paths (fused_avx2.cpp, fused_avxvnni.cpp; AVX2 + FMA): spmm_cols_avx2 (flip 0)
+// and spmm_cols_avxvnni (flip 0x80) share quant_pack_cols_avx2 (flip passed).
+void spmm_cols_avx2(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
+                    float* yt, int64_t ldy, float* amax, uint64_t* nonfinite);
+void spmm_cols_avxvnni(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
+                       float* yt, int64_t ldy, float* amax, uint64_t* nonfinite);
+void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
+                          const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale);
+// Token m of a channel-major yt [k][kTileTokens] with a NaN/Inf: quantize_row_exact on the gathered
+// column, written into xt (layout kind `gather`, mp = kTileTokens) and x_scale[m].
+void quantize_token_exact(const float* yt, int64_t k, int64_t m, const QuantParams& qp, int gather, uint8_t flip,
+                          uint8_t* xt, float* x_scale);
 
 // Scalar helpers shared by every ISA (quantize_scalar.cpp / epilogue_scalar.cpp).
 void quantize_row_exact(const float* x, int64_t k, const QuantParams& qp, int8_t* q, float* x_scale);

@@ -2,8 +2,9 @@
 fused QKV (qkv.py), then attention reading q/k/v straight from the fused output.
 
 * The attention kernel comes through the backend interface (`backends.attention_backend`): where a
-  backend offers one for the input (the cpu backend on CPUs with AVX-512: csrc/cpu/attention_avx512.cpp,
-  ~2.5x torch's SDPA at 128 tokens, heads written merged), it runs; elsewhere
+  backend offers one for the input (the cpu backend: on AVX-512 csrc/cpu/attention_avx512.cpp, ~2.5x
+  torch's SDPA at 128 tokens; on AVX2 / AVX-VNNI attention_avx2.cpp up to 128 keys, where it is as
+  fast or faster; heads written merged), it runs; elsewhere
   `F.scaled_dot_product_attention` on views of the fused output (no HF attention-interface dispatch,
   no copies of q/k/v). Both are fp32 and differ from the plain path only in summation order (~1e-6).
   `attention="sdpa"` keeps torch's kernel. Where the fused layer's own backend offers projection +

@@ -2,8 +2,8 @@
 
     out = LayerNorm(second(GELU(first(x))) + residual)        (residual and LayerNorm optional)
 
-On the cpu backend (AVX-512) this is ONE op, torch.ops.sparse_ofa.cpu_ffn: each thread keeps its
-64-token tiles of the intermediate (M x 3072 for BERT-base, the layer's largest activation)
+On the cpu backend (AVX-512; AVX2 / AVX-VNNI from 32 tokens) this is ONE op, cpu_ffn: each thread
+keeps its 64-token tiles of the intermediate (M x 3072 for BERT-base, the layer's largest activation)
 channel-major in its own cache instead of writing it out row-major and reading it back
 (csrc/cpu_ffn.cpp). Same int8 values, int32 sums and epilogue arithmetic as the two calls
 `second.direct(first.direct(x, gelu=True), residual=..., norm=...)`, so the same output bit for bit;

@@ -29,12 +29,13 @@ def apply_fastpath(model: nn.Module, *, attention: str = "fp32", fuse: bool = Tr
     Every fusable self-attention gets fused QKV + fused attention; every BERT-style layer around one
     gets the lean layer forward (layer.py), the model's BERT-style embeddings a lean forward
     (embeddings.py, same output bit for bit), and a BERT-style base model around them a lean forward
-    of its own (model.py). attention: "fp32" (default: a backend's fused kernel where one runs, the cpu
-    backend's on AVX-512 CPUs, else torch's SDPA; fp32 numerics), "sdpa" (always torch's SDPA) or
-    "bf16" (attention products on bfloat16 inputs on CPU where that is faster, slightly different
+    of its own (model.py). attention: "fp32" (default: a backend's fused kernel where one runs, the
+    cpu backend's where it measured faster than SDPA, else torch's SDPA; fp32 numerics), "sdpa"
+    (always torch's SDPA) or "bf16" (attention products on bfloat16 inputs on CPU where that is faster, slightly different
     numerics: see attention.py).
-    fuse: run residual add + LayerNorm and GELU as post-ops inside the linear kernels (cpu backend,
-    AVX-512). attention="sdpa", fuse=False computes exactly what the plain sparsified model does."""
+    fuse: run residual add + LayerNorm and GELU as post-ops inside the linear kernels (cpu and dense
+    backends, AVX-512 and AVX2), and the feed-forward block as one op where the backend has one.
+    attention="sdpa", fuse=False computes exactly what the plain sparsified model does."""
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
     changed = []

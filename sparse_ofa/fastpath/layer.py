@@ -15,7 +15,7 @@ output_layer_norm; `LayerLayout` below):
 Leaf modules with hooks are called as modules, so their hooks run; unhooked ones are called for
 less Python: the attention's fast_attention, and SparseInt8Linear.direct (one op per linear) with
 the residual add + LayerNorm (attention output, FFN output) and the GELU (FFN input) as the
-kernel's post-ops where the cpu backend runs them (AVX-512; within ~1e-6 of torch's ops), torch's
+kernel's post-ops where the backend runs them (AVX-512, AVX2; within ~1e-6 of torch's ops), torch's
 ops otherwise, and the whole feed-forward block as one op (sparse_ofa/fastpath/ffn.py) where it can be.
 What it calls is resolved once per layer (`_Route`) and re-validated each call by identity and
 hook-emptiness tests: Python between the kernels runs with cold caches, and re-deriving it cost

@@ -4,8 +4,8 @@ itself (backend.py)."""
 from .backend import CpuBackend
 from .dispatch import dense_route, measure_cpu_route, sparse_preferred, work_fraction
 from .layouts import MAX_QUAD_CHANNELS, derive_gathered, derive_panel, derive_quads
-from .ops import ISAS, best_isa, bf16_attention_supported, effective_isa, isa_code, load
+from .ops import ISA_NAMES, ISAS, best_isa, bf16_attention_supported, effective_isa, isa_code, load
 
-__all__ = ["CpuBackend", "ISAS", "MAX_QUAD_CHANNELS", "best_isa", "bf16_attention_supported", "dense_route",
+__all__ = ["CpuBackend", "ISAS", "ISA_NAMES", "MAX_QUAD_CHANNELS", "best_isa", "bf16_attention_supported", "dense_route",
            "derive_gathered", "derive_panel", "derive_quads", "effective_isa", "isa_code", "load",
            "measure_cpu_route", "sparse_preferred", "work_fraction"]

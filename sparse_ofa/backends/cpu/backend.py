@@ -5,7 +5,8 @@ takes the cheaper one for its token count (`choose`). The fused linear quantizes
 token (or with the static QAT scale) exactly as sparse_ofa/quant.py does, multiplies with vpdpbusd
 (AVX-512 VNNI / AVX-VNNI), an exact vpmaddwd form (AVX2) or plain C++ (any CPU), and applies the
 epilogue (x_scale * w_scale, bias, fp32/bf16) and the optional post-ops in the kernel. Whether auto
-picks it for a layer: dispatch.py. The fused FFN, QKV + attention and attention ops: AVX-512.
+picks it for a layer: dispatch.py. The fused FFN, QKV + attention and attention ops run on AVX-512
+and the 256-bit paths, where dispatch.py's runs_ffn_op / runs_attention_op say they are faster.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 from ...formats import PackedWeight
 from ...quant import ActQuant
 from ..base import Backend, LayerInfo
-from .dispatch import layout_costs, runs_gathered, sparse_preferred
+from .dispatch import layout_costs, runs_attention_op, runs_ffn_op, runs_gathered, sparse_preferred
 from .layouts import MAX_QUAD_CHANNELS, derive_gathered, derive_quads
 from .ops import (EXTENSION, ISAS, best_isa, bf16_attention_supported, effective_isa, fuses_post_ops, isa_code, load,
                   post_op_fn)
@@ -84,10 +85,9 @@ class CpuBackend(Backend):
         return post_op_fn(torch.ops.sparse_ofa.cpu_linear.default, args, post)
 
     def qkv_attention_fn(self, prepared, w_scale, bias, act, m, heads, scale, bf16=False):
-        # one cpu_qkv_attention op: the projection channel-major, K^T read in place (csrc/cpu_attention.cpp);
-        # AVX-512 only, like the fused attention kernel itself
+        # one cpu_qkv_attention op: the projection channel-major, K^T read in place (csrc/cpu_attention.cpp)
         isa = isa_code()
-        if (ISAS[best_isa()] if isa < 0 else isa) != ISAS["avx512vnni"]:
+        if not runs_attention_op(isa, 0):  # (attention_runs checked the sequence length)
             return None
         args = (list(self.choose(m, prepared, isa)), w_scale, bias, *act.kernel_args())
         op = torch.ops.sparse_ofa.cpu_qkv_attention.default
@@ -95,9 +95,9 @@ class CpuBackend(Backend):
 
     def ffn_fn(self, first, second, m, gelu, post):
         # one cpu_ffn op: the intermediate stays channel-major in each thread's cache (csrc/cpu_ffn.cpp);
-        # AVX-512 float32 only (elsewhere two linear_fn calls are as fast)
+        # float32 (feed_forward's caller checks)
         isa = isa_code()
-        if (ISAS[best_isa()] if isa < 0 else isa) != ISAS["avx512vnni"]:
+        if not runs_ffn_op(isa):
             return None
         has_residual, has_norm = post
         (prep1, w1_scale, b1, act1), (prep2, w2_scale, b2, act2) = first, second
@@ -112,15 +112,15 @@ class CpuBackend(Backend):
         return fn
 
     def attention_runs(self, x: torch.Tensor, mask) -> bool:
-        # fp32 [B, S, 3H] on a CPU whose kernels run AVX-512 (elsewhere torch's SDPA is the faster
-        # fp32 attention); a bool or fp32 mask; no autograd (the op has no backward)
+        # fp32 [B, S, 3H] on an ISA path where the kernel measured faster than torch's SDPA for this many
+        # keys (dispatch.runs_attention_op); a bool or fp32 mask; no autograd (the op has no backward)
         if x.dtype != torch.float32 or x.dim() != 3 or (torch.is_grad_enabled() and x.requires_grad):
             return False
         if mask is not None and (mask.device.type != "cpu" or mask.dtype not in (torch.bool, torch.float32)
                                  or mask.dim() > 4):
             return False
         try:
-            return effective_isa() == ISAS["avx512vnni"]
+            return runs_attention_op(effective_isa(), x.shape[-2])
         except ValueError:  # a bad $SPARSE_OFA_CPU_ISA: the linears raise it, attention steps aside
             return False
 

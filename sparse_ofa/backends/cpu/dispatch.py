@@ -87,8 +87,9 @@ def sparse_preferred(m: int, info: LayerInfo) -> bool:
         return work_fraction(m, info) <= _avx2_limit(m) + 1e-9
     if isa != ISAS["avx512vnni"]:
         # 256-bit sparse kernels against a fast _int_mm (a VNNI CPU with the ISA forced down): they
-        # are 2.6-4.4x slower than the AVX-512 ones, _int_mm about 2x, and the fused ops that carry
-        # the 0.5 limit are AVX-512 only: demand half of at most 0.35.
+        # are 2.6-4.4x slower than the AVX-512 ones, _int_mm about 2x, and the fused ops behind
+        # the 0.5 limit were AVX-512 only when this was measured (not re-measured since the 256-bit
+        # paths have them): demand half of at most 0.35.
         limit = min(limit, 0.35) / 2
     return work_fraction(m, info) <= limit + 1e-9  # (a 1x4 layer at exactly 80 % is 0.2000...04)
 
@@ -108,11 +109,11 @@ def _best_seconds(fn, repeats: int = 5) -> float:
 
 
 def measure_cpu_route(m: int = 64, k: int = 384, n: int = 384) -> dict[str, float]:
-    """CPU seconds (best of 5) of one m x k x n exact int8 product by each CPU route, on one thread;
-    raises if the two disagree (they are both exact). One thread and the calling thread's CPU time:
-    with several threads on a busy machine a wall-clock product waits for descheduled threads at its
-    barriers (steps of a scheduler slice, 4-40 ms, seen on a shared Zen 3), which once made the route
-    that is 50x slower there win the comparison."""
+    """CPU seconds (best of 5) of one m x k x n exact int8 product by each CPU route that computes it
+    exactly (checked against int64 first; raises if neither does), on one thread. One thread and the
+    calling thread's CPU time: with several threads on a busy machine a wall-clock product waits for
+    descheduled threads at its barriers (steps of a scheduler slice, 4-40 ms, seen on a shared Zen 3),
+    which once made the route that is 50x slower there win the comparison."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -128,10 +129,15 @@ def _measure_routes(m: int, k: int, n: int) -> dict[str, float]:
     w_q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     w_t, panel = w_q.t(), derive_panel(w_q)
     op = torch.ops.sparse_ofa.cpu_dense_panel_int_mm
-    if not torch.equal(torch._int_mm(x_q, w_t), op(x_q, panel["w_panel"], panel["w_layout"])):
-        raise RuntimeError("sparse_ofa dense: the panel GEMM disagrees with torch._int_mm")
-    return {"int_mm": _best_seconds(lambda: torch._int_mm(x_q, w_t)),
-            "panel": _best_seconds(lambda: op(x_q, panel["w_panel"], panel["w_layout"]))}
+    # both against the exact int64 product: a route that gets it wrong is not timed (torch's _int_mm
+    # with oneDNN held to AVX2 on an AVX-512 CPU, ONEDNN_MAX_CPU_ISA=AVX2, returned products off by up
+    # to 1e5 in torch 2.13)
+    exact = x_q.long() @ w_q.long().t()
+    routes = {"int_mm": lambda: torch._int_mm(x_q, w_t), "panel": lambda: op(x_q, panel["w_panel"], panel["w_layout"])}
+    right = {name: fn for name, fn in routes.items() if torch.equal(fn().long(), exact)}
+    if not right:
+        raise RuntimeError("sparse_ofa dense: neither torch._int_mm nor the panel GEMM is exact on this CPU")
+    return {name: _best_seconds(fn) for name, fn in right.items()}
 
 
 def dense_route() -> str:
@@ -153,3 +159,26 @@ def dense_route() -> str:
             times = measure_cpu_route()
             _route["cpu"] = min(times, key=times.get)
     return _route["cpu"]
+
+
+# ISA codes on which the fast path calls the fused ops (csrc/cpu_ffn.cpp, csrc/cpu_attention.cpp): they
+# exist for AVX-512 and the 256-bit paths (AVX2 / AVX-VNNI with FMA; the portable path runs their op
+# sequences), and are called where they measured faster than the unfused route (bench/NOTES.md,
+# "Fused FFN and QKV-attention on the 256-bit paths").
+FFN_OP_ISAS = frozenset({ISAS["avx512vnni"], ISAS["avxvnni"], ISAS["avx2"]})
+ATTENTION_OP_ISAS = frozenset({ISAS["avx512vnni"], ISAS["avxvnni"], ISAS["avx2"]})
+# The 256-bit attention kernel is up to 1.3x slower than torch's SDPA at 256-512 keys (1 thread, AVX2):
+# there the fast path keeps SDPA.
+MAX_KEYS_256 = 128
+
+
+def runs_ffn_op(isa: int) -> bool:
+    """Whether the fused FFN op is the faster route for ISA code `isa` (-1 = the best)."""
+    return (ISAS[best_isa()] if isa < 0 else isa) in FFN_OP_ISAS
+
+
+def runs_attention_op(isa: int, keys: int) -> bool:
+    """Whether the attention kernel (and the fused QKV projection + attention) is the faster route than
+    torch's SDPA after the projection, for ISA code `isa` (-1 = the best) and `keys` keys."""
+    isa = ISAS[best_isa()] if isa < 0 else isa
+    return isa in ATTENTION_OP_ISAS and (isa == ISAS["avx512vnni"] or keys <= MAX_KEYS_256)

@@ -16,9 +16,9 @@ from .. import env_value
 EXTENSION = "sparse_ofa_cpu"
 SOURCES = ["cpu_linear.cpp", "cpu/dispatch.cpp", "cpu/scalar.cpp", "cpu/avx2.cpp", "cpu/avxvnni.cpp",
            "cpu/avx512.cpp", "cpu_attention.cpp", "cpu/attention_scalar.cpp", "cpu/attention_avx512.cpp",
-           "cpu/attention_bf16.cpp",
+           "cpu/attention_bf16.cpp", "cpu/attention_avx2.cpp",
            "cpu/postops_scalar.cpp", "cpu/postops_avx512.cpp", "cpu/postops_avx2.cpp", "cpu_ffn.cpp", "cpu/ffn_avx512.cpp",
-           "cpu_dense.cpp", "cpu/dense_scalar.cpp", "cpu/dense_avx2.cpp"]
+           "cpu/fused_avx2.cpp", "cpu/fused_avxvnni.cpp", "cpu_dense.cpp", "cpu/dense_scalar.cpp", "cpu/dense_avx2.cpp"]
 # -ffp-contract=off: the epilogue must round like the reference ((acc * xs) * ws + b, no FMA).
 # -fopenmp: at::parallel_for is inline OpenMP in the ATen headers; without the flag its pragma is
 # ignored and every kernel runs on one thread (the OpenMP runtime is torch's own, already loaded).
