@@ -78,6 +78,10 @@ class DemoConfig:
     qat_lr: float = 5e-5
     hidden_weight: float = 1.0    # weight of the per-layer hidden-state MSE next to the pooled cosine
     layerwise_weight: float = 0.0  # weight of the teacher-forced per-layer reconstruction loss (option)
+    similarity_weight: float = 0.0  # weight of the in-batch similarity KD (option): MSE between the student's
+                                  # and the teacher's matrices of pairwise cosines of the pooled embeddings
+    attention_weight: float = 0.0  # weight of the attention-map KD (option): KL(teacher || student) of every
+                                  # layer's softmaxed attention rows; needs the teacher's live forward
     max_length: int = 64          # training truncation (the corpus' sentences are <= 300 characters)
     n_train: int = 3000
     n_heldout: int = 500
@@ -164,10 +168,13 @@ def _batches(sentences: list[str], batch_size: int, seed: int):
 
 
 def distill_loss(student_out, teacher_out, attention_mask: torch.Tensor, hidden_weight: float,
-                 parts: dict | None = None) -> torch.Tensor:
+                 parts: dict | None = None, similarity_weight: float = 0.0,
+                 attention_weight: float = 0.0) -> torch.Tensor:
     """1 - cos(pooled student, pooled teacher) + hidden_weight * mean over layers of the token MSE
     normalised by the teacher layer's mean square (scale-free across layers). `parts`, if given,
-    receives the batch's mean embedding cosine (for the progress bar and the report)."""
+    receives the batch's mean embedding cosine (for the progress bar and the report).
+    Options: + similarity_weight * similarity_kd_loss (the batch's pairwise-cosine matrix, what STS-B
+    ranks) + attention_weight * attention_kd_loss (both outputs need `attentions`)."""
     from .distill import embedding_distill_loss
 
     loss = embedding_distill_loss(student_out.last_hidden_state, teacher_out.last_hidden_state,
@@ -183,7 +190,48 @@ def distill_loss(student_out, teacher_out, attention_mask: torch.Tensor, hidden_
             scale = (t ** 2 * keep).sum() / (keep.sum() * t.shape[-1])
             per_layer.append(mse / scale.clamp(min=1e-8))
         loss = loss + hidden_weight * torch.stack(per_layer).mean()
+    if similarity_weight > 0:
+        loss = loss + similarity_weight * similarity_kd_loss(student_out.last_hidden_state,
+                                                             teacher_out.last_hidden_state, attention_mask)
+    if attention_weight > 0:
+        loss = loss + attention_weight * attention_kd_loss(student_out.attentions, teacher_out.attentions,
+                                                           attention_mask)
     return loss
+
+
+def similarity_kd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between the student's and the teacher's [B, B] matrices of cosines
+    between the batch's mean-pooled sentence embeddings (off-diagonal entries; 0 for a batch of one).
+    The pooled cosine loss matches each sentence to itself; this matches how sentences relate to each
+    other, which is what a similarity benchmark such as STS-B ranks."""
+    keep = attention_mask.unsqueeze(-1).to(torch.float32)
+
+    def cosines(hidden):
+        pooled = (hidden.float() * keep).sum(1) / keep.sum(1).clamp(min=1e-9)
+        pooled = F.normalize(pooled, dim=-1)
+        return pooled @ pooled.T
+
+    s, t = cosines(student_hidden), cosines(teacher_hidden.detach())
+    n = s.shape[0]
+    if n < 2:
+        return s.sum() * 0.0
+    off = ~torch.eye(n, dtype=torch.bool, device=s.device)
+    return ((s - t) ** 2)[off].mean()
+
+
+def attention_kd_loss(student_attentions, teacher_attentions, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers of KL(teacher || student) between the attention distributions [B, heads, L, L]
+    of each non-padding query token (MiniLM's own distillation target), averaged over heads and queries."""
+    if not student_attentions or not teacher_attentions:
+        raise ValueError("attention KD needs both models' attentions (output_attentions=True, eager attention)")
+    rows = attention_mask.to(torch.float32)[:, None, :]  # [B, 1, L] query rows that are real tokens
+    losses = []
+    for s, t in zip(student_attentions, teacher_attentions):
+        s, t = s.float(), t.detach().float()
+        kl = (t * (torch.log(t.clamp(min=1e-9)) - torch.log(s.clamp(min=1e-9)))).sum(-1)  # [B, heads, L]
+        losses.append((kl * rows).sum() / (rows.sum() * kl.shape[1]).clamp(min=1))
+    return torch.stack(losses).mean()
 
 
 class TeacherLayerInputs:
@@ -259,9 +307,10 @@ class _FloatOutputs:
     """The hidden states the distillation loss reads, in float32 (from a bf16 autocast forward or
     the teacher cache); the last one is the model's last_hidden_state (the same tensor in HF Bert)."""
 
-    def __init__(self, hidden_states):
+    def __init__(self, hidden_states, attentions=None):
         self.hidden_states = tuple(h.float() for h in hidden_states)
         self.last_hidden_state = self.hidden_states[-1]
+        self.attentions = tuple(a.float() for a in attentions) if attentions else None
 
 
 def _adamw(params: list, lr: float) -> torch.optim.Optimizer:
@@ -335,10 +384,13 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
     if cfg.layerwise_weight > 0 and teacher_cache is not None:
         raise ValueError("the teacher-forced layerwise loss needs the teacher's forward: no teacher_cache")
     teacher_inputs = TeacherLayerInputs(teacher) if cfg.layerwise_weight > 0 else None
+    if cfg.attention_weight > 0 and teacher_cache is not None:
+        raise ValueError("attention KD needs the teacher's forward (its attention maps): no teacher_cache")
+    attentions = cfg.attention_weight > 0
     student.eval()  # no dropout: see the module doc
     if observe:
         _set_observers_training(student, True)  # QAT observers learn activation ranges in train mode
-    with eager_attention(student):
+    with eager_attention(student), (eager_attention(teacher) if attentions else contextlib.nullcontext()):
         for step in range(steps):
             if pruner is not None:
                 pruner.step(step, optimizer)
@@ -350,14 +402,15 @@ def _train(student, teacher, tokenizer, sentences, cfg: DemoConfig, steps: int, 
                     teacher_out = teacher_cache.outputs(sentences, batch["input_ids"].shape[1])
                 else:
                     with torch.no_grad():
-                        teacher_out = teacher(**batch, output_hidden_states=True)
-                student_out = student(**batch, output_hidden_states=True)
+                        teacher_out = teacher(**batch, output_hidden_states=True, output_attentions=attentions)
+                student_out = student(**batch, output_hidden_states=True, output_attentions=attentions)
             if bf16:
-                student_out = _FloatOutputs(student_out.hidden_states)
+                student_out = _FloatOutputs(student_out.hidden_states, student_out.attentions)
                 if teacher_cache is None:
-                    teacher_out = _FloatOutputs(teacher_out.hidden_states)
+                    teacher_out = _FloatOutputs(teacher_out.hidden_states, teacher_out.attentions)
             parts: dict = {}
-            loss = distill_loss(student_out, teacher_out, batch["attention_mask"], cfg.hidden_weight, parts)
+            loss = distill_loss(student_out, teacher_out, batch["attention_mask"], cfg.hidden_weight, parts,
+                                cfg.similarity_weight, cfg.attention_weight)
             if teacher_inputs is not None:
                 loss = loss + cfg.layerwise_weight * layerwise_loss(student, teacher_inputs, teacher_out,
                                                                     batch["attention_mask"])
@@ -503,7 +556,7 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
     pruner = Pruner(student, schedule, pattern=cfg.pattern, filter_fn=is_encoder_linear)
     history: list[dict] = []
     cache = None
-    if cfg.layerwise_weight == 0:  # the teacher-forced loss needs the teacher's own forward
+    if cfg.layerwise_weight == 0 and cfg.attention_weight == 0:  # these need the teacher's own forward
         log(f"caching the teacher's hidden states for {len(train)} training sentences ...")
         cache = TeacherCache(teacher, tokenizer, train, cfg.max_length, cfg.bf16)
         lap("teacher_cache")

@@ -232,3 +232,75 @@ def test_bad_corpus_and_schedule_are_named():
         DemoConfig(bf16=False, corpus="wiki")
     with pytest.raises(ValueError, match="lr_schedule must be"):
         DemoConfig(bf16=False, lr_schedule="cosine")
+
+
+def test_similarity_kd_loss_matches_the_pairwise_cosines_by_hand():
+    import torch
+    import torch.nn.functional as F
+
+    from sparse_ofa.demo import similarity_kd_loss
+
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+
+    def pooled(h):
+        return torch.stack([h[i, :int(mask[i].sum())].mean(0) for i in range(3)])
+
+    cs = F.cosine_similarity(pooled(s)[:, None], pooled(s)[None], dim=-1)
+    ct = F.cosine_similarity(pooled(t)[:, None], pooled(t)[None], dim=-1)
+    off = ~torch.eye(3, dtype=torch.bool)
+    expected = ((cs - ct) ** 2)[off].mean()
+    assert float(similarity_kd_loss(s, t, mask)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(similarity_kd_loss(t, t, mask)) == pytest.approx(0.0, abs=1e-7)
+    # a rescaled or padded-differently student with the same pooled directions loses nothing
+    assert float(similarity_kd_loss(3.0 * t, t, mask)) == pytest.approx(0.0, abs=1e-6)
+    assert float(similarity_kd_loss(s[:1], t[:1], mask[:1])) == 0.0  # one sentence: no pairs
+
+
+def test_attention_kd_loss_is_the_kl_of_real_query_rows():
+    import torch
+
+    from sparse_ofa.demo import attention_kd_loss
+
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    s = [torch.randn(2, 2, 3, 3).softmax(-1) for _ in range(2)]
+    t = [torch.randn(2, 2, 3, 3).softmax(-1) for _ in range(2)]
+    per_layer = []
+    for a, b in zip(s, t):
+        rows = [(b[i, h, q] * (b[i, h, q].log() - a[i, h, q].log())).sum()
+                for i in range(2) for h in range(2) for q in range(3) if mask[i, q]]
+        per_layer.append(torch.stack(rows).mean())
+    assert float(attention_kd_loss(s, t, mask)) == pytest.approx(float(torch.stack(per_layer).mean()), rel=1e-5)
+    assert float(attention_kd_loss(t, t, mask)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="attentions"):
+        attention_kd_loss(None, t, mask)
+
+
+def test_distill_loss_options_add_their_terms():
+    import copy
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from sparse_ofa.demo import _FloatOutputs, attention_kd_loss, distill_loss, similarity_kd_loss
+
+    torch.manual_seed(0)
+    teacher = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, attn_implementation="eager"),
+                        add_pooling_layer=False).eval()
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.encoder.layer[0].attention.self.query.weight.mul_(3.0)
+    ids, mask = torch.randint(0, 50, (4, 6)), torch.ones(4, 6, dtype=torch.long)
+    s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    s, t = _FloatOutputs(s.hidden_states, s.attentions), _FloatOutputs(t.hidden_states, t.attentions)
+    base = distill_loss(s, t, mask, 1.0)
+    both = distill_loss(s, t, mask, 1.0, None, 0.5, 2.0)
+    extra = 0.5 * similarity_kd_loss(s.last_hidden_state, t.last_hidden_state, mask) + \
+        2.0 * attention_kd_loss(s.attentions, t.attentions, mask)
+    assert float(extra) > 0
+    assert float(both) == pytest.approx(float(base + extra), rel=1e-5)
