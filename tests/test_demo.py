@@ -105,12 +105,12 @@ def test_bad_demo_arguments_are_named(tmp_path, capsys):
 def test_bf16_default_and_step_defaults(monkeypatch):
     from sparse_ofa.demo import run as demo
 
-    assert demo.DemoConfig(bf16=False).steps == 2000 and demo.DemoConfig(bf16=False).update_every == 25
+    assert demo.DemoConfig(bf16=False).steps == 1600 and demo.DemoConfig(bf16=False).update_every == 20
     cfg = demo.DemoConfig(bf16=True)
-    assert cfg.steps == 4000 and cfg.update_every == 50  # 80 mask updates either way
+    assert cfg.steps == 2500 and cfg.update_every == 31  # ~80 mask updates either way
     assert demo.DemoConfig(bf16=True, steps=500).update_every == 6
     monkeypatch.setattr(demo, "cpu_has_bf16", lambda: False)
-    assert demo.DemoConfig().bf16 is False and demo.DemoConfig().steps == 2000
+    assert demo.DemoConfig().bf16 is False and demo.DemoConfig().steps == 1600
     monkeypatch.setattr(demo, "cpu_has_bf16", lambda: True)
     assert demo.DemoConfig().bf16 is True
 

@@ -17,7 +17,7 @@ def add_parser(sub) -> None:
     p.add_argument("--sparsity", type=float, default=d.sparsity)
     p.add_argument("--pattern", choices=["unstructured", "1x4"], default=d.pattern)
     p.add_argument("--steps", type=int, default=None,
-                   help="Prune OFA steps (default 4000 with bf16, 2000 without)")
+                   help="Prune OFA steps (default 2500 with bf16, 1600 without)")
     p.add_argument("--qat-steps", type=int, default=None, help=f"QAT steps (default {d.qat_steps})")
     p.add_argument("--lr", type=float, default=None, help=f"learning rate (default {d.lr})")
     p.add_argument("--batch-size", type=int, default=None, help=f"sentences per step (default {d.batch_size})")
