@@ -334,3 +334,14 @@ def test_sentence_batches_replay_epoch_after_epoch_and_carry_their_texts(minilm)
         want = tokenizer(batch["sentences"], padding=True, truncation=True, max_length=16, return_tensors="pt")
         assert torch.equal(batch["input_ids"], want["input_ids"])
         assert torch.equal(batch["attention_mask"], want["attention_mask"])
+
+
+def test_default_stsb_dir_is_found_beside_the_repository():
+    """../shared/data/stsb/ next to the checkout is found from any working directory (the package
+    locates the repository from its own file, whatever sub-package that file sits in)."""
+    root = evaluation.repo_root()
+    assert (root / "pyproject.toml").is_file() and (root / "sparse_ofa").is_dir()
+    shared = root.parent / "shared" / "data" / "stsb"
+    if not (shared / evaluation.STSB_DEV_FILE).is_file():
+        pytest.skip("no ../shared/data/stsb beside this checkout")
+    assert evaluation.default_stsb_dir() == shared

@@ -43,7 +43,8 @@ STSB_HOW = ("STS-B is read from a folder with stsb-en-dev.csv / stsb-en-train.cs
 
 
 def repo_root() -> Path:
-    return Path(__file__).resolve().parents[1]
+    """The repository checkout this package runs from (sparse_ofa/tasks/evaluation.py -> its root)."""
+    return Path(__file__).resolve().parents[2]
 
 
 def default_stsb_dir() -> Path | None:
