@@ -25,7 +25,9 @@ def main() -> None:
 
     import torch
 
-    from sparse_ofa.demo.run import DemoConfig, _corpus, _train_phase
+    from sparse_ofa.demo.run import DemoConfig, _corpus
+    from sparse_ofa.tasks.corpus import SentenceBatches
+    from sparse_ofa.training.encoder_recipe import distill_phase, freeze_embeddings
     from sparse_ofa.models.minilm import load_minilm
     from sparse_ofa.selection import is_encoder_linear
     from sparse_ofa.tasks.corpus import sample_split
@@ -43,13 +45,8 @@ def main() -> None:
     students = {}
     for flag in (True, False):
         s = copy.deepcopy(teacher)
-        for name, p in s.named_parameters():
-            p.requires_grad_(not name.startswith("embeddings."))
+        freeze_embeddings(s)
         students[flag] = (s, Pruner(s, GMPSchedule(0.9, 0.0, ramp_steps=50, update_every=1000), filter_fn=is_encoder_linear))
-
-    class _Bar:
-        def set_postfix_str(self, *a, **k): pass
-        def update(self, *a): pass
 
     wall = {True: [], False: []}
     cpu = {True: [], False: []}
@@ -57,8 +54,9 @@ def main() -> None:
         for flag in (True, False):
             s, pruner = students[flag]
             w0, c0 = time.perf_counter(), time.process_time()
-            _train_phase(s, teacher, tokenizer, train[:400], cfg[flag], "prune", steps=args.block, lr=1e-4,
-                         bar=_Bar(), history=[], pruner=pruner, bf16=flag, teacher_cache=caches[flag])
+            batches = SentenceBatches(train[:400], tokenizer, 16, 64, seed=r)
+            distill_phase(s, teacher, batches, cfg[flag].recipe(), steps=args.block, lr=1e-4, pruner=pruner,
+                          bf16=flag, teacher_cache=caches[flag])
             if r:
                 wall[flag].append((time.perf_counter() - w0) * 1000 / args.block)
                 cpu[flag].append((time.process_time() - c0) * 1000 / args.block)

