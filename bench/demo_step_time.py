@@ -27,7 +27,7 @@ def main() -> None:
 
     from sparse_ofa.demo.run import DemoConfig, _corpus
     from sparse_ofa.tasks.corpus import SentenceBatches
-    from sparse_ofa.training.encoder_recipe import distill_phase, freeze_embeddings
+    from sparse_ofa.training.encoder_recipe import distill_phase, freeze_embeddings_and_pooler
     from sparse_ofa.models.minilm import load_minilm
     from sparse_ofa.selection import is_encoder_linear
     from sparse_ofa.tasks.corpus import sample_split
@@ -45,7 +45,7 @@ def main() -> None:
     students = {}
     for flag in (True, False):
         s = copy.deepcopy(teacher)
-        freeze_embeddings(s)
+        freeze_embeddings_and_pooler(s)
         students[flag] = (s, Pruner(s, GMPSchedule(0.9, 0.0, ramp_steps=50, update_every=1000), filter_fn=is_encoder_linear))
 
     wall = {True: [], False: []}

@@ -2,6 +2,7 @@
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -63,15 +64,16 @@ def test_two_process_gloo_masks_identical(tmp_path):
         assert sorted(p.name for p in ckpt.iterdir()) == ["rng-rank0.pt", "rng-rank1.pt", "state.pt"]
 
 
-def test_torchrun_runs_the_prune_command_as_one_ddp_group(tmp_path):
-    """`torchrun --nproc_per_node 2 -m sparse_ofa.cli prune ...` on CPU (gloo): both processes train in
-    one group (a checkpoint holds both ranks' RNG files), rank 0 alone writes the student, and its
-    layers end at the target sparsity."""
+@pytest.mark.parametrize("head", ["mlm", "encoder"])
+def test_torchrun_runs_the_prune_command_as_one_ddp_group(tmp_path, head):
+    """`torchrun --nproc_per_node 2 -m sparse_ofa.cli prune ...` on CPU (gloo), for an MLM teacher and
+    for a sentence encoder (the encoder recipe): both processes train in one group (a checkpoint holds
+    both ranks' RNG files), rank 0 alone writes the student, and its layers end at the target sparsity."""
     import json
     import subprocess
     import sys
 
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertModel
 
     from sparse_ofa.tasks.corpus import sample_sentences
     from sparse_ofa.models.minilm import minilm_path
@@ -81,7 +83,8 @@ def test_torchrun_runs_the_prune_command_as_one_ddp_group(tmp_path):
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    BertForMaskedLM(config).save_pretrained(tmp_path / "teacher")
+    model_class = BertForMaskedLM if head == "mlm" else BertModel
+    model_class(config).save_pretrained(tmp_path / "teacher")
     tokenizer.save_pretrained(tmp_path / "teacher")
     (tmp_path / "text.txt").write_text("\n".join(sample_sentences(32)))
     with socket.socket() as probe:
@@ -98,8 +101,9 @@ def test_torchrun_runs_the_prune_command_as_one_ddp_group(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_config = json.loads((out / "run_config.json").read_text())
     assert run_config["world_size"] == 2 and run_config["steps_done"] == 4
+    assert run_config["objective"] == ("mlm" if head == "mlm" else "embedding")
     last = out / "checkpoints" / "step-00000004"
     assert sorted(p.name for p in last.iterdir()) == ["rng-rank0.pt", "rng-rank1.pt", "state.pt"]
-    student = BertForMaskedLM.from_pretrained(out, local_files_only=True)
-    layers = {n: s for n, s in weight_sparsity(student).items() if ".encoder.layer." in n}
+    student = model_class.from_pretrained(out, local_files_only=True)
+    layers = {n: s for n, s in weight_sparsity(student).items() if "encoder.layer." in n}
     assert len(layers) == 12 and all(abs(s - 0.75) < 1e-6 for s in layers.values()), layers

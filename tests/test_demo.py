@@ -98,7 +98,7 @@ def test_bad_demo_arguments_are_named(tmp_path, capsys):
     assert main(["demo", "--quick", "--sparsity", "1.0", "--output", str(tmp_path)]) == 2
     assert "sparsity must be in [0, 1)" in capsys.readouterr().err
     assert main(["demo", "--quick", "--steps", "0", "--output", str(tmp_path)]) == 2
-    assert "steps must be >= 1" in capsys.readouterr().err
+    assert "steps must be an integer >= 1" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
 
 
@@ -127,7 +127,7 @@ def _tiny_minilm_shaped_teacher():
 def test_eager_attention_is_restored_even_after_an_error():
     import pytest
 
-    from sparse_ofa.demo.run import eager_attention
+    from sparse_ofa.training.encoder_recipe import eager_attention
 
     model = _tiny_minilm_shaped_teacher()
     model.set_attn_implementation("sdpa")

@@ -11,7 +11,7 @@ normalised by the teacher's mean square); the LR of training.optim.gmp_lr_factor
 Why each choice (the trials behind them: bench/NOTES.md, "Demo recipe history"):
 - no dropout: the student imitates a deterministic teacher, and dropout noise costs quality;
 - frozen embeddings: never pruned and already the teacher's, so training them only costs time (they
-  are half of all-MiniLM-L6-v2's parameters);
+  are half of all-MiniLM-L6-v2's parameters); the pooler, outside the sentence embedding, too;
 - the LR follows the GMP target during the ramp (`lr_schedule="sparsity"`): at the full rate from
   step 0 the student walks away from its teacher before anything is pruned; at 90 % recovery needs a
   high peak (AdamW 2e-3), and a long ramp (85 % of the steps) beats a short one;
@@ -91,10 +91,13 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def freeze_embeddings(model: nn.Module) -> None:
-    """Train everything but the embeddings (never pruned, already the teacher's)."""
+def freeze_embeddings_and_pooler(model: nn.Module) -> None:
+    """Train the encoder layers alone: the embeddings are never pruned and already the teacher's, and
+    the pooler is not part of the mean-pooled sentence embedding (it gets no gradient, which
+    DistributedDataParallel would refuse)."""
     for name, p in model.named_parameters():
-        p.requires_grad_(not (name.startswith("embeddings.") or ".embeddings." in name))
+        outside = name.startswith(("embeddings.", "pooler.")) or ".embeddings." in name or ".pooler." in name
+        p.requires_grad_(not outside)
 
 
 @contextlib.contextmanager
@@ -178,7 +181,7 @@ def prune_encoder(teacher: nn.Module, tokenizer, sentences: list[str], recipe: E
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = copy.deepcopy(teacher)
-    freeze_embeddings(student)
+    freeze_embeddings_and_pooler(student)
     pruner = Pruner(student, recipe.gmp_schedule(sparsity), pattern=pattern, filter_fn=filter_fn)
     if is_distributed():
         sentences = shard(sentences)
@@ -204,5 +207,5 @@ def prune_encoder(teacher: nn.Module, tokenizer, sentences: list[str], recipe: E
     return student
 
 
-__all__ = ["EncoderRecipe", "cpu_has_bf16", "distill_phase", "eager_attention", "freeze_embeddings",
+__all__ = ["EncoderRecipe", "cpu_has_bf16", "distill_phase", "eager_attention", "freeze_embeddings_and_pooler",
            "prune_encoder", "teacher_cache_bytes"]
