@@ -166,3 +166,30 @@ def test_bad_corpus_and_schedule_are_named():
         DemoConfig(bf16=False, corpus="wiki")
     with pytest.raises(ValueError, match="lr_schedule must be"):
         DemoConfig(bf16=False, lr_schedule="cosine")
+
+
+def test_steps_within_budget_leaves_room_for_qat_and_evaluation():
+    from sparse_ofa.demo.run import EVALUATION_STEPS, MIN_FITTED_STEPS, QAT_STEP_COST, steps_within_budget
+
+    # 600 s budget, 20 s gone, 0.3 s per step, 60 QAT steps: 0.9 * 600 - 20 - 0.3 * (2.1 * 60 + 190) s left
+    left = 0.9 * 600 - 20 - 0.3 * (QAT_STEP_COST * 60 + EVALUATION_STEPS)
+    assert steps_within_budget(600, 20, 0.3, 60, 5000) == int(left / 0.3) < 5000
+    assert steps_within_budget(600, 20, 0.1, 60, 1600) == 1600           # a fast machine runs the default
+    assert steps_within_budget(600, 590, 0.3, 60, 1600) == MIN_FITTED_STEPS  # never fewer than this
+
+
+def test_fit_steps_times_real_steps_and_respects_the_default():
+    from sparse_ofa.demo.run import MIN_FITTED_STEPS, DemoConfig, fit_steps, steps_within_budget
+    from sparse_ofa.models.minilm import load_minilm
+    from sparse_ofa.tasks.corpus import sample_sentences
+
+    teacher, tokenizer = load_minilm()
+    cfg = DemoConfig(bf16=False, batch_size=4, max_length=32, budget_minutes=0.5)
+    assert not cfg.steps_given and DemoConfig(steps=50).steps_given
+    fitted = fit_steps(cfg, teacher, tokenizer, sample_sentences(40), None, elapsed_s=1.0, probe_steps=5)
+    assert fitted["step_ms"] > 0 and fitted["default_steps"] == cfg.steps == 1600 and fitted["budget_s"] == 30.0
+    # the count follows from the measured step (30 s hold at most a few dozen real steps: the floor)
+    assert MIN_FITTED_STEPS <= fitted["steps"] <= steps_within_budget(30.0, 1.0, fitted["step_ms"] / 1000, 60, 1600)
+    assert fitted["steps"] == MIN_FITTED_STEPS
+    with pytest.raises(ValueError, match="budget_minutes must be > 0"):
+        DemoConfig(budget_minutes=0)

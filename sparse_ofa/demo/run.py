@@ -29,14 +29,15 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..training.encoder_recipe import EncoderRecipe, cpu_has_bf16, distill_phase, prune_encoder
+from ..training.encoder_recipe import (EncoderRecipe, build_teacher_cache, cpu_has_bf16, distill_phase,
+                                       prune_encoder)
 
 
 @dataclass
@@ -44,10 +45,11 @@ class DemoConfig:
     sparsity: float = 0.9
     pattern: str = "unstructured"
     steps: int | None = None      # Prune OFA optimizer steps (GMP ramp + recovery at the final masks);
-                                  # default 2500 with bf16, else 1600 (fp32): ~130 ms a bf16 step on 2
-                                  # cores of an AVX-512 BF16 Xeon, an fp32 one ~1.4x that, so the demo
-                                  # stays within 10 minutes end to end; 1000 bf16 steps already give
-                                  # STS-B dev 85.1 at 90 % (docs/evaluation.md)
+                                  # default 2500 with bf16, else 1600 (fp32), or fewer where this machine's
+                                  # measured step time would overrun `budget_minutes`; 1000 bf16 steps
+                                  # already give STS-B dev 85.1 at 90 % (docs/evaluation.md)
+    budget_minutes: float | None = 10.0  # wall-clock budget of the whole demo, kept by lowering the default
+                                  # steps (never below MIN_FITTED_STEPS); not applied to an explicit `steps`
     ramp_fraction: float = 0.85   # the cubic ramp covers this share of `steps`
     update_every: int | None = None  # GMP mask recomputation interval (default: 80 updates over `steps`)
     qat_steps: int = 60
@@ -78,6 +80,7 @@ class DemoConfig:
                                   # datasets cache; "" skips it)
     save_student: bool = True     # write the fp32 sparse student (save_pretrained) to OUTPUT/student
     quick: bool = False
+    steps_given: bool = field(default=False, init=False)  # `steps` was chosen by the caller
 
     def __post_init__(self):
         from ..formats import check_pattern
@@ -87,6 +90,9 @@ class DemoConfig:
         check_pattern(self.pattern)
         if self.bf16 is None:
             self.bf16 = cpu_has_bf16()
+        self.steps_given = self.steps is not None
+        if self.budget_minutes is not None and not self.budget_minutes > 0:
+            raise ValueError(f"budget_minutes must be > 0 (or None), got {self.budget_minutes}")
         if self.steps is None:
             self.steps = 2500 if self.bf16 else 1600
         if self.update_every is None:
@@ -119,6 +125,39 @@ def quick_config(**overrides) -> DemoConfig:
                 speed_batch=8, speed_repeats=2, max_length=32, quick=True)
     base.update(overrides)
     return DemoConfig(**base)
+
+
+# What the demo spends outside the Prune OFA steps, in units of one measured Prune OFA step: a QAT step
+# (fake-quant forwards, the teacher's own forward) costs ~2.1 steps; conversion, baselines, held-out
+# quality, speed and STS-B ~190 steps (bf16 run: 34 s at 177 ms per step; fp32 run: ... ). A margin of
+# 10 % covers the rest.
+QAT_STEP_COST = 2.1
+EVALUATION_STEPS = 190
+MIN_FITTED_STEPS = 300
+
+
+def steps_within_budget(budget_s: float, elapsed_s: float, step_s: float, qat_steps: int, most: int) -> int:
+    """Prune OFA steps that fit what is left of `budget_s` after `elapsed_s`, at `step_s` per step, with
+    the QAT phase and the evaluation still to come; between MIN_FITTED_STEPS and `most`."""
+    left = 0.9 * budget_s - elapsed_s - step_s * (QAT_STEP_COST * qat_steps + EVALUATION_STEPS)
+    return max(MIN_FITTED_STEPS, min(most, int(left / step_s)))
+
+
+def fit_steps(cfg: DemoConfig, teacher: nn.Module, tokenizer, train: list[str], cache, elapsed_s: float,
+              probe_steps: int = 10) -> dict:
+    """Time `probe_steps` Prune OFA steps on a throwaway student (the first three warm up) and return
+    {"steps": the default count or fewer so that the demo ends within cfg.budget_minutes, "step_ms",
+    "budget_s", "default_steps"}."""
+    stamps: list[float] = []
+    probe = replace(cfg.recipe(), steps=probe_steps, update_every=10**6)
+    prune_encoder(teacher, tokenizer, train[:probe_steps * cfg.batch_size], probe, cfg.sparsity, cfg.pattern,
+                  on_step=lambda info, metrics: stamps.append(time.perf_counter()), log=lambda *a: None,
+                  teacher_cache=cache)
+    step_s = statistics.median(b - a for a, b in zip(stamps[3:], stamps[4:]))
+    elapsed_s += stamps[-1] - stamps[0]
+    budget_s = 60.0 * cfg.budget_minutes
+    return {"steps": steps_within_budget(budget_s, elapsed_s, step_s, cfg.qat_steps, cfg.steps),
+            "step_ms": 1000.0 * step_s, "budget_s": budget_s, "default_steps": cfg.steps}
 
 
 def _recorder(phase: str, history: list[dict], bar, sparsity: float | None = None):
@@ -237,11 +276,22 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
 
     # Prune OFA: GMP + distillation. Only the layers sparsify() swaps are pruned (the pooler is not
     # part of the sentence embedding), so the reported sparsity is the sparsity that runs.
+    cache = build_teacher_cache(teacher, tokenizer, train, cfg.recipe(), log)
+    lap("teacher_cache")
+    budget = None
+    if cfg.budget_minutes is not None and not cfg.steps_given:
+        budget = fit_steps(cfg, teacher, tokenizer, train, cache, time.perf_counter() - clock["start"])
+        log(f"budget {cfg.budget_minutes:g} min: ~{budget['step_ms']:.0f} ms per Prune OFA step here -> "
+            f"{budget['steps']} steps (default {cfg.steps}; --steps N fixes the count)")
+        if budget["steps"] != cfg.steps:
+            cfg = replace(cfg, steps=budget["steps"], update_every=None)
+        lap("step_budget")
     recipe = cfg.recipe()
     history: list[dict] = []
     with tqdm(total=cfg.steps + cfg.qat_steps, desc="Prune OFA", unit="step", dynamic_ncols=True) as bar:
         student = prune_encoder(teacher, tokenizer, train, recipe, cfg.sparsity, cfg.pattern,
-                                on_step=_recorder("prune", history, bar), log=log)
+                                on_step=_recorder("prune", history, bar), log=log, teacher_cache=cache)
+        del cache
         lap("prune_ofa")
         student_fp32 = copy.deepcopy(student).eval()
         if cfg.save_student:  # the pre-trained sparse student that `sparse-ofa finetune` starts from
@@ -298,6 +348,7 @@ def run_demo(cfg: DemoConfig, output: str | os.PathLike = "sparse_ofa_out/demo",
                    "heldout": len(heldout)},
         "quality_vs_teacher": quality,
         "stsb": stsb,
+        "step_budget": budget,
         "speed": speed,
         "sparsity": {"target": cfg.sparsity, "pattern": cfg.pattern,
                      "overall": sum(layer_sparsity.values()) / max(1, len(layer_sparsity)),

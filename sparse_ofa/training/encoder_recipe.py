@@ -132,6 +132,22 @@ def teacher_cache_bytes(teacher: nn.Module, tokenizer, sentences: list[str], max
     return sum(map(len, lengths)) * (config.num_hidden_layers + 1) * config.hidden_size * 4
 
 
+def build_teacher_cache(teacher: nn.Module, tokenizer, sentences: list[str], recipe: EncoderRecipe, log=print):
+    """The TeacherCache of `sentences` when the recipe can use one (no teacher-forced loss) and it fits
+    in recipe.cache_limit_gb, else None (the teacher then runs on every step)."""
+    from .distill import TeacherCache
+
+    if recipe.layerwise_weight != 0:  # the teacher-forced loss needs the teacher's own forward
+        return None
+    need = teacher_cache_bytes(teacher, tokenizer, sentences, recipe.max_length)
+    if need > recipe.cache_limit_gb * 2**30:
+        log(f"the teacher's hidden states for {len(sentences)} sentences would take {need / 2**30:.1f} GB "
+            f"(> cache_limit_gb {recipe.cache_limit_gb}): the teacher runs on every step instead")
+        return None
+    log(f"caching the teacher's hidden states for {len(sentences)} training sentences ({need / 2**30:.2f} GB) ...")
+    return TeacherCache(teacher, tokenizer, sentences, recipe.max_length, recipe.bf16)
+
+
 def distill_phase(student: nn.Module, teacher: nn.Module, batches, recipe: EncoderRecipe, *, steps: int,
                   lr: float, pruner=None, lock=None, bf16: bool = False, teacher_cache=None,
                   on_step: Callable | None = None, **loop_kwargs) -> dict[str, float]:
@@ -163,17 +179,17 @@ def distill_phase(student: nn.Module, teacher: nn.Module, batches, recipe: Encod
 
 def prune_encoder(teacher: nn.Module, tokenizer, sentences: list[str], recipe: EncoderRecipe, sparsity: float,
                   pattern: str = "unstructured", *, filter_fn: FilterFn = is_encoder_linear,
-                  on_step: Callable | None = None, log=print, **loop_kwargs) -> nn.Module:
+                  on_step: Callable | None = None, log=print, teacher_cache=None, **loop_kwargs) -> nn.Module:
     """The Prune OFA phase: a copy of `teacher` pruned by GMP to `sparsity` (`pattern`) on the layers
     `filter_fn` picks (default: those sparsify() swaps, so the reported sparsity is what runs), distilled
     on `sentences` for recipe.steps, on the teacher's device. Under torchrun every process trains on its
     share of the sentences and the student is wrapped in DistributedDataParallel. Returns the fp32 sparse
-    student (masks applied, no hooks, unwrapped)."""
+    student (masks applied, no hooks, unwrapped). teacher_cache: one build_teacher_cache made for these
+    sentences (None: built here)."""
     import copy
 
     from ..tasks.corpus import SentenceBatches
     from .ddp import is_distributed, shard, wrap_ddp
-    from .distill import TeacherCache
     from .pruning import Pruner
 
     if not sentences:
@@ -185,16 +201,8 @@ def prune_encoder(teacher: nn.Module, tokenizer, sentences: list[str], recipe: E
     pruner = Pruner(student, recipe.gmp_schedule(sparsity), pattern=pattern, filter_fn=filter_fn)
     if is_distributed():
         sentences = shard(sentences)
-    cache = None
-    if recipe.layerwise_weight == 0:  # the teacher-forced loss needs the teacher's own forward
-        need = teacher_cache_bytes(teacher, tokenizer, sentences, recipe.max_length)
-        if need <= recipe.cache_limit_gb * 2**30:
-            log(f"caching the teacher's hidden states for {len(sentences)} training sentences "
-                f"({need / 2**30:.2f} GB) ...")
-            cache = TeacherCache(teacher, tokenizer, sentences, recipe.max_length, recipe.bf16)
-        else:
-            log(f"the teacher's hidden states for {len(sentences)} sentences would take {need / 2**30:.1f} GB "
-                f"(> cache_limit_gb {recipe.cache_limit_gb}): the teacher runs on every step instead")
+    cache = teacher_cache if teacher_cache is not None else build_teacher_cache(teacher, tokenizer, sentences,
+                                                                                recipe, log)
     # "prune" seeds the batch order as the demo always has: seed + len("prune")
     batches = SentenceBatches(sentences, tokenizer, recipe.batch_size, recipe.max_length, seed=recipe.seed + 5)
     report = None if on_step is None else (
@@ -207,5 +215,5 @@ def prune_encoder(teacher: nn.Module, tokenizer, sentences: list[str], recipe: E
     return student
 
 
-__all__ = ["EncoderRecipe", "cpu_has_bf16", "distill_phase", "eager_attention", "freeze_embeddings_and_pooler",
+__all__ = ["EncoderRecipe", "build_teacher_cache", "cpu_has_bf16", "distill_phase", "eager_attention", "freeze_embeddings_and_pooler",
            "prune_encoder", "teacher_cache_bytes"]
