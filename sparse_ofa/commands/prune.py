@@ -172,7 +172,7 @@ def _run_encoder_recipe(args, teacher_dir: Path, output: Path) -> int:
     import torch
     from transformers import AutoModel
 
-    from ..training.ddp import is_main_process, to_training_device
+    from ..training.ddp import to_training_device
     from ..training.encoder_recipe import EncoderRecipe, cpu_has_bf16, prune_encoder
 
     ignored = [flag for flag, value, default in (("--start-step", args.start_step, 0),
@@ -197,18 +197,19 @@ def _run_encoder_recipe(args, teacher_dir: Path, output: Path) -> int:
                            warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, max_length=args.max_length,
                            bf16=bf16, seed=args.seed, cache_limit_gb=args.teacher_cache_gb)
     schedule = recipe.gmp_schedule(args.sparsity)
+    options = _shared.train_options(args, output, "prune")
     output.mkdir(parents=True, exist_ok=True)
-    checkpoints = output / "checkpoints" if (args.checkpoint_every or args.resume) else None
     print(f"prune: {len(texts)} sentences, objective embedding (the sentence-encoder recipe), {args.sparsity:.0%} "
           f"{args.pattern} over steps 0..{schedule.ramp_end} (masks every {schedule.update_every}), "
           f"peak lr {args.lr:g}, bf16 {'on' if bf16 else 'off'}")
     losses: list[float] = []
     student = prune_encoder(teacher, tokenizer, texts, recipe, args.sparsity, args.pattern,
                             on_step=lambda info, metrics: losses.append(info.loss), log=print,
-                            progress=not args.no_progress, description="prune", checkpoint_dir=checkpoints,
-                            checkpoint_every=args.checkpoint_every, resume=args.resume)
+                            progress=options.progress, description=options.description,
+                            checkpoint_dir=options.checkpoint_dir, checkpoint_every=options.checkpoint_every,
+                            resume=options.resume)
     return _save(student, tokenizer, output, args, "embedding", schedule, steps_done=args.steps,
-                 final_loss=losses[-1] if losses else None, recipe=recipe.__dict__) if is_main_process() else 0
+                 final_loss=losses[-1] if losses else None, recipe=recipe.__dict__)
 
 
 def _save(student, tokenizer, output: Path, args, objective: str, schedule, **results) -> int:
