@@ -9,9 +9,13 @@ table" comes from this script).
 Engines: torch fp32 eager, torch quantize_dynamic (dynamic INT8, fbgemm), onnxruntime fp32 and
 onnxruntime dynamic INT8 (onnxruntime.quantization.quantize_dynamic, QInt8 weights) on the same model
 exported to ONNX (opset 17, eager attention), DeepSparse on that ONNX file (fp32: it finds the zeros
-itself) when --deepsparse-python names an interpreter that has it (it is run there, in its own
-process, after the others: not interleaved), and sparse_ofa `sparsify(model)` (backend auto, fast
-path). onnxruntime is optional: without it those rows are skipped, as is DeepSparse without its
+itself) when --deepsparse-python names an interpreter that has it, and sparse_ofa `sparsify(model)`
+(backend auto, fast path). The torch engines (fp32, quantize_dynamic, sparse_ofa) share one OpenMP
+pool and run interleaved, round by round, in this process; onnxruntime and DeepSparse each run in a
+process of their own, one after the other (not interleaved): their thread pools spin-wait between
+runs, and on a 2-core machine an idle onnxruntime pool beside the torch engines took a core from
+them (sparse_ofa 90 % 57.6 ms interleaved with onnxruntime, 23.9 ms without it, same machine).
+onnxruntime is optional: without it those rows are skipped, as is DeepSparse without its
 interpreter. Also printed: each engine's mean token cosine to torch fp32.
 """
 import argparse
@@ -23,25 +27,54 @@ import sys
 import tempfile
 import time
 
-DEEPSPARSE_TIMER = r"""
+# Times one ONNX engine in a process of its own: argv = engine, model, ids.npy, mask.npy, out.npy, threads,
+# rounds, cpu_time; prints {"median": seconds} and saves the output for the cosine.
+OWN_PROCESS_TIMER = r"""
 import json, statistics, sys, time
 import numpy as np
-from deepsparse import compile_model
-path, ids, mask, out, cores, rounds, cpu_time = sys.argv[1:8]
+engine_name, path, ids, mask, out, threads, rounds, cpu_time = sys.argv[1:9]
 clock = time.process_time if cpu_time == "1" else time.perf_counter
-engine = compile_model(path, batch_size=1, num_cores=int(cores))
 inputs = [np.load(ids), np.load(mask)]
-y = engine.run(inputs)[0]
+if engine_name == "deepsparse":
+    from deepsparse import compile_model
+    engine = compile_model(path, batch_size=1, num_cores=int(threads))
+    run = lambda: engine.run(inputs)[0]
+else:
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = int(threads), 1
+    sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": inputs[0], "attention_mask": inputs[1]}
+    run = lambda: sess.run(None, feeds)[0]
+y = run()
 for _ in range(3):
-    engine.run(inputs)
+    run()
 times = []
 for _ in range(int(rounds)):
     t = clock()
-    engine.run(inputs)
+    run()
     times.append(clock() - t)
 np.save(out, y)
 print(json.dumps({"median": statistics.median(times)}))
 """
+
+
+def time_own_process(python: str, engine: str, model_path: str, feeds: dict, tmp: str, threads: int, rounds: int,
+                     cpu_time: bool):
+    """(median seconds, output tensor) of `engine` ("onnxruntime" / "deepsparse") run by `python` in a
+    process of its own, or None after printing why it failed."""
+    import numpy as np
+    import torch
+
+    ids_path, mask_path, out_path = (os.path.join(tmp, n) for n in ("ids.npy", "mask.npy", f"{engine}_out.npy"))
+    np.save(ids_path, feeds["input_ids"])
+    np.save(mask_path, feeds["attention_mask"])
+    run = subprocess.run([python, "-c", OWN_PROCESS_TIMER, engine, model_path, ids_path, mask_path, out_path,
+                          str(threads), str(rounds), "1" if cpu_time else "0"], capture_output=True, text=True)
+    if run.returncode != 0:
+        print(f"{engine} failed: {run.stderr.strip().splitlines()[-1:]}")
+        return None
+    return json.loads(run.stdout.strip().splitlines()[-1])["median"], torch.from_numpy(np.load(out_path))
 
 
 def export_onnx(model, inputs, path: str) -> None:
@@ -114,19 +147,16 @@ def main() -> None:
         onnx_path = os.path.join(tmp, f"bert_{sparsity}.onnx")
         if ort is not None or args.deepsparse_python:
             export_onnx(fp32, inputs, onnx_path)
+        own_process = {}  # row name -> (python, engine, model path)
         if ort is not None:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
-            sessions = {}
             if "ort_fp32" in wanted:
-                sessions["onnxruntime fp32"] = onnx_path
+                own_process["onnxruntime fp32 (own process)"] = (sys.executable, "onnxruntime", onnx_path)
             if "ort_int8" in wanted:
                 int8_path = onnx_path.replace(".onnx", "_int8.onnx")
                 quantize_dynamic(onnx_path, int8_path, weight_type=QuantType.QInt8)
-                sessions["onnxruntime dynamic INT8"] = int8_path
-            for name, path in sessions.items():
-                sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-                fns[name] = lambda sess=sess: torch.from_numpy(sess.run(None, feeds)[0])
+                own_process["onnxruntime dynamic INT8 (own process)"] = (sys.executable, "onnxruntime", int8_path)
+        if args.deepsparse_python:
+            own_process["DeepSparse (fp32 ONNX, own process)"] = (args.deepsparse_python, "deepsparse", onnx_path)
         if "sparse_ofa" in wanted:
             model = e2e.sparse_ofa_model(fp32)
             fns[f"sparse_ofa auto ({e2e.dispatched_backend(model, args.tokens)})"] = e2e.forward_fn(model, inputs)
@@ -143,17 +173,10 @@ def main() -> None:
                 fn()
                 times[name].append(clock() - start)
         medians = {name: statistics.median(ts) for name, ts in times.items()}
-        if args.deepsparse_python:
-            ids_path, mask_path, out_path = (os.path.join(tmp, n) for n in ("ids.npy", "mask.npy", "ds_out.npy"))
-            np.save(ids_path, feeds["input_ids"])
-            np.save(mask_path, feeds["attention_mask"])
-            run = subprocess.run([args.deepsparse_python, "-c", DEEPSPARSE_TIMER, onnx_path, ids_path, mask_path,
-                                  out_path, str(args.threads), str(args.rounds), "1" if args.cpu_time else "0"], capture_output=True, text=True)
-            if run.returncode == 0:
-                medians["DeepSparse (fp32 ONNX, own process)"] = json.loads(run.stdout.strip().splitlines()[-1])["median"]
-                outs["DeepSparse (fp32 ONNX, own process)"] = torch.from_numpy(np.load(out_path))
-            else:
-                print(f"DeepSparse failed: {run.stderr.strip().splitlines()[-1:]}")
+        for name, (python, engine, path) in own_process.items():
+            timed = time_own_process(python, engine, path, feeds, tmp, args.threads, args.rounds, args.cpu_time)
+            if timed is not None:
+                medians[name], outs[name] = timed
         with open("/proc/loadavg") as f:
             load = f.read().split()[0]
         print(f"sparsity {sparsity:.0%} (load now {load}):")
