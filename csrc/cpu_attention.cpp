@@ -151,7 +151,7 @@ at::Tensor qkv_attention(const at::Tensor& x, const std::vector<at::Tensor>& w, 
   const float* ws = w_scale.data_ptr<float>();
   for_each_tile(m, [&](int64_t s0, int64_t mt) {
     thread_local std::vector<uint8_t> xt_buf;
-    uint8_t* xt = scratch(xt_buf, one_tile(wq).bytes);
+    uint8_t* xt = scratch(xt_buf, one_tile(is, wq).bytes);
     alignas(64) float xs[kTileTokens];
     pack_tile(is, wq, xp, ldx, s0, mt, qp, xt, xs);
     spmm_cols(is, wq, PackedActs{xt, mt, kTileTokens, nq, flip_of(is), xs}, ws, bp, false, yt + s0, ld, nullptr,

@@ -143,9 +143,11 @@ const float* bias_of(const c10::optional<at::Tensor>& bias, const char* name, in
   return bias->data_ptr<float>();
 }
 
-void pack_acts(int isa, bool gather, const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
+void pack_acts(int isa, int layout, const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
                int64_t mend, uint8_t flip, uint8_t* xt, int64_t mp) {
-  if (gather) {
+  if (layout == kActCols16) {
+    pack_cols16_avx2(xq, ldx, k, m0, m1, mend, (int16_t*)xt, mp);
+  } else if (layout == kActCols8) {
     if (isa == kAvx512Vnni) pack_cols_avx512(xq, ldx, k, m0, m1, mend, flip, xt, mp);
     else if (isa >= kAvx2) pack_cols_avx2(xq, ldx, k, m0, m1, mend, flip, xt, mp);
     else pack_cols_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp);
@@ -162,6 +164,7 @@ Tiles tiles_of(int isa, const QuadWeight& w, int64_t m) {
   const int64_t pad = w.gather ? kColPad : kTokenPad;
   const int64_t nq = (w.k + 3) / 4;
   Tiles t;
+  t.layout = act_layout(isa, w.gather);
   if (isa == kAvx512Vnni && m > kTileTokens) {
     t.tok = t.mp = kTileTokens;
     t.count = (m + kTileTokens - 1) / kTileTokens;
@@ -169,7 +172,7 @@ Tiles tiles_of(int isa, const QuadWeight& w, int64_t m) {
     t.tok = t.mp = (m + pad - 1) / pad * pad;
     t.count = 1;
   }
-  t.bytes = (w.gather ? w.k * t.mp : nq * t.mp * 4 + 0);
+  t.bytes = w.gather ? w.k * t.mp * act_value_bytes(t.layout) : nq * t.mp * 4;
   t.bytes = (t.bytes + 63) / 64 * 64;
   return t;
 }
@@ -194,10 +197,10 @@ void spmm_tasks(int isa, const QuadWeight& w, const PackedActs& a, const Epilogu
 
 // The activations of tokens [ms, me), inside one tile (or anywhere in a single-tile layout), and the
 // matching output rows.
-PackedActs acts_of(const PackedActs& a, const Tiles& t, bool gather, int64_t ms, int64_t me) {
+PackedActs acts_of(const PackedActs& a, const Tiles& t, int64_t ms, int64_t me) {
   PackedActs sub = a;
   const int64_t tile = ms / t.tok, local = ms % t.tok;
-  sub.xt = a.xt + tile * t.bytes + (gather ? local : local * 4);
+  sub.xt = a.xt + tile * t.bytes + local * (t.layout == kActQuads ? 4 : act_value_bytes(t.layout));
   sub.m = me - ms;
   sub.mp = t.mp;
   sub.x_scale = a.x_scale ? a.x_scale + ms : nullptr;
@@ -233,7 +236,7 @@ void pack_and_multiply(int isa, const QuadWeight& w, const PackedActs& a, const 
         pack_blocks(ms / kTokenPad, c == nchunks - 1 ? nblocks : me / kTokenPad);
         for (int64_t s = ms; s < me;) {
           const int64_t next = std::min(me, (s / t.tok + 1) * t.tok);
-          const PackedActs sub = acts_of(a, t, w.gather, s, next);
+          const PackedActs sub = acts_of(a, t, s, next);
           spmm_tasks(isa, w, sub, epilogue_of(e, s), 0, task_count(sub.m, w.n));
           s = next;
         }
@@ -248,7 +251,7 @@ void pack_and_multiply(int isa, const QuadWeight& w, const PackedActs& a, const 
     while (t0 < t1) {
       const int64_t tile = t0 / per_tile, end = std::min(t1, (tile + 1) * per_tile);
       const int64_t ms = tile * t.tok, me = std::min(a.m, ms + t.tok);
-      spmm_tasks(isa, w, acts_of(a, t, w.gather, ms, me), epilogue_of(e, ms), t0 - tile * per_tile,
+      spmm_tasks(isa, w, acts_of(a, t, ms, me), epilogue_of(e, ms), t0 - tile * per_tile,
                  end - tile * per_tile);
       t0 = end;
     }
@@ -262,8 +265,8 @@ void pack_block(int isa, const QuadWeight& w, const Tiles& t, const int8_t* xb, 
                 uint8_t flip, uint8_t* xt) {
   const int64_t g = b * kTokenPad, tile = g / t.tok, local = g % t.tok;
   const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(kTokenPad, m - g));
-  pack_acts(isa, w.gather, xb, ldx, w.k, 0, rows, kTokenPad, flip,
-            xt + tile * t.bytes + (w.gather ? local : local * 4), t.mp);
+  pack_acts(isa, t.layout, xb, ldx, w.k, 0, rows, kTokenPad, flip,
+            xt + tile * t.bytes + local * (t.layout == kActQuads ? 4 : act_value_bytes(t.layout)), t.mp);
 }
 
 uint8_t flip_of(int isa) { return (isa == kAvx512Vnni || isa == kAvxVnni) ? 0x80 : 0; }
@@ -275,16 +278,17 @@ QuantParams quant_params(double static_scale, double inv_scale, int64_t zero_poi
   return QuantParams{(float)static_scale, (float)inv_scale, (int)zero_point, (int)qmin, (int)qmax};
 }
 
-Tiles one_tile(const QuadWeight& w) {
-  const int64_t bytes = w.gather ? w.k * kTileTokens : (w.k + 3) / 4 * kTileTokens * 4;
-  return Tiles{kTileTokens, kTileTokens, (bytes + 63) / 64 * 64, 1};
+Tiles one_tile(int isa, const QuadWeight& w) {
+  const int layout = act_layout(isa, w.gather);
+  const int64_t bytes = w.gather ? w.k * kTileTokens * act_value_bytes(layout) : (w.k + 3) / 4 * kTileTokens * 4;
+  return Tiles{kTileTokens, kTileTokens, (bytes + 63) / 64 * 64, 1, layout};
 }
 
 void pack_tile(int isa, const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
                uint8_t* xt, float* x_scale) {
   thread_local std::vector<uint8_t> block_buf;
   int8_t* block = (int8_t*)scratch(block_buf, (size_t)(kTokenPad * w.k));
-  const Tiles tile = one_tile(w);
+  const Tiles tile = one_tile(isa, w);
   for (int64_t b = 0; b < kTileTokens / kTokenPad; ++b) {  // 16 tokens at a time, via an L1-sized block
     const int64_t m0 = b * kTokenPad, m1 = std::min(mt, m0 + kTokenPad);
     if (m1 > m0) quantize_rows(isa, x + (s + m0) * ldx, ldx, w.k, 0, m1 - m0, q, block, w.k, x_scale + m0);
@@ -311,9 +315,9 @@ void spmm_cols(int isa, const QuadWeight& w, const PackedActs& a, const float* w
 }
 
 void quant_pack_cols(int isa, const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
-                     const QuantParams& qp, int gather, uint8_t* xt, float* x_scale) {
-  if (isa == kAvx512Vnni) quant_pack_cols_avx512(yt, k, m, amax, nonfinite, qp, gather, flip_of(isa), xt, x_scale);
-  else quant_pack_cols_avx2(yt, k, m, amax, nonfinite, qp, gather, flip_of(isa), xt, x_scale);
+                     const QuantParams& qp, int layout, uint8_t* xt, float* x_scale) {
+  if (isa == kAvx512Vnni) quant_pack_cols_avx512(yt, k, m, amax, nonfinite, qp, layout, flip_of(isa), xt, x_scale);
+  else quant_pack_cols_avx2(yt, k, m, amax, nonfinite, qp, layout, flip_of(isa), xt, x_scale);
 }
 #else  // never called (has_cols_route is false), defined so that the bindings link
 void spmm_cols(int, const QuadWeight&, const PackedActs&, const float*, const float*, bool, float*, int64_t, float*,

@@ -73,6 +73,35 @@ void pack_cols_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_
   if (m < mend) pack_cols_range_scalar(xq, ldx, k, 0, m, m1, mend, flip, xk, mp);
 }
 
+// Layout kActCols16 (the plain AVX2 path): xk[kk * mp + m] = (int16) x_q[m, kk]. The byte regrouping of
+// pack_cols_avx2, then each channel's 8 token bytes sign-extended and stored as 16 bytes.
+void pack_cols16_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, int16_t* xk,
+                      int64_t mp) {
+  const int64_t q8 = k / 4 / 8 * 8;
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256i by_channel =
+      _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  const __m256i halves = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t m = m0;
+  for (; m + 8 <= m1 && q8 > 0; m += 8) {
+    for (int64_t q0 = 0; q0 < q8; q0 += 8) {
+      __m256i r[8];
+      load_quads8x8(xq, ldx, m, q0, zero, r);
+      for (int j = 0; j < 8; ++j) {
+        const __m256i v = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(r[j], by_channel), halves);
+        int16_t* dst = xk + 4 * (q0 + j) * mp + m;  // qword c of v = channel 4 (q0 + j) + c, tokens m .. m + 7
+        const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+        _mm_storeu_si128((__m128i*)dst, _mm_cvtepi8_epi16(lo));
+        _mm_storeu_si128((__m128i*)(dst + mp), _mm_cvtepi8_epi16(_mm_unpackhi_epi64(lo, lo)));
+        _mm_storeu_si128((__m128i*)(dst + 2 * mp), _mm_cvtepi8_epi16(hi));
+        _mm_storeu_si128((__m128i*)(dst + 3 * mp), _mm_cvtepi8_epi16(_mm_unpackhi_epi64(hi, hi)));
+      }
+    }
+    if (4 * q8 < k) pack_cols16_range_scalar(xq, ldx, k, 4 * q8, m, m + 8, m + 8, xk, mp);
+  }
+  if (m < mend) pack_cols16_range_scalar(xq, ldx, k, 0, m, m1, mend, xk, mp);
+}
+
 // quant.py numerics, 8 floats at a time; rows with NaN/Inf go to quantize_row_exact.
 void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
                         const QuantParams& qp, int8_t* xq, int64_t ldq, float* x_scale) {
@@ -156,6 +185,8 @@ void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_
                     uint8_t* xt, int64_t mp) { pack_acts_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp); }
 void pack_cols_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                     uint8_t* xk, int64_t mp) { pack_cols_scalar(xq, ldx, k, m0, m1, mend, flip, xk, mp); }
+void pack_cols16_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, int16_t* xk,
+                      int64_t mp) { pack_cols16_range_scalar(xq, ldx, k, 0, m0, m1, mend, xk, mp); }
 void spmm_avx2(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   spmm_scalar(w, a, e, t0, t1);
 }

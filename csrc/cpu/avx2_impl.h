@@ -2,11 +2,12 @@
 // under their own `#pragma GCC target`, with SPARSE_OFA_VNNI 0 or 1 and SPARSE_OFA_SPMM the name of
 // the product; and by fused_avx2.cpp / fused_avxvnni.cpp (target + "fma", SPARSE_OFA_AVX2_MATH) with
 // SPARSE_OFA_SPMM_COLS the name of the fused ops' channel-major product. Each name that is defined gets
-// its function. Both layouts: aligned quads (row_product8) and gathered quads (row_gather8).
+// its function. Both layouts: aligned quads (row_product8) and gathered quads (gather_tokens).
 //
 // VNNI (flip 0x80, xt holds u8 = x + 128):  c += vpdpbusd(x_u8 quads, w quads)   (AVX-VNNI, ymm)
-// plain AVX2 (flip 0, xt holds s8): vpmaddubsw would saturate int16 (255 * 127 * 2 > 32767), so the
-// quads are split into sign-extended int16 halves for vpmaddwd (dot4).
+// plain AVX2 (flip 0): vpmaddubsw would saturate int16 (255 * 127 * 2 > 32767), so the products use
+// vpmaddwd on int16: the aligned quads (xt holds s8) are split into sign-extended int16 halves (dot4);
+// the gathered columns are int16 already (kActCols16) and only interleaved in pairs of rows.
 // The epilogue writes a [64 channels][128 tokens] tile and stores it transposed, 8x8 dwords at a
 // time (store_tile8).
 #include <immintrin.h>
@@ -115,8 +116,11 @@ inline void row_product8(const int32_t* qw, const uint16_t* qk, int32_t p0, int3
 }
 
 // Layout kind 1 (gathered quads: 4 arbitrary input channels per quad, activations column-major
-// xk[k][token]): out[0..4) = the sums of tokens 0..31 from `base` (8 per ymm, natural order). Per quad:
-// 4 row loads, then ab = unpack{lo,hi}_epi8(a, b), cd = ..(c, d), q_j = unpack{lo,hi}_epi16(ab, cd):
+// xk[k][token]); the sums come out 8 tokens per ymm, in token order.
+#if SPARSE_OFA_VNNI
+using ColValue = uint8_t;  // the columns hold u8 = x + 128 (sparse_cpu.h, kActCols8)
+
+// out[0..4) = the sums of tokens 0..31 from `base`. Per quad: 4 row loads, then ab = unpack{lo,hi}_epi8(a, b), cd = ..(c, d), q_j = unpack{lo,hi}_epi16(ab, cd):
 // q_j holds, in 128-bit lane L, tokens 16L + 4j .. 16L + 4j + 3; two quads in flight (8 chains).
 inline void row_gather8(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1, const uint8_t* base,
                         int64_t mp, __m256i* out) {
@@ -147,6 +151,54 @@ inline void row_gather8(const int32_t* qw, const uint16_t* qk, int32_t p0, int32
   out[1] = _mm256_permute2x128_si256(c[2], c[3], 0x20);
   out[2] = _mm256_permute2x128_si256(c[0], c[1], 0x31);
   out[3] = _mm256_permute2x128_si256(c[2], c[3], 0x31);
+}
+#else
+using ColValue = int16_t;  // the columns hold int16 x (sparse_cpu.h, kActCols16)
+
+// out[0 .. NT/8) = the sums of tokens 0 .. NT-1 (NT = 32 or 64). Per quad: the weight pairs (w0, w1)
+// and (w2, w3) as int16 dwords, broadcast once for all NT tokens; per 16 tokens of rows a, b:
+// unpack{lo,hi}_epi16(a, b) = the (x_a, x_b) pairs of tokens 0-3 | 8-11 and 4-7 | 12-15, and vpmaddwd
+// with (w0, w1) gives x_a w0 + x_b w1 per token (exact int32); rows c, d likewise, into the same sums.
+template <int NT>
+inline void row_gather16(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1, const int16_t* base,
+                         int64_t mp, __m256i* out) {
+  __m256i acc[NT / 8];  // [2h]: tokens 16h + (0-3 | 8-11), [2h + 1]: 16h + (4-7 | 12-15)
+  for (int j = 0; j < NT / 8; ++j) acc[j] = _mm256_setzero_si256();
+  for (int32_t p = p0; p < p1; ++p) {
+    const __m128i w16 = _mm_cvtepi8_epi16(_mm_cvtsi32_si128(qw[p]));
+    const __m256i wab = _mm256_broadcastd_epi32(w16), wcd = _mm256_broadcastd_epi32(_mm_srli_si128(w16, 4));
+    const uint16_t* ks = qk + 4 * (int64_t)p;
+    const int16_t *ra = base + ks[0] * mp, *rb = base + ks[1] * mp, *rc = base + ks[2] * mp, *rd = base + ks[3] * mp;
+    for (int h = 0; h < NT / 16; ++h) {
+      const __m256i xa = _mm256_loadu_si256((const __m256i*)(ra + 16 * h));
+      const __m256i xb = _mm256_loadu_si256((const __m256i*)(rb + 16 * h));
+      const __m256i xc = _mm256_loadu_si256((const __m256i*)(rc + 16 * h));
+      const __m256i xd = _mm256_loadu_si256((const __m256i*)(rd + 16 * h));
+      const __m256i lo = _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi16(xa, xb), wab),
+                                          _mm256_madd_epi16(_mm256_unpacklo_epi16(xc, xd), wcd));
+      const __m256i hi = _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpackhi_epi16(xa, xb), wab),
+                                          _mm256_madd_epi16(_mm256_unpackhi_epi16(xc, xd), wcd));
+      acc[2 * h] = _mm256_add_epi32(acc[2 * h], lo);
+      acc[2 * h + 1] = _mm256_add_epi32(acc[2 * h + 1], hi);
+    }
+  }
+  for (int h = 0; h < NT / 16; ++h) {
+    out[2 * h] = _mm256_permute2x128_si256(acc[2 * h], acc[2 * h + 1], 0x20);      // tokens 16h + 0 .. 7
+    out[2 * h + 1] = _mm256_permute2x128_si256(acc[2 * h], acc[2 * h + 1], 0x31);  // tokens 16h + 8 .. 15
+  }
+}
+#endif
+
+// out[0 .. tokens/8) = the sums of `tokens` (32 or 64) tokens from `base` of the gathered columns
+inline void gather_tokens(int tokens, const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
+                          const ColValue* base, int64_t mp, __m256i* out) {
+#if SPARSE_OFA_VNNI
+  row_gather8(qw, qk, p0, p1, base, mp, out);
+  if (tokens > 32) row_gather8(qw, qk, p0, p1, base + 32, mp, out + 4);
+#else
+  if (tokens > 32) row_gather16<64>(qw, qk, p0, p1, base, mp, out);
+  else row_gather16<32>(qw, qk, p0, p1, base, mp, out);
+#endif
 }
 
 inline void row_product8_any(int T, const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
@@ -179,11 +231,13 @@ void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e
     for (int64_t r = 0; r < nr; ++r) {
       const int64_t n = n0 + r;
       const uint32_t corr = (uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u);
-      if (w.gather) {  // 32 tokens at a time (the columns are padded to 64 tokens)
-        for (int64_t h = 0; h < mt; h += 32) {
-          __m256i acc[4];
-          row_gather8(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + m0 + h, a.mp, acc);
-          for (int t = 0; t < 4 && h + 8 * t < mt8; ++t)
+      if (w.gather) {  // 64 tokens at a time (the columns are padded to 64 tokens), 32 for a short rest
+        for (int64_t h = 0; h < mt; h += 64) {
+          const int tokens = mt - h > 32 ? 64 : 32;
+          __m256i acc[8];
+          gather_tokens(tokens, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], (const ColValue*)a.xt + m0 + h,
+                        a.mp, acc);
+          for (int t = 0; t < tokens / 8 && h + 8 * t < mt8; ++t)
             _mm256_store_si256((__m256i*)&tile[r][h + 8 * t],
                                _mm256_sub_epi32(acc[t], _mm256_set1_epi32((int32_t)corr)));
         }
@@ -222,9 +276,9 @@ void SPARSE_OFA_SPMM_COLS(const QuadWeight& w, const PackedActs& a, const float*
   const __m256 inf = _mm256_set1_ps(__builtin_inff());
   for (int64_t n = 0; n < w.n; ++n) {
     __m256i acc[kTileTokens / 8];
-    if (w.gather) {  // 32 tokens a call
-      row_gather8(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp, acc);
-      if (T > 4) row_gather8(w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + 32, a.mp, acc + 4);
+    if (w.gather) {
+      gather_tokens(T > 4 ? 64 : 32, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], (const ColValue*)a.xt,
+                    a.mp, acc);
     } else {
       row_product8_any(T, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp * 4, acc);
     }

@@ -59,7 +59,7 @@ void spmm_cols_avx512(const QuadWeight& w, const PackedActs& a, const float* w_s
 }
 
 void quant_pack_cols_avx512(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
-                            const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale) {
+                            const QuantParams& qp, int layout, uint8_t flip, uint8_t* xt, float* x_scale) {
   constexpr int T = kTileTokens / 16;
   const bool dynamic = qp.static_scale == 0.0f;
   __m512 inv[T];
@@ -89,7 +89,7 @@ void quant_pack_cols_avx512(const float* yt, int64_t k, int64_t m, const float* 
     return _mm512_cvtps_epi32(v);  // round half to even (MXCSR default)
   };
   const __m512i ff = _mm512_set1_epi32(0xFF);
-  if (gather) {
+  if (layout == kActCols8) {
     const __m128i flip16 = _mm_set1_epi8((char)flip);
     for (int64_t kk = 0; kk < k; ++kk)
       for (int t = 0; t < T; ++t)
@@ -109,7 +109,7 @@ void quant_pack_cols_avx512(const float* yt, int64_t k, int64_t m, const float* 
       }
   }
   for (uint64_t bits = nonfinite; bits; bits &= bits - 1)
-    quantize_token_exact(yt, k, __builtin_ctzll(bits), qp, gather, flip, xt, x_scale);
+    quantize_token_exact(yt, k, __builtin_ctzll(bits), qp, layout, flip, xt, x_scale);
 }
 
 }  // namespace sparse_ofa_cpu

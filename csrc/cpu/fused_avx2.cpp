@@ -8,8 +8,9 @@
 //         inv = (1 / amax) * 127, q = rne(y * inv)                       (dynamic, no clamp needed)
 //         q = clamp(rne(y * inv_scale) + zero_point, qmin, qmax)       (static)
 //       kind 0 quads: dword (q, m) = bytes q[4q + j][m] ^ flip (shifts and ors of 4 channel rows);
-//       kind 1 columns: bytes q[k][m] ^ flip, 32 tokens per store; only the 8-token vectors with a
-//       live token (and for kind 1 up to the next 32), the padding tokens among them as zeros.
+//       kind 1 columns: bytes q[k][m] ^ flip (AVX-VNNI) or int16 q[k][m] (plain AVX2, flip 0), 32
+//       tokens per channel; only the 8-token vectors with a live token (and for kind 1 up to the next
+//       32), the padding tokens among them as zeros.
 //       Tokens with a NaN/Inf take
 //       quantize_token_exact, like a bad row-major row.
 // AVX2 + FMA (the GELU of the epilogue): the fused ops take these only where fma_supported().
@@ -29,7 +30,7 @@
 namespace sparse_ofa_cpu {
 
 void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
-                          const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale) {
+                          const QuantParams& qp, int layout, uint8_t flip, uint8_t* xt, float* x_scale) {
   const int live = (int)((m + 7) / 8);  // vectors spmm_cols_avx2 wrote; the others are packed as zeros
   const bool dynamic = qp.static_scale == 0.0f;
   alignas(32) float inv[kTileTokens];
@@ -55,7 +56,18 @@ void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* am
     }
     return _mm256_cvtps_epi32(v);  // round half to even (MXCSR default)
   };
-  if (gather) {
+  if (layout == kActCols16) {
+    // 16 tokens -> 16 int16: one saturating pack (values in range), lanes [t 0-3, t+1 0-3 | t 4-7,
+    // t+1 4-7] put in token order by one 64-bit permute
+    int16_t* cols = (int16_t*)xt;
+    for (int64_t kk = 0; kk < k; ++kk)
+      for (int t = 0; t < live; t += 4) {  // (the gathered product reads 32 tokens at a time)
+        for (int u = 0; u < 4; u += 2) {
+          const __m256i pair = _mm256_packs_epi32(quant8(kk, t + u), quant8(kk, t + u + 1));
+          _mm256_store_si256((__m256i*)(cols + kk * kTileTokens + 8 * (t + u)), _mm256_permute4x64_epi64(pair, 0xD8));
+        }
+      }
+  } else if (layout == kActCols8) {
     // 32 tokens -> 32 bytes: two saturating packs (values in range), then the dword order fixed
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256i flip8 = _mm256_set1_epi8((char)flip);
@@ -81,7 +93,7 @@ void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* am
       }
   }
   for (uint64_t bits = nonfinite; bits; bits &= bits - 1)
-    quantize_token_exact(yt, k, __builtin_ctzll(bits), qp, gather, flip, xt, x_scale);
+    quantize_token_exact(yt, k, __builtin_ctzll(bits), qp, layout, flip, xt, x_scale);
 }
 
 }  // namespace sparse_ofa_cpu

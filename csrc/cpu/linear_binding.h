@@ -23,6 +23,7 @@ struct Tiles {
   int64_t mp;     // padded tokens of a tile (the kernels' mp)
   int64_t bytes;  // bytes per tile
   int64_t count;  // tiles
+  int layout;     // ActLayout of the packed activations
 };
 
 Tiles tiles_of(int isa, const QuadWeight& w, int64_t m);
@@ -49,10 +50,10 @@ void pack_block(int isa, const QuadWeight& w, const Tiles& t, const int8_t* xb, 
                 uint8_t flip, uint8_t* xt);
 void post_rows(int isa, const PostOps& po, at::Tensor& out, int64_t n, int64_t m0, int64_t m1);
 
-// One tile of kTileTokens tokens in w's activation layout (mp = kTileTokens for both kinds), and
+// One tile of kTileTokens tokens in ISA `isa`'s activation layout for w (mp = kTileTokens), and
 // tokens [s, s + mt) (mt <= kTileTokens) of float rows x [*, ldx] quantized per token into it
 // (x_scale [mt]) by ISA `isa` (the fused ops: cpu_ffn.cpp, cpu_attention.cpp).
-Tiles one_tile(const QuadWeight& w);
+Tiles one_tile(int isa, const QuadWeight& w);
 void pack_tile(int isa, const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,
                uint8_t* xt, float* x_scale);
 
@@ -63,7 +64,7 @@ bool has_cols_route(int isa);
 void spmm_cols(int isa, const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
                float* yt, int64_t ldy, float* amax, uint64_t* nonfinite);
 void quant_pack_cols(int isa, const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
-                     const QuantParams& qp, int gather, uint8_t* xt, float* x_scale);
+                     const QuantParams& qp, int layout, uint8_t* xt, float* x_scale);
 // the product + epilogue for tasks [t0, t1) of the ISA's kernel
 void spmm_tasks(int isa, const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1);
 // the post-ops of rows [m0, m1) of y [*, ldy] by the ISA (as cpu_linear runs them)

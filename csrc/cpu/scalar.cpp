@@ -42,7 +42,7 @@ void quantize_row_exact(const float* x, int64_t k, const QuantParams& qp, int8_t
   }
 }
 
-void quantize_token_exact(const float* yt, int64_t k, int64_t m, const QuantParams& qp, int gather, uint8_t flip,
+void quantize_token_exact(const float* yt, int64_t k, int64_t m, const QuantParams& qp, int layout, uint8_t flip,
                           uint8_t* xt, float* x_scale) {
   thread_local std::vector<float> col;
   thread_local std::vector<int8_t> q;
@@ -51,7 +51,11 @@ void quantize_token_exact(const float* yt, int64_t k, int64_t m, const QuantPara
   for (int64_t kk = 0; kk < k; ++kk) col[kk] = yt[kk * kTileTokens + m];
   quantize_row_exact(col.data(), k, qp, q.data(), x_scale + m);
   for (int64_t kk = 0; kk < k; ++kk) {
-    const int64_t at = gather ? kk * kTileTokens + m : ((kk / 4) * kTileTokens + m) * 4 + kk % 4;
+    if (layout == kActCols16) {
+      ((int16_t*)xt)[kk * kTileTokens + m] = q[kk];
+      continue;
+    }
+    const int64_t at = layout == kActCols8 ? kk * kTileTokens + m : ((kk / 4) * kTileTokens + m) * 4 + kk % 4;
     xt[at] = (uint8_t)q[kk] ^ flip;
   }
 }
@@ -118,6 +122,12 @@ void pack_cols_range_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t kk
                             int64_t mend, uint8_t flip, uint8_t* xk, int64_t mp) {
   for (int64_t kk = kk0; kk < k; ++kk)
     for (int64_t m = m0; m < mend; ++m) xk[kk * mp + m] = (m < m1 ? (uint8_t)xq[m * ldx + kk] : 0) ^ flip;
+}
+
+void pack_cols16_range_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t kk0, int64_t m0, int64_t m1,
+                              int64_t mend, int16_t* xk, int64_t mp) {
+  for (int64_t kk = kk0; kk < k; ++kk)
+    for (int64_t m = m0; m < mend; ++m) xk[kk * mp + m] = m < m1 ? xq[m * ldx + kk] : 0;
 }
 
 void pack_cols_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,

@@ -53,6 +53,16 @@ struct QuadWeight {
 // multiplied except the padding, at the price of an in-register interleave of 4 activation rows
 // (8 unpacks per 64 tokens) instead of one aligned load. Its activation layout is plain columns:
 //     xk[k * mp + m] = x_q[m, k] ^ flip                          (mp = M rounded up to 64)
+// except on the plain AVX2 path, whose columns are int16 (flip 0):
+//     xk16[k * mp + m] = (int16) x_q[m, k]
+// there the kernel interleaves two int16 rows into the pairs vpmaddwd multiplies, instead of
+// splitting interleaved bytes into sign-extended halves with shifts (3 more ops per 8 tokens).
+
+// Activation layouts, as the packing and quantize-pack steps take them.
+enum ActLayout : int { kActQuads = 0, kActCols8 = 1, kActCols16 = 2 };
+// The activation layout of ISA `isa` for a weight of layout kind `gather`, and its bytes per value.
+inline int act_layout(int isa, int gather) { return !gather ? kActQuads : (isa == kAvx2 ? kActCols16 : kActCols8); }
+inline int64_t act_value_bytes(int layout) { return layout == kActCols16 ? 2 : 1; }
 
 struct PackedActs {
   const uint8_t* xt;      // see layout above
@@ -134,6 +144,12 @@ void pack_cols_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int6
 // pack_cols_scalar for input channels [kk0, k) only (the tails of the vector packs)
 void pack_cols_range_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t kk0, int64_t m0, int64_t m1,
                             int64_t mend, uint8_t flip, uint8_t* xk, int64_t mp);
+// The int16 columns of the plain AVX2 path (layout kActCols16), the same arguments without flip; the
+// scalar form for input channels [kk0, k) (the tails of the vector pack).
+void pack_cols16_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, int16_t* xk,
+                      int64_t mp);
+void pack_cols16_range_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t kk0, int64_t m0, int64_t m1,
+                              int64_t mend, int16_t* xk, int64_t mp);
 
 // Quantize float rows [m0, m1) of x (row stride ldx) into xq [M, ldq] int8 and x_scale [M].
 void quantize_rows_scalar(const float* x, int64_t ldx, int64_t k, int64_t m0, int64_t m1,
@@ -153,12 +169,12 @@ void spmm_avx512(const QuadWeight& w, const PackedActs& a, const Epilogue& e, in
 // tile of kTileTokens tokens (a.m <= kTileTokens live, a.mp == kTileTokens): row n of yt (ldy floats
 // apart, kTileTokens written) gets the float epilogue (+ GELU) of output channel n; if amax is given,
 // amax [kTileTokens] the per-token max |y| and *nonfinite bit m whether token m has a NaN/Inf. Then
-// quant_pack_cols: yt [k][kTileTokens] -> xt of the next product (layout kind `gather`,
-// mp = kTileTokens) quantized per token, x_scale [m] its scales.
+// quant_pack_cols: yt [k][kTileTokens] -> xt of the next product (activation layout `layout`, an
+// ActLayout; mp = kTileTokens) quantized per token, x_scale [m] its scales.
 void spmm_cols_avx512(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
                       float* yt, int64_t ldy, float* amax, uint64_t* nonfinite);
 void quant_pack_cols_avx512(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
-                            const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale);
+                            const QuantParams& qp, int layout, uint8_t flip, uint8_t* xt, float* x_scale);
 // The same on the 256-bit paths (fused_avx2.cpp, fused_avxvnni.cpp; AVX2 + FMA): spmm_cols_avx2 (flip 0)
 // and spmm_cols_avxvnni (flip 0x80) share quant_pack_cols_avx2 (flip passed).
 void spmm_cols_avx2(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
@@ -166,10 +182,10 @@ void spmm_cols_avx2(const QuadWeight& w, const PackedActs& a, const float* w_sca
 void spmm_cols_avxvnni(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias, bool gelu,
                        float* yt, int64_t ldy, float* amax, uint64_t* nonfinite);
 void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* amax, uint64_t nonfinite,
-                          const QuantParams& qp, int gather, uint8_t flip, uint8_t* xt, float* x_scale);
+                          const QuantParams& qp, int layout, uint8_t flip, uint8_t* xt, float* x_scale);
 // Token m of a channel-major yt [k][kTileTokens] with a NaN/Inf: quantize_row_exact on the gathered
-// column, written into xt (layout kind `gather`, mp = kTileTokens) and x_scale[m].
-void quantize_token_exact(const float* yt, int64_t k, int64_t m, const QuantParams& qp, int gather, uint8_t flip,
+// column, written into xt (activation layout `layout`, mp = kTileTokens) and x_scale[m].
+void quantize_token_exact(const float* yt, int64_t k, int64_t m, const QuantParams& qp, int layout, uint8_t flip,
                           uint8_t* xt, float* x_scale);
 
 // Scalar helpers shared by every ISA (quantize_scalar.cpp / epilogue_scalar.cpp).
