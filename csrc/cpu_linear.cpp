@@ -147,6 +147,8 @@ void pack_acts(int isa, int layout, const int8_t* xq, int64_t ldx, int64_t k, in
                int64_t mend, uint8_t flip, uint8_t* xt, int64_t mp) {
   if (layout == kActCols16) {
     pack_cols16_avx2(xq, ldx, k, m0, m1, mend, (int16_t*)xt, mp);
+  } else if (layout == kActQuads16) {
+    pack_acts16_avx2(xq, ldx, k, m0, m1, mend, (int16_t*)xt, mp);
   } else if (layout == kActCols8) {
     if (isa == kAvx512Vnni) pack_cols_avx512(xq, ldx, k, m0, m1, mend, flip, xt, mp);
     else if (isa >= kAvx2) pack_cols_avx2(xq, ldx, k, m0, m1, mend, flip, xt, mp);
@@ -172,7 +174,7 @@ Tiles tiles_of(int isa, const QuadWeight& w, int64_t m) {
     t.tok = t.mp = (m + pad - 1) / pad * pad;
     t.count = 1;
   }
-  t.bytes = w.gather ? w.k * t.mp * act_value_bytes(t.layout) : nq * t.mp * 4;
+  t.bytes = (w.gather ? w.k : nq) * t.mp * act_token_bytes(t.layout);
   t.bytes = (t.bytes + 63) / 64 * 64;
   return t;
 }
@@ -200,7 +202,7 @@ void spmm_tasks(int isa, const QuadWeight& w, const PackedActs& a, const Epilogu
 PackedActs acts_of(const PackedActs& a, const Tiles& t, int64_t ms, int64_t me) {
   PackedActs sub = a;
   const int64_t tile = ms / t.tok, local = ms % t.tok;
-  sub.xt = a.xt + tile * t.bytes + local * (t.layout == kActQuads ? 4 : act_value_bytes(t.layout));
+  sub.xt = a.xt + tile * t.bytes + local * act_token_bytes(t.layout);  // (local: a multiple of 8)
   sub.m = me - ms;
   sub.mp = t.mp;
   sub.x_scale = a.x_scale ? a.x_scale + ms : nullptr;
@@ -266,7 +268,7 @@ void pack_block(int isa, const QuadWeight& w, const Tiles& t, const int8_t* xb, 
   const int64_t g = b * kTokenPad, tile = g / t.tok, local = g % t.tok;
   const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(kTokenPad, m - g));
   pack_acts(isa, t.layout, xb, ldx, w.k, 0, rows, kTokenPad, flip,
-            xt + tile * t.bytes + local * (t.layout == kActQuads ? 4 : act_value_bytes(t.layout)), t.mp);
+            xt + tile * t.bytes + local * act_token_bytes(t.layout), t.mp);
 }
 
 uint8_t flip_of(int isa) { return (isa == kAvx512Vnni || isa == kAvxVnni) ? 0x80 : 0; }
@@ -280,7 +282,7 @@ QuantParams quant_params(double static_scale, double inv_scale, int64_t zero_poi
 
 Tiles one_tile(int isa, const QuadWeight& w) {
   const int layout = act_layout(isa, w.gather);
-  const int64_t bytes = w.gather ? w.k * kTileTokens * act_value_bytes(layout) : (w.k + 3) / 4 * kTileTokens * 4;
+  const int64_t bytes = (w.gather ? w.k : (w.k + 3) / 4) * kTileTokens * act_token_bytes(layout);
   return Tiles{kTileTokens, kTileTokens, (bytes + 63) / 64 * 64, 1, layout};
 }
 

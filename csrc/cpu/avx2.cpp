@@ -42,6 +42,29 @@ void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_
   if (m < mend) pack_quads_scalar(xq, ldx, k, 0, m, m1, mend, flip, xt, mp);
 }
 
+// Layout kActQuads16 (the plain AVX2 path): per 8 tokens x 8 quads one 8x8 dword transpose as
+// pack_acts_avx2, then each quad's dwords split into sign-extended int16 pairs: even = (x0, x2) =
+// (dword << 8 per word) >> 8 arithmetic, odd = (x1, x3) = dword >> 8 arithmetic per word.
+void pack_acts16_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, int16_t* xt,
+                      int64_t mp) {
+  const int64_t q8 = k / 4 / 8 * 8;
+  const __m256i zero = _mm256_setzero_si256();
+  int64_t m = m0;
+  for (; m + 8 <= m1 && q8 > 0; m += 8) {
+    for (int64_t q0 = 0; q0 < q8; q0 += 8) {
+      __m256i r[8];
+      load_quads8x8(xq, ldx, m, q0, zero, r);
+      for (int j = 0; j < 8; ++j) {
+        int16_t* dst = xt + quads16_index(4 * (q0 + j), m, mp);
+        _mm256_storeu_si256((__m256i*)dst, _mm256_srai_epi16(_mm256_slli_epi16(r[j], 8), 8));
+        _mm256_storeu_si256((__m256i*)(dst + 16), _mm256_srai_epi16(r[j], 8));
+      }
+    }
+    if (q8 * 4 < k) pack_quads16_scalar(xq, ldx, k, q8, m, m + 8, m + 8, xt, mp);
+  }
+  if (m < mend) pack_quads16_scalar(xq, ldx, k, 0, m, m1, mend, xt, mp);
+}
+
 // Layout kind 1 (gathered quads): xk[kk * mp + m] = x_q[m, kk] ^ flip. 8 tokens x 8 quads per 8x8
 // dword transpose, then per quad the bytes regrouped by channel (vpshufb in lanes: 4 tokens x 4
 // channels -> 4 channels x 4 tokens; vpermd: the two lanes' halves of a channel together) and 8 bytes
@@ -187,6 +210,8 @@ void pack_cols_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_
                     uint8_t* xk, int64_t mp) { pack_cols_scalar(xq, ldx, k, m0, m1, mend, flip, xk, mp); }
 void pack_cols16_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, int16_t* xk,
                       int64_t mp) { pack_cols16_range_scalar(xq, ldx, k, 0, m0, m1, mend, xk, mp); }
+void pack_acts16_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, int16_t* xt,
+                      int64_t mp) { pack_quads16_scalar(xq, ldx, k, 0, m0, m1, mend, xt, mp); }
 void spmm_avx2(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   spmm_scalar(w, a, e, t0, t1);
 }

@@ -6,8 +6,9 @@
 //
 // VNNI (flip 0x80, xt holds u8 = x + 128):  c += vpdpbusd(x_u8 quads, w quads)   (AVX-VNNI, ymm)
 // plain AVX2 (flip 0): vpmaddubsw would saturate int16 (255 * 127 * 2 > 32767), so the products use
-// vpmaddwd on int16: the aligned quads (xt holds s8) are split into sign-extended int16 halves (dot4);
-// the gathered columns are int16 already (kActCols16) and only interleaved in pairs of rows.
+// vpmaddwd on int16 activations packed for it: the aligned quads as even / odd int16 pairs
+// (kActQuads16, against the weight halves of Weight4), the gathered columns as int16 (kActCols16),
+// interleaved in pairs of rows in registers.
 // The epilogue writes a [64 channels][128 tokens] tile and stores it transposed, 8x8 dwords at a
 // time (store_tile8).
 #include <immintrin.h>
@@ -75,9 +76,9 @@ inline void store_tile8(const Epilogue& e, const PackedActs& a, const int32_t (*
   }
 }
 
-// c += sum over the 4 bytes of each dword of x * w: vpdpbusd (u8 x s8) with VNNI; without it x is s8
-// (flip 0) and the product is split into sign-extended int16 halves for vpmaddwd, exactly:
-// even = (x0, x2), odd = (x1, x3) per dword; each madd lane is x0*w0 + x2*w2, |.| <= 2 * 128 * 127.
+// One weight quad broadcast: as is for vpdpbusd (u8 x s8) with VNNI; without it split into
+// sign-extended int16 halves for vpmaddwd against kActQuads16, exactly: even = (w0, w2), odd =
+// (w1, w3) per dword; each madd lane is x0*w0 + x2*w2, |.| <= 2 * 128 * 128.
 struct Weight4 {
 #if SPARSE_OFA_VNNI
   __m256i w;
@@ -92,16 +93,15 @@ struct Weight4 {
 #endif
 };
 
-inline __m256i dot4(__m256i c, __m256i x, const Weight4& w) {
 #if SPARSE_OFA_VNNI
-  return _mm256_dpbusd_avx_epi32(c, x, w.w);
+inline __m256i dot4(__m256i c, __m256i x, const Weight4& w) { return _mm256_dpbusd_avx_epi32(c, x, w.w); }
+constexpr int64_t kQuadTokenBytes = 4;  // kActQuads: one u8 quad per token
 #else
-  const __m256i x_even = _mm256_srai_epi16(_mm256_slli_epi16(x, 8), 8);
-  const __m256i x_odd = _mm256_srai_epi16(x, 8);
-  return _mm256_add_epi32(c, _mm256_add_epi32(_mm256_madd_epi16(x_even, w.even), _mm256_madd_epi16(x_odd, w.odd)));
+constexpr int64_t kQuadTokenBytes = 8;  // kActQuads16: per 8 tokens 32 B of (x0, x2) then 32 B of (x1, x3)
 #endif
-}
 
+// Layout kind 0 (aligned quads): out[0..T) = the sums of tokens 8t .. 8t + 7 from `base`, quad q of
+// the row at base + q * qstride.
 template <int T>
 inline void row_product8(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
                          const uint8_t* base, int64_t qstride, __m256i* out) {
@@ -110,7 +110,15 @@ inline void row_product8(const int32_t* qw, const uint16_t* qk, int32_t p0, int3
   for (int32_t p = p0; p < p1; ++p) {
     const Weight4 w(qw[p]);
     const uint8_t* src = base + (int64_t)qk[p] * qstride;
-    for (int t = 0; t < T; ++t) c[t] = dot4(c[t], _mm256_loadu_si256((const __m256i*)(src + 32 * t)), w);
+    for (int t = 0; t < T; ++t) {
+#if SPARSE_OFA_VNNI
+      c[t] = dot4(c[t], _mm256_loadu_si256((const __m256i*)(src + 32 * t)), w);
+#else
+      const __m256i even = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(src + 64 * t)), w.even);
+      const __m256i odd = _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(src + 64 * t + 32)), w.odd);
+      c[t] = _mm256_add_epi32(c[t], _mm256_add_epi32(even, odd));
+#endif
+    }
   }
   for (int t = 0; t < T; ++t) out[t] = c[t];
 }
@@ -220,7 +228,7 @@ inline void row_product8_any(int T, const int32_t* qw, const uint16_t* qk, int32
 #ifdef SPARSE_OFA_SPMM
 void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e, int64_t t0, int64_t t1) {
   const int64_t ngroups = (w.n + kRowGroup - 1) / kRowGroup;
-  const int64_t qstride = a.mp * 4;
+  const int64_t qstride = a.mp * kQuadTokenBytes;
   alignas(32) int32_t tile[kRowGroup][kTokenBlock];
   for (int64_t task = t0; task < t1; ++task) {
     const int64_t m0 = (task / ngroups) * kTokenBlock, n0 = (task % ngroups) * kRowGroup;
@@ -246,7 +254,7 @@ void SPARSE_OFA_SPMM(const QuadWeight& w, const PackedActs& a, const Epilogue& e
       for (int64_t h = 0; h < mt; h += 64) {  // 64 tokens (8 ymm) at a time: 16 registers only
         const int T = (int)((mt - h < 64 ? mt - h : 64) + 7) / 8;
         __m256i acc[8];
-        row_product8_any(T, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + (m0 + h) * 4,
+        row_product8_any(T, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt + (m0 + h) * kQuadTokenBytes,
                          qstride, acc);
         for (int t = 0; t < T; ++t)
           _mm256_store_si256((__m256i*)&tile[r][h + 8 * t],
@@ -280,7 +288,7 @@ void SPARSE_OFA_SPMM_COLS(const QuadWeight& w, const PackedActs& a, const float*
       gather_tokens(T > 4 ? 64 : 32, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], (const ColValue*)a.xt,
                     a.mp, acc);
     } else {
-      row_product8_any(T, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp * 4, acc);
+      row_product8_any(T, w.quad_w, w.quad_k, w.row_ptr[n], w.row_ptr[n + 1], a.xt, a.mp * kQuadTokenBytes, acc);
     }
     const __m256i corr = _mm256_set1_epi32((int32_t)((uint32_t)w.rowsum[n] * (a.flip ? 128u : 0u)));
     const __m256 ws = _mm256_set1_ps(w_scale[n]);

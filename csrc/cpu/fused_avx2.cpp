@@ -7,7 +7,8 @@
 //       two linears bit for bit), for either 256-bit path (`flip` 0 for AVX2, 0x80 for AVX-VNNI):
 //         inv = (1 / amax) * 127, q = rne(y * inv)                       (dynamic, no clamp needed)
 //         q = clamp(rne(y * inv_scale) + zero_point, qmin, qmax)       (static)
-//       kind 0 quads: dword (q, m) = bytes q[4q + j][m] ^ flip (shifts and ors of 4 channel rows);
+//       kind 0 quads: dword (q, m) = bytes q[4q + j][m] ^ flip (shifts and ors of 4 channel rows), or
+//       on plain AVX2 the int16 pairs (q[4q][m], q[4q + 2][m]) and (q[4q + 1][m], q[4q + 3][m]);
 //       kind 1 columns: bytes q[k][m] ^ flip (AVX-VNNI) or int16 q[k][m] (plain AVX2, flip 0), 32
 //       tokens per channel; only the 8-token vectors with a live token (and for kind 1 up to the next
 //       32), the padding tokens among them as zeros.
@@ -77,6 +78,21 @@ void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* am
         const __m256i cd = _mm256_packs_epi32(quant8(kk, t + 2), quant8(kk, t + 3));
         const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);
         _mm256_store_si256((__m256i*)(xt + kk * kTileTokens + 8 * t), _mm256_xor_si256(bytes, flip8));
+      }
+  } else if (layout == kActQuads16) {
+    // per quad and 8 tokens: even = (q0, q2), odd = (q1, q3) as int16 pairs (values in [-128, 127])
+    const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+    int16_t* quads = (int16_t*)xt;
+    const int64_t nq = (k + 3) / 4;
+    for (int64_t q = 0; q < nq; ++q)
+      for (int t = 0; t < live; ++t) {  // (the aligned product reads the live vectors only)
+        const __m256i even = _mm256_or_si256(_mm256_and_si256(quant8(4 * q, t), low16),
+                                             _mm256_slli_epi32(quant8(4 * q + 2, t), 16));
+        const __m256i odd = _mm256_or_si256(_mm256_and_si256(quant8(4 * q + 1, t), low16),
+                                            _mm256_slli_epi32(quant8(4 * q + 3, t), 16));
+        int16_t* dst = quads + quads16_index(4 * q, 8 * t, kTileTokens);
+        _mm256_store_si256((__m256i*)dst, even);
+        _mm256_store_si256((__m256i*)(dst + 16), odd);
       }
   } else {
     const __m256i ff = _mm256_set1_epi32(0xFF);

@@ -51,8 +51,8 @@ void quantize_token_exact(const float* yt, int64_t k, int64_t m, const QuantPara
   for (int64_t kk = 0; kk < k; ++kk) col[kk] = yt[kk * kTileTokens + m];
   quantize_row_exact(col.data(), k, qp, q.data(), x_scale + m);
   for (int64_t kk = 0; kk < k; ++kk) {
-    if (layout == kActCols16) {
-      ((int16_t*)xt)[kk * kTileTokens + m] = q[kk];
+    if (layout == kActCols16 || layout == kActQuads16) {
+      ((int16_t*)xt)[layout == kActCols16 ? kk * kTileTokens + m : quads16_index(kk, m, kTileTokens)] = q[kk];
       continue;
     }
     const int64_t at = layout == kActCols8 ? kk * kTileTokens + m : ((kk / 4) * kTileTokens + m) * 4 + kk % 4;
@@ -116,6 +116,13 @@ void pack_quads_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t q0, int
 void pack_acts_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                       uint8_t* xt, int64_t mp) {
   pack_quads_scalar(xq, ldx, k, 0, m0, m1, mend, flip, xt, mp);
+}
+
+void pack_quads16_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t q0, int64_t m0, int64_t m1, int64_t mend,
+                         int16_t* xt, int64_t mp) {
+  for (int64_t m = m0; m < mend; ++m)
+    for (int64_t kk = 4 * q0; kk < (k + 3) / 4 * 4; ++kk)
+      xt[quads16_index(kk, m, mp)] = m < m1 && kk < k ? xq[m * ldx + kk] : 0;
 }
 
 void pack_cols_range_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t kk0, int64_t m0, int64_t m1,

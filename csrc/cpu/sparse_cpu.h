@@ -21,6 +21,11 @@
 // flip = 0x80 turns s8 into u8 = s8 + 128 (vpdpbusd multiplies u8 x s8), and then
 //     sum_k (x + 128) * w = acc + 128 * rowsum      =>  acc = dot_u8s8 - 128 * rowsum   (mod 2^32,
 // exact because the true acc fits in int32: |acc| <= K * 128 * 127 < 2^31 for K <= 131072).
+// The plain AVX2 path (flip 0) keeps these quads as int16 pairs, split the way vpmaddwd multiplies
+// them, 8 tokens per 64 bytes (even then odd):
+//     xt16[((q * mp / 8 + m / 8) * 2 + 0) * 16 + 2 (m % 8) + {0, 1}] = x_q[m, 4q + {0, 2}]   (even)
+//     xt16[((q * mp / 8 + m / 8) * 2 + 1) * 16 + 2 (m % 8) + {0, 1}] = x_q[m, 4q + {1, 3}]   (odd)
+// so the product is vpmaddwd(even, (w0, w2)) + vpmaddwd(odd, (w1, w3)) with no per-product shifts.
 #pragma once
 
 #include <cstdint>
@@ -58,11 +63,23 @@ struct QuadWeight {
 // there the kernel interleaves two int16 rows into the pairs vpmaddwd multiplies, instead of
 // splitting interleaved bytes into sign-extended halves with shifts (3 more ops per 8 tokens).
 
-// Activation layouts, as the packing and quantize-pack steps take them.
-enum ActLayout : int { kActQuads = 0, kActCols8 = 1, kActCols16 = 2 };
-// The activation layout of ISA `isa` for a weight of layout kind `gather`, and its bytes per value.
-inline int act_layout(int isa, int gather) { return !gather ? kActQuads : (isa == kAvx2 ? kActCols16 : kActCols8); }
-inline int64_t act_value_bytes(int layout) { return layout == kActCols16 ? 2 : 1; }
+// Activation layouts, as the packing and quantize-pack steps take them: kind 0 quads of bytes or of
+// int16 pairs (plain AVX2), kind 1 columns of bytes or of int16 (plain AVX2).
+enum ActLayout : int { kActQuads = 0, kActCols8 = 1, kActCols16 = 2, kActQuads16 = 3 };
+// The activation layout of ISA `isa` for a weight of layout kind `gather`.
+inline int act_layout(int isa, int gather) {
+  if (isa == kAvx2) return gather ? kActCols16 : kActQuads16;
+  return gather ? kActCols8 : kActQuads;
+}
+// Bytes of one token in one row of the layout (a quad row of kind 0, a channel column of kind 1).
+inline int64_t act_token_bytes(int layout) {
+  switch (layout) {
+    case kActQuads: return 4;
+    case kActQuads16: return 8;
+    case kActCols16: return 2;
+    default: return 1;
+  }
+}
 
 struct PackedActs {
   const uint8_t* xt;      // see layout above
@@ -133,6 +150,16 @@ void pack_acts_avx512(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int6
 // pack_acts_scalar for quads [q0, nq) only (the tails of the vector packs)
 void pack_quads_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t q0, int64_t m0, int64_t m1, int64_t mend,
                        uint8_t flip, uint8_t* xt, int64_t mp);
+// The int16 quads of the plain AVX2 path (layout kActQuads16), the same arguments without flip (m0,
+// m1 and mend multiples of 8 but m1); the scalar form for quads [q0, nq) (the tails of the vector pack).
+void pack_acts16_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, int16_t* xt,
+                      int64_t mp);
+void pack_quads16_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t q0, int64_t m0, int64_t m1, int64_t mend,
+                         int16_t* xt, int64_t mp);
+// Index in xt16 of x_q[m, kk] in layout kActQuads16.
+inline int64_t quads16_index(int64_t kk, int64_t m, int64_t mp) {
+  return (((kk / 4) * (mp / 8) + m / 8) * 2 + (kk & 1)) * 16 + 2 * (m % 8) + ((kk >> 1) & 1);
+}
 
 // x_q rows [m0, m1) -> xk columns (layout kind 1), padding tokens up to the next multiple of 16.
 void pack_cols_scalar(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
