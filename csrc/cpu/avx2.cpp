@@ -15,114 +15,104 @@
 
 namespace sparse_ofa_cpu {
 
-// r[j] dword t = quad q0 + j (4 input channels) of token m + t, each byte ^ flip
-static inline void load_quads8x8(const int8_t* xq, int64_t ldx, int64_t m, int64_t q0, __m256i flipv, __m256i r[8]) {
-  for (int i = 0; i < 8; ++i)
-    r[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(xq + (m + i) * ldx + 4 * q0)), flipv);
-  transpose8x8(r);
-}
-
-// The layout-0 pack of the 256-bit paths (AVX2 and AVX-VNNI: the same layout, `flip` differs):
-// xt[(q * mp + m) * 4 ..] = quad q of token m ^ flip. 8 tokens x 8 quads per 8x8 dword transpose (one
-// 32-byte load per token row, one 32-byte store per quad); the quads past the last 8-quad block,
-// the partial quad at K, padding tokens and partial token blocks go through pack_quads_scalar.
-void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
-                    uint8_t* xt, int64_t mp) {
+// The loop of the 256-bit packs, 8 tokens x 8 quads per 8x8 dword transpose (one 32-byte load per
+// token row): block(r, q0, m) gets r[j] dword t = quad q0 + j (4 input channels) of token m + t, each
+// byte ^ flip; tail(q_from, m_lo, m_hi, m_end) packs quads [q_from, nq) of tokens [m_lo, m_end) (those
+// past m_hi as padding): the quads past the last 8-quad block, the partial quad at K, padding tokens
+// and partial token blocks.
+template <class Block, class Tail>
+static inline void pack_8x8(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend,
+                            uint8_t flip, const Block& block, const Tail& tail) {
   const int64_t q8 = k / 4 / 8 * 8;  // quads in whole 8-quad blocks, all inside K
   const __m256i flipv = _mm256_set1_epi8((char)flip);
   int64_t m = m0;
   for (; m + 8 <= m1 && q8 > 0; m += 8) {
     for (int64_t q0 = 0; q0 < q8; q0 += 8) {
       __m256i r[8];
-      load_quads8x8(xq, ldx, m, q0, flipv, r);
-      for (int j = 0; j < 8; ++j) _mm256_storeu_si256((__m256i*)(xt + ((q0 + j) * mp + m) * 4), r[j]);
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(xq + (m + i) * ldx + 4 * q0)), flipv);
+      transpose8x8(r);
+      block(r, q0, m);
     }
-    if (q8 * 4 < k) pack_quads_scalar(xq, ldx, k, q8, m, m + 8, m + 8, flip, xt, mp);
+    if (q8 * 4 < k) tail(q8, m, m + 8, m + 8);
   }
-  if (m < mend) pack_quads_scalar(xq, ldx, k, 0, m, m1, mend, flip, xt, mp);
+  if (m < mend) tail(0, m, m1, mend);
 }
 
-// Layout kActQuads16 (the plain AVX2 path): per 8 tokens x 8 quads one 8x8 dword transpose as
-// pack_acts_avx2, then each quad's dwords split into sign-extended int16 pairs: even = (x0, x2) =
-// (dword << 8 per word) >> 8 arithmetic, odd = (x1, x3) = dword >> 8 arithmetic per word.
+// A quad's dword per token (8 tokens) regrouped by channel: qword c = channel c of the quad, tokens
+// in order (vpshufb in lanes: 4 tokens x 4 channels -> 4 channels x 4 tokens; vpermd: the two
+// lanes' halves of a channel together).
+static inline __m256i by_channel(__m256i quad) {
+  const __m256i shuffle =
+      _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(quad, shuffle), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// The layout-0 pack of the 256-bit paths (AVX2 and AVX-VNNI: the same layout, `flip` differs):
+// xt[(q * mp + m) * 4 ..] = quad q of token m ^ flip, one 32-byte store per quad and 8 tokens.
+void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
+                    uint8_t* xt, int64_t mp) {
+  pack_8x8(xq, ldx, k, m0, m1, mend, flip,
+           [&](const __m256i* r, int64_t q0, int64_t m) {
+             for (int j = 0; j < 8; ++j) _mm256_storeu_si256((__m256i*)(xt + ((q0 + j) * mp + m) * 4), r[j]);
+           },
+           [&](int64_t q, int64_t lo, int64_t hi, int64_t end) { pack_quads_scalar(xq, ldx, k, q, lo, hi, end, flip, xt, mp); });
+}
+
+// Layout kActQuads16 (the plain AVX2 path): each quad's dwords split into sign-extended int16 pairs,
+// even = (x0, x2) = (dword << 8 per word) >> 8 arithmetic, odd = (x1, x3) = dword >> 8 per word.
 void pack_acts16_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, int16_t* xt,
                       int64_t mp) {
-  const int64_t q8 = k / 4 / 8 * 8;
-  const __m256i zero = _mm256_setzero_si256();
-  int64_t m = m0;
-  for (; m + 8 <= m1 && q8 > 0; m += 8) {
-    for (int64_t q0 = 0; q0 < q8; q0 += 8) {
-      __m256i r[8];
-      load_quads8x8(xq, ldx, m, q0, zero, r);
-      for (int j = 0; j < 8; ++j) {
-        int16_t* dst = xt + quads16_index(4 * (q0 + j), m, mp);
-        _mm256_storeu_si256((__m256i*)dst, _mm256_srai_epi16(_mm256_slli_epi16(r[j], 8), 8));
-        _mm256_storeu_si256((__m256i*)(dst + 16), _mm256_srai_epi16(r[j], 8));
-      }
-    }
-    if (q8 * 4 < k) pack_quads16_scalar(xq, ldx, k, q8, m, m + 8, m + 8, xt, mp);
-  }
-  if (m < mend) pack_quads16_scalar(xq, ldx, k, 0, m, m1, mend, xt, mp);
+  pack_8x8(xq, ldx, k, m0, m1, mend, 0,
+           [&](const __m256i* r, int64_t q0, int64_t m) {
+             for (int j = 0; j < 8; ++j) {
+               int16_t* dst = xt + quads16_index(4 * (q0 + j), m, mp);
+               _mm256_storeu_si256((__m256i*)dst, _mm256_srai_epi16(_mm256_slli_epi16(r[j], 8), 8));
+               _mm256_storeu_si256((__m256i*)(dst + 16), _mm256_srai_epi16(r[j], 8));
+             }
+           },
+           [&](int64_t q, int64_t lo, int64_t hi, int64_t end) { pack_quads16_scalar(xq, ldx, k, q, lo, hi, end, xt, mp); });
 }
 
-// Layout kind 1 (gathered quads): xk[kk * mp + m] = x_q[m, kk] ^ flip. 8 tokens x 8 quads per 8x8
-// dword transpose, then per quad the bytes regrouped by channel (vpshufb in lanes: 4 tokens x 4
-// channels -> 4 channels x 4 tokens; vpermd: the two lanes' halves of a channel together) and 8 bytes
-// stored per channel; channels past the last 8-quad block, padding tokens and partial blocks: scalar.
+// Layout kind 1 (gathered quads): xk[kk * mp + m] = x_q[m, kk] ^ flip, 8 bytes stored per channel.
 void pack_cols_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                     uint8_t* xk, int64_t mp) {
-  const int64_t q8 = k / 4 / 8 * 8;
-  const __m256i flipv = _mm256_set1_epi8((char)flip);
-  const __m256i by_channel =
-      _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-  const __m256i halves = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  int64_t m = m0;
-  for (; m + 8 <= m1 && q8 > 0; m += 8) {
-    for (int64_t q0 = 0; q0 < q8; q0 += 8) {
-      __m256i r[8];
-      load_quads8x8(xq, ldx, m, q0, flipv, r);
-      for (int j = 0; j < 8; ++j) {
-        const __m256i v = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(r[j], by_channel), halves);
-        uint8_t* dst = xk + 4 * (q0 + j) * mp + m;  // qword c of v = channel 4 (q0 + j) + c, tokens m .. m + 7
-        const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
-        _mm_storel_epi64((__m128i*)dst, lo);
-        _mm_storeh_pd((double*)(dst + mp), _mm_castsi128_pd(lo));
-        _mm_storel_epi64((__m128i*)(dst + 2 * mp), hi);
-        _mm_storeh_pd((double*)(dst + 3 * mp), _mm_castsi128_pd(hi));
-      }
-    }
-    if (4 * q8 < k) pack_cols_range_scalar(xq, ldx, k, 4 * q8, m, m + 8, m + 8, flip, xk, mp);
-  }
-  if (m < mend) pack_cols_range_scalar(xq, ldx, k, 0, m, m1, mend, flip, xk, mp);
+  pack_8x8(xq, ldx, k, m0, m1, mend, flip,
+           [&](const __m256i* r, int64_t q0, int64_t m) {
+             for (int j = 0; j < 8; ++j) {
+               const __m256i v = by_channel(r[j]);
+               uint8_t* dst = xk + 4 * (q0 + j) * mp + m;  // qword c of v: channel 4 (q0 + j) + c
+               const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+               _mm_storel_epi64((__m128i*)dst, lo);
+               _mm_storeh_pd((double*)(dst + mp), _mm_castsi128_pd(lo));
+               _mm_storel_epi64((__m128i*)(dst + 2 * mp), hi);
+               _mm_storeh_pd((double*)(dst + 3 * mp), _mm_castsi128_pd(hi));
+             }
+           },
+           [&](int64_t q, int64_t lo, int64_t hi, int64_t end) {
+             pack_cols_range_scalar(xq, ldx, k, 4 * q, lo, hi, end, flip, xk, mp);
+           });
 }
 
-// Layout kActCols16 (the plain AVX2 path): xk[kk * mp + m] = (int16) x_q[m, kk]. The byte regrouping of
-// pack_cols_avx2, then each channel's 8 token bytes sign-extended and stored as 16 bytes.
+// Layout kActCols16 (the plain AVX2 path): xk[kk * mp + m] = (int16) x_q[m, kk], each channel's 8
+// token bytes sign-extended and stored as 16 bytes.
 void pack_cols16_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, int16_t* xk,
                       int64_t mp) {
-  const int64_t q8 = k / 4 / 8 * 8;
-  const __m256i zero = _mm256_setzero_si256();
-  const __m256i by_channel =
-      _mm256_broadcastsi128_si256(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
-  const __m256i halves = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  int64_t m = m0;
-  for (; m + 8 <= m1 && q8 > 0; m += 8) {
-    for (int64_t q0 = 0; q0 < q8; q0 += 8) {
-      __m256i r[8];
-      load_quads8x8(xq, ldx, m, q0, zero, r);
-      for (int j = 0; j < 8; ++j) {
-        const __m256i v = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(r[j], by_channel), halves);
-        int16_t* dst = xk + 4 * (q0 + j) * mp + m;  // qword c of v = channel 4 (q0 + j) + c, tokens m .. m + 7
-        const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
-        _mm_storeu_si128((__m128i*)dst, _mm_cvtepi8_epi16(lo));
-        _mm_storeu_si128((__m128i*)(dst + mp), _mm_cvtepi8_epi16(_mm_unpackhi_epi64(lo, lo)));
-        _mm_storeu_si128((__m128i*)(dst + 2 * mp), _mm_cvtepi8_epi16(hi));
-        _mm_storeu_si128((__m128i*)(dst + 3 * mp), _mm_cvtepi8_epi16(_mm_unpackhi_epi64(hi, hi)));
-      }
-    }
-    if (4 * q8 < k) pack_cols16_range_scalar(xq, ldx, k, 4 * q8, m, m + 8, m + 8, xk, mp);
-  }
-  if (m < mend) pack_cols16_range_scalar(xq, ldx, k, 0, m, m1, mend, xk, mp);
+  pack_8x8(xq, ldx, k, m0, m1, mend, 0,
+           [&](const __m256i* r, int64_t q0, int64_t m) {
+             for (int j = 0; j < 8; ++j) {
+               const __m256i v = by_channel(r[j]);
+               int16_t* dst = xk + 4 * (q0 + j) * mp + m;  // qword c of v: channel 4 (q0 + j) + c
+               const __m128i lo = _mm256_castsi256_si128(v), hi = _mm256_extracti128_si256(v, 1);
+               _mm_storeu_si128((__m128i*)dst, _mm_cvtepi8_epi16(lo));
+               _mm_storeu_si128((__m128i*)(dst + mp), _mm_cvtepi8_epi16(_mm_unpackhi_epi64(lo, lo)));
+               _mm_storeu_si128((__m128i*)(dst + 2 * mp), _mm_cvtepi8_epi16(hi));
+               _mm_storeu_si128((__m128i*)(dst + 3 * mp), _mm_cvtepi8_epi16(_mm_unpackhi_epi64(hi, hi)));
+             }
+           },
+           [&](int64_t q, int64_t lo, int64_t hi, int64_t end) {
+             pack_cols16_range_scalar(xq, ldx, k, 4 * q, lo, hi, end, xk, mp);
+           });
 }
 
 // quant.py numerics, 8 floats at a time; rows with NaN/Inf go to quantize_row_exact.
