@@ -318,7 +318,7 @@ def test_dispatch_without_avx512(monkeypatch):
 
 
 def test_dispatch_on_avx2_against_the_panel_gemm(monkeypatch):
-    # the AVX2 limits (`_THRESHOLDS_AVX2` in backends/cpu.py, measured against the panel GEMM)
+    # the AVX2 limits (`_THRESHOLDS_AVX2` in backends/cpu/dispatch.py, measured against the panel GEMM)
     from sparse_ofa.backends.base import LayerInfo
 
     backend = cpu_backend.CpuBackend()
@@ -326,11 +326,13 @@ def test_dispatch_on_avx2_against_the_panel_gemm(monkeypatch):
     monkeypatch.setenv("SPARSE_OFA_DENSE_ROUTE", "panel")
     for k, n in ((768, 768), (768, 3072), (3072, 768), (384, 1536)):
         for m in (16, 128, 1024):
-            # 80 % unstructured: work ~0.3 in gathered quads from 64 tokens, 0.59 in aligned quads below
+            # 80 % / 70 % unstructured: work ~0.3 / ~0.45 in gathered quads from 64 tokens, 0.59 / 0.76
+            # in aligned quads below; 60 % 0.6 (measured: sparse 5-12 % faster, inside the margin)
             assert backend.prefers(m, LayerInfo(k, n, "unstructured", 0.2)) == (m >= 64), (k, n, m)
-            assert backend.prefers(m, LayerInfo(k, n, "1x4", 0.3)), (k, n, m)
-            assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.5)), (k, n, m)
-            assert not backend.prefers(m, LayerInfo(k, n, "1x4", 0.5)), (k, n, m)
+            assert backend.prefers(m, LayerInfo(k, n, "unstructured", 0.3)) == (m >= 64), (k, n, m)
+            assert not backend.prefers(m, LayerInfo(k, n, "unstructured", 0.4)), (k, n, m)
+            assert backend.prefers(m, LayerInfo(k, n, "1x4", 0.5)), (k, n, m)
+            assert not backend.prefers(m, LayerInfo(k, n, "1x4", 0.6)), (k, n, m)
         assert not backend.prefers(1, LayerInfo(k, n, "1x4", 0.1))  # one token: dense
         assert backend.prefers(4, LayerInfo(k, n, "1x4", 0.1)) and not backend.prefers(4, LayerInfo(k, n, "1x4", 0.2))
 

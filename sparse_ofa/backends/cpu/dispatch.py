@@ -67,8 +67,10 @@ _THRESHOLDS = ((4, 0.05), (32, 0.35), (None, 0.5))
 # than _int_mm at few rows; one token stays dense (_int_mm has a fast vector path there).
 _THRESHOLDS_THREADS = ((1, 0.05), (32, 0.65), (None, 0.5))
 # CPUs without VNNI, where dense INT8 is the panel GEMM: the AVX2 sparse kernels against it, per
-# layer and in whole models (a 2-core Zen 3).
-_THRESHOLDS_AVX2 = ((1, 0.05), (4, 0.1), (None, 0.35))
+# layer and in whole models (a 2-core Zen 3; from 5 tokens re-measured on whole models after the
+# int16 activation layouts, AVX2 emulated on a Xeon: sparse won at work 0.45-0.5 by 22-45 % and at
+# 0.6 by 5-12 %, bench/NOTES.md "AVX2 dispatch limits after the int16 layouts").
+_THRESHOLDS_AVX2 = ((1, 0.05), (4, 0.1), (None, 0.5))
 
 
 def _avx2_limit(m: int) -> float:
