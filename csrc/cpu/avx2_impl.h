@@ -128,37 +128,49 @@ inline void row_product8(const int32_t* qw, const uint16_t* qk, int32_t p0, int3
 #if SPARSE_OFA_VNNI
 using ColValue = uint8_t;  // the columns hold u8 = x + 128 (sparse_cpu.h, kActCols8)
 
-// out[0..4) = the sums of tokens 0..31 from `base`. Per quad: 4 row loads, then ab = unpack{lo,hi}_epi8(a, b), cd = ..(c, d), q_j = unpack{lo,hi}_epi16(ab, cd):
-// q_j holds, in 128-bit lane L, tokens 16L + 4j .. 16L + 4j + 3; two quads in flight (8 chains).
+// out[0 .. NT/8) = the sums of tokens 0 .. NT-1 (NT = 32 or 64) from `base`. Per quad and 32 tokens:
+// 4 row loads, then ab = unpack{lo,hi}_epi8(a, b), cd = ..(c, d), q_j = unpack{lo,hi}_epi16(ab, cd):
+// q_j holds, in 128-bit lane L, tokens 16L + 4j .. 16L + 4j + 3. NT = 32 keeps two quads in flight
+// (8 chains); NT = 64 one quad for all 64 tokens (8 chains, the weight broadcast and the row
+// addresses once per 64 tokens).
+template <int NT>
 inline void row_gather8(const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1, const uint8_t* base,
                         int64_t mp, __m256i* out) {
-  __m256i acc[2][4];
-  for (int u = 0; u < 2; ++u)
-    for (int j = 0; j < 4; ++j) acc[u][j] = _mm256_setzero_si256();
+  constexpr int U = NT == 32 ? 2 : 1;  // quads in flight
+  __m256i acc[U][NT / 8];
+  for (int u = 0; u < U; ++u)
+    for (int j = 0; j < NT / 8; ++j) acc[u][j] = _mm256_setzero_si256();
   auto step = [&](int u, int32_t p) {
     const Weight4 w(qw[p]);
     const uint16_t* ks = qk + 4 * (int64_t)p;
-    const __m256i xa = _mm256_loadu_si256((const __m256i*)(base + ks[0] * mp));
-    const __m256i xb = _mm256_loadu_si256((const __m256i*)(base + ks[1] * mp));
-    const __m256i xc = _mm256_loadu_si256((const __m256i*)(base + ks[2] * mp));
-    const __m256i xd = _mm256_loadu_si256((const __m256i*)(base + ks[3] * mp));
-    const __m256i ab_lo = _mm256_unpacklo_epi8(xa, xb), ab_hi = _mm256_unpackhi_epi8(xa, xb);
-    const __m256i cd_lo = _mm256_unpacklo_epi8(xc, xd), cd_hi = _mm256_unpackhi_epi8(xc, xd);
-    acc[u][0] = dot4(acc[u][0], _mm256_unpacklo_epi16(ab_lo, cd_lo), w);
-    acc[u][1] = dot4(acc[u][1], _mm256_unpackhi_epi16(ab_lo, cd_lo), w);
-    acc[u][2] = dot4(acc[u][2], _mm256_unpacklo_epi16(ab_hi, cd_hi), w);
-    acc[u][3] = dot4(acc[u][3], _mm256_unpackhi_epi16(ab_hi, cd_hi), w);
+    const uint8_t *ra = base + ks[0] * mp, *rb = base + ks[1] * mp, *rc = base + ks[2] * mp, *rd = base + ks[3] * mp;
+    for (int h = 0; h < NT / 32; ++h) {
+      const __m256i xa = _mm256_loadu_si256((const __m256i*)(ra + 32 * h));
+      const __m256i xb = _mm256_loadu_si256((const __m256i*)(rb + 32 * h));
+      const __m256i xc = _mm256_loadu_si256((const __m256i*)(rc + 32 * h));
+      const __m256i xd = _mm256_loadu_si256((const __m256i*)(rd + 32 * h));
+      const __m256i ab_lo = _mm256_unpacklo_epi8(xa, xb), ab_hi = _mm256_unpackhi_epi8(xa, xb);
+      const __m256i cd_lo = _mm256_unpacklo_epi8(xc, xd), cd_hi = _mm256_unpackhi_epi8(xc, xd);
+      __m256i* c = acc[u] + 4 * h;
+      c[0] = dot4(c[0], _mm256_unpacklo_epi16(ab_lo, cd_lo), w);
+      c[1] = dot4(c[1], _mm256_unpackhi_epi16(ab_lo, cd_lo), w);
+      c[2] = dot4(c[2], _mm256_unpacklo_epi16(ab_hi, cd_hi), w);
+      c[3] = dot4(c[3], _mm256_unpackhi_epi16(ab_hi, cd_hi), w);
+    }
   };
   int32_t p = p0;
-  for (; p + 2 <= p1; p += 2) step(0, p), step(1, p + 1);
-  if (p < p1) step(0, p);
-  __m256i c[4];
-  for (int j = 0; j < 4; ++j) c[j] = _mm256_add_epi32(acc[0][j], acc[1][j]);
-  // c[j] lane L = tokens 16L + 4j ..: tokens 0-7 = lane 0 of c0, c1; 8-15 lane 0 of c2, c3; 16-31 lane 1
-  out[0] = _mm256_permute2x128_si256(c[0], c[1], 0x20);
-  out[1] = _mm256_permute2x128_si256(c[2], c[3], 0x20);
-  out[2] = _mm256_permute2x128_si256(c[0], c[1], 0x31);
-  out[3] = _mm256_permute2x128_si256(c[2], c[3], 0x31);
+  if (U == 2)
+    for (; p + 2 <= p1; p += 2) step(0, p), step(U - 1, p + 1);
+  for (; p < p1; ++p) step(0, p);
+  for (int h = 0; h < NT / 32; ++h) {
+    __m256i c[4];
+    for (int j = 0; j < 4; ++j) c[j] = U == 2 ? _mm256_add_epi32(acc[0][4 * h + j], acc[U - 1][4 * h + j]) : acc[0][4 * h + j];
+    // c[j] lane L = tokens 16L + 4j ..: tokens 0-7 = lane 0 of c0, c1; 8-15 lane 0 of c2, c3; 16-31 lane 1
+    out[4 * h + 0] = _mm256_permute2x128_si256(c[0], c[1], 0x20);
+    out[4 * h + 1] = _mm256_permute2x128_si256(c[2], c[3], 0x20);
+    out[4 * h + 2] = _mm256_permute2x128_si256(c[0], c[1], 0x31);
+    out[4 * h + 3] = _mm256_permute2x128_si256(c[2], c[3], 0x31);
+  }
 }
 #else
 using ColValue = int16_t;  // the columns hold int16 x (sparse_cpu.h, kActCols16)
@@ -201,8 +213,8 @@ inline void row_gather16(const int32_t* qw, const uint16_t* qk, int32_t p0, int3
 inline void gather_tokens(int tokens, const int32_t* qw, const uint16_t* qk, int32_t p0, int32_t p1,
                           const ColValue* base, int64_t mp, __m256i* out) {
 #if SPARSE_OFA_VNNI
-  row_gather8(qw, qk, p0, p1, base, mp, out);
-  if (tokens > 32) row_gather8(qw, qk, p0, p1, base + 32, mp, out + 4);
+  if (tokens > 32) row_gather8<64>(qw, qk, p0, p1, base, mp, out);
+  else row_gather8<32>(qw, qk, p0, p1, base, mp, out);
 #else
   if (tokens > 32) row_gather16<64>(qw, qk, p0, p1, base, mp, out);
   else row_gather16<32>(qw, qk, p0, p1, base, mp, out);
