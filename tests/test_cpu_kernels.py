@@ -296,8 +296,11 @@ def test_layout_choice_by_token_count(monkeypatch):
     prepared = cpu_backend.CpuBackend().prepare(packed)
     monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "scalar")  # no gathered kernel there: aligned quads
     assert int(cpu_backend.CpuBackend.choose(128, prepared)[-1][4]) == 0
-    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "avx2")  # the 256-bit paths have one
+    monkeypatch.setenv("SPARSE_OFA_CPU_ISA", "avx2")  # the 256-bit paths have one, in 8 / 32-token steps
     assert int(cpu_backend.CpuBackend.choose(128, prepared)[-1][4]) == 1
+    assert int(cpu_backend.CpuBackend.choose(4, prepared)[-1][4]) == 0
+    eighty = cpu_backend.CpuBackend().prepare(pack(make_weight(96, 256, 0.8, "unstructured", 9), "unstructured"))
+    assert int(cpu_backend.CpuBackend.choose(32, eighty)[-1][4]) == 1  # (in 64-token steps: aligned)
     monkeypatch.delenv("SPARSE_OFA_CPU_ISA")
     kind = {m: int(cpu_backend.CpuBackend.choose(m, prepared)[-1][4]) for m in (1, 128)}
     assert kind == {1: 0, 128: 1}  # 1 token: aligned quads (gathered works on 64); 128: gathered
@@ -335,6 +338,9 @@ def test_dispatch_on_avx2_against_the_panel_gemm(monkeypatch):
             assert not backend.prefers(m, LayerInfo(k, n, "1x4", 0.6)), (k, n, m)
         assert not backend.prefers(1, LayerInfo(k, n, "1x4", 0.1))  # one token: dense
         assert backend.prefers(4, LayerInfo(k, n, "1x4", 0.1)) and not backend.prefers(4, LayerInfo(k, n, "1x4", 0.2))
+        # the 256-bit gathered kernel takes a rest of up to 32 tokens in one 32-token pass: 80 %
+        # unstructured at 17-32 tokens costs ~0.3 gathered (0.6 if counted in 64-token passes)
+        assert backend.prefers(32, LayerInfo(k, n, "unstructured", 0.2)), (k, n)
 
 
 @pytest.mark.skipif(ok and cpu_backend.best_isa() != "avx512vnni", reason="limits measured on AVX-512")

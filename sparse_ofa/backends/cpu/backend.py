@@ -15,7 +15,7 @@ import torch
 from ...formats import PackedWeight
 from ...quant import ActQuant
 from ..base import Backend, LayerInfo
-from .dispatch import layout_costs, runs_attention_op, runs_ffn_op, runs_gathered, sparse_preferred
+from .dispatch import layout_costs, layout_steps, runs_attention_op, runs_ffn_op, runs_gathered, sparse_preferred
 from .layouts import MAX_QUAD_CHANNELS, derive_gathered, derive_quads
 from .ops import (EXTENSION, ISAS, best_isa, bf16_attention_supported, effective_isa, fuses_post_ops, isa_code, load,
                   post_op_fn)
@@ -52,11 +52,10 @@ class CpuBackend(Backend):
         quads). isa: the op's ISA code if the caller has it (-1 = best), else read like effective_isa()."""
         n_quads = prepared["q_quad_w"].numel()
         n_gathered = prepared["g_quad_w"].numel() if "g_quad_w" in prepared else None
-        if n_gathered is not None:
-            eff = effective_isa() if isa is None else (ISAS[best_isa()] if isa < 0 else isa)
-            if not runs_gathered(eff):
-                n_gathered = None
-        aligned, gathered = layout_costs(m, n_quads, n_gathered)
+        eff = effective_isa() if isa is None else (ISAS[best_isa()] if isa < 0 else isa)
+        if n_gathered is not None and not runs_gathered(eff):
+            n_gathered = None
+        aligned, gathered = layout_costs(m, n_quads, n_gathered, layout_steps(eff))
         p = "g_" if gathered < aligned else "q_"
         return tuple(prepared[p + key] for key in ("quad_w", "quad_k", "row_ptr", "rowsum", "layout"))
 

@@ -29,16 +29,27 @@ def quad_density(info: LayerInfo) -> float:
 
 
 # Cost of one gathered quad against one aligned quad, per 16 tokens (4 loads + 8 unpacks + 4
-# vpdpbusd per 64 tokens against 4 loads + 4 vpdpbusd): measured 1.4-1.6 on Zen 5 (docs/cpu_kernels.md).
+# vpdpbusd per 64 tokens against 4 loads + 4 vpdpbusd): measured 1.4-1.6 on Zen 5 (docs/cpu_kernels.md),
+# 1.65-1.75 on the int16 AVX2 kernels (bench/NOTES.md "Layout choice on AVX2 after the int16 layouts").
 GATHER_COST = 1.5
 
 
-def layout_costs(m: int, n_quads: int, n_gathered: int | None) -> tuple[float, float]:
-    """(aligned, gathered) cost in aligned-quad x 16-token units for m tokens."""
-    aligned = n_quads * -(-m // 16)
+def layout_steps(isa: int) -> tuple[int, int]:
+    """Tokens per step of the aligned and of the gathered kernel of ISA code `isa`: 16 / 64 on
+    AVX-512 (one zmm of tokens; 4 per gathered pass), 8 / 32 on the 256-bit paths (a ymm; their
+    gathered pass takes 64 tokens, or 32 for a rest of up to 32)."""
+    return (16, 64) if isa == ISAS["avx512vnni"] else (8, 32)
+
+
+def layout_costs(m: int, n_quads: int, n_gathered: int | None,
+                 steps: tuple[int, int] = (16, 64)) -> tuple[float, float]:
+    """(aligned, gathered) cost in aligned-quad x 16-token units for m tokens, each kernel's tokens
+    rounded up to its step (`layout_steps`)."""
+    a, g = steps
+    aligned = n_quads * -(-m // a) * a / 16
     if n_gathered is None:
         return aligned, float("inf")
-    return aligned, GATHER_COST * n_gathered * 4 * -(-m // 64)  # gathered works on 64 tokens
+    return aligned, GATHER_COST * n_gathered * 4 * -(-m // g) * g / 64
 
 
 def runs_gathered(isa: int) -> bool:
@@ -53,10 +64,12 @@ def work_fraction(m: int, info: LayerInfo) -> float:
     per_row = -(-info.in_features // 4)
     quads = quad_density(info) * per_row
     gathered = None
-    if info.pattern != "1x4" and runs_gathered(effective_isa()):
+    isa = effective_isa()
+    if info.pattern != "1x4" and runs_gathered(isa):
         gathered = -(-info.density * info.in_features // 4)
-    aligned, gath = layout_costs(m, quads, gathered)
-    return min(aligned, gath) / (per_row * -(-m // 16))
+    steps = layout_steps(isa)
+    aligned, gath = layout_costs(m, quads, gathered, steps)
+    return min(aligned, gath) / (per_row * -(-m // steps[0]) * steps[0] / 16)  # dense in the aligned steps
 
 
 # (max M, max work fraction) on AVX-512 VNNI against torch._int_mm, one thread: sparse where it
