@@ -202,7 +202,10 @@ void spmm_tasks(int isa, const QuadWeight& w, const PackedActs& a, const Epilogu
 PackedActs acts_of(const PackedActs& a, const Tiles& t, int64_t ms, int64_t me) {
   PackedActs sub = a;
   const int64_t tile = ms / t.tok, local = ms % t.tok;
-  sub.xt = a.xt + tile * t.bytes + local * act_token_bytes(t.layout);  // (local: a multiple of 8)
+  // kActQuads16 groups 8 tokens: offsets by token are linear only at multiples of 8 (tile starts and
+  // token chunks are multiples of 64)
+  TORCH_INTERNAL_ASSERT(local % 8 == 0, "sparse_ofa cpu: token offset ", local, " inside a tile");
+  sub.xt = a.xt + tile * t.bytes + local * act_token_bytes(t.layout);
   sub.m = me - ms;
   sub.mp = t.mp;
   sub.x_scale = a.x_scale ? a.x_scale + ms : nullptr;

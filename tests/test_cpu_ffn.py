@@ -6,6 +6,7 @@ quantization, NaN/Inf tokens, 1 and 2 threads; bad input named. No timings."""
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -82,13 +83,13 @@ def test_nonfinite_tokens_and_overflow():
     """NaN/Inf in the input or in the intermediate (a huge input row) take the exact per-token
     quantizer, as in the row-major path; the other tokens are unaffected."""
     first = weight(96, 64, 1, "1x4", 0.5, False)
-    second = weight(64, 96, 2, "unstructured", 0.5, True)
     x = torch.randn(150, 64)
     x[3, 5] = float("nan")
     x[70, :] = 3e38  # intermediate overflows to +-Inf in every channel of token 70
     x[71, 0] = float("inf")
     x[140, :] = 0.0  # all-zero token: scale 0
-    for isa in PATHS:
+    for isa, gathered in itertools.product(PATHS, (True, False)):  # the second layer in either layout
+        second = weight(64, 96, 2, "unstructured", 0.5, gathered)
         for nthreads in (1, 2):
             with threads(nthreads):
                 want = two_linears(x, first, second, DYNAMIC, DYNAMIC, isa)

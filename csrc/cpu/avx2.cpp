@@ -193,6 +193,8 @@ void quantize_rows_avx2(const float* x, int64_t ldx, int64_t k, int64_t m0, int6
 #pragma GCC pop_options
 
 #else
+// Not x86: these only link. isa_supported(kAvx2) is false here, so no caller reaches them (and
+// spmm_scalar would read the int16 layouts as bytes).
 namespace sparse_ofa_cpu {
 void pack_acts_avx2(const int8_t* xq, int64_t ldx, int64_t k, int64_t m0, int64_t m1, int64_t mend, uint8_t flip,
                     uint8_t* xt, int64_t mp) { pack_acts_scalar(xq, ldx, k, m0, m1, mend, flip, xt, mp); }

@@ -10,8 +10,9 @@
 //       kind 0 quads: dword (q, m) = bytes q[4q + j][m] ^ flip (shifts and ors of 4 channel rows), or
 //       on plain AVX2 the int16 pairs (q[4q][m], q[4q + 2][m]) and (q[4q + 1][m], q[4q + 3][m]);
 //       kind 1 columns: bytes q[k][m] ^ flip (AVX-VNNI) or int16 q[k][m] (plain AVX2, flip 0), 32
-//       tokens per channel; only the 8-token vectors with a live token (and for kind 1 up to the next
-//       32), the padding tokens among them as zeros.
+//       tokens per step; only the 8-token vectors with a live token (and for kind 1 up to the next
+//       32); vectors past them as zeros, padding tokens inside a live vector as whatever the epilogue
+//       gave them (their output rows are never stored).
 //       Tokens with a NaN/Inf take
 //       quantize_token_exact, like a bad row-major row.
 // AVX2 + FMA (the GELU of the epilogue): the fused ops take these only where fma_supported().
@@ -62,7 +63,7 @@ void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* am
     // t+1 4-7] put in token order by one 64-bit permute
     int16_t* cols = (int16_t*)xt;
     for (int64_t kk = 0; kk < k; ++kk)
-      for (int t = 0; t < live; t += 4) {  // (the gathered product reads 32 tokens at a time)
+      for (int t = 0; t < live; t += 4) {  // (the gathered product reads whole 32-token steps)
         for (int u = 0; u < 4; u += 2) {
           const __m256i pair = _mm256_packs_epi32(quant8(kk, t + u), quant8(kk, t + u + 1));
           _mm256_store_si256((__m256i*)(cols + kk * kTileTokens + 8 * (t + u)), _mm256_permute4x64_epi64(pair, 0xD8));
@@ -73,7 +74,7 @@ void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* am
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     const __m256i flip8 = _mm256_set1_epi8((char)flip);
     for (int64_t kk = 0; kk < k; ++kk)
-      for (int t = 0; t < live; t += 4) {  // (the gathered product reads 32 tokens at a time)
+      for (int t = 0; t < live; t += 4) {  // (the gathered product reads whole 32-token steps)
         const __m256i ab = _mm256_packs_epi32(quant8(kk, t), quant8(kk, t + 1));
         const __m256i cd = _mm256_packs_epi32(quant8(kk, t + 2), quant8(kk, t + 3));
         const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(ab, cd), order);

@@ -14,7 +14,8 @@
 #include "avx2_impl.h"
 #pragma GCC pop_options
 #elif defined(__x86_64__) || defined(__i386__)
-namespace sparse_ofa_cpu {  // (never selected: isa_supported(kAvxVnni) is false with this compiler)
+namespace sparse_ofa_cpu {  // (never selected: isa_supported(kAvxVnni) is false with this compiler; the
+                            // AVX2 product it links to reads the int16 layouts, not AVX-VNNI's bytes)
 void spmm_cols_avxvnni(const QuadWeight& w, const PackedActs& a, const float* w_scale, const float* bias,
                        bool gelu, float* yt, int64_t ldy, float* amax, uint64_t* nonfinite) {
   spmm_cols_avx2(w, a, w_scale, bias, gelu, yt, ldy, amax, nonfinite);
