@@ -43,14 +43,15 @@ void ffn_tile(int is, const FfnArgs& f, const float* x, int64_t ldx, float* out,
   thread_local std::vector<uint8_t> xt1_buf, yt_buf, xt2_buf;
   uint8_t* xt1 = scratch(xt1_buf, one_tile(is, f.w1).bytes);
   float* yt = (float*)scratch(yt_buf, (size_t)(f.w1.n * kTileTokens * sizeof(float)));
-  uint8_t* xt2 = scratch(xt2_buf, one_tile(is, f.w2).bytes);
+  const Tiles tile2 = one_tile(is, f.w2);
+  uint8_t* xt2 = scratch(xt2_buf, tile2.bytes);
   alignas(64) float xs1[kTileTokens], xs2[kTileTokens], amax[kTileTokens];
   const uint8_t flip = flip_of(is);
   pack_tile(is, f.w1, x, ldx, s, mt, f.q1, xt1, xs1);
   uint64_t nonfinite = 0;
   spmm_cols(is, f.w1, PackedActs{xt1, mt, kTileTokens, (f.w1.k + 3) / 4, flip, xs1}, f.w1_scale, f.b1, f.gelu, yt,
             kTileTokens, amax, &nonfinite);
-  quant_pack_cols(is, yt, f.w1.n, mt, amax, nonfinite, f.q2, act_layout(is, f.w2.gather), xt2, xs2);
+  quant_pack_cols(is, yt, f.w1.n, mt, amax, nonfinite, f.q2, tile2.layout, xt2, xs2);
   const Epilogue e{kOutFloat, f.w2_scale, f.b2, out + s * ldo, ldo, false};
   spmm_tasks(is, f.w2, PackedActs{xt2, mt, kTileTokens, (f.w2.k + 3) / 4, flip, xs2}, e, 0, task_count(mt, f.w2.n));
   if (f.post.any()) post_rows_raw(is, f.post, out, ldo, f.w2.n, s, s + mt);

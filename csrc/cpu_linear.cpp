@@ -162,9 +162,15 @@ void pack_acts(int isa, int layout, const int8_t* xq, int64_t ldx, int64_t k, in
   }
 }
 
+// Bytes of one tile of mp tokens in activation layout `layout` for w (rows: input channels of kind 1,
+// quads of kind 0), rounded up to a cache line.
+static int64_t tile_bytes(const QuadWeight& w, int layout, int64_t mp) {
+  const int64_t bytes = (w.gather ? w.k : (w.k + 3) / 4) * mp * act_token_bytes(layout);
+  return (bytes + 63) / 64 * 64;
+}
+
 Tiles tiles_of(int isa, const QuadWeight& w, int64_t m) {
   const int64_t pad = w.gather ? kColPad : kTokenPad;
-  const int64_t nq = (w.k + 3) / 4;
   Tiles t;
   t.layout = act_layout(isa, w.gather);
   if (isa == kAvx512Vnni && m > kTileTokens) {
@@ -174,8 +180,7 @@ Tiles tiles_of(int isa, const QuadWeight& w, int64_t m) {
     t.tok = t.mp = (m + pad - 1) / pad * pad;
     t.count = 1;
   }
-  t.bytes = (w.gather ? w.k : nq) * t.mp * act_token_bytes(t.layout);
-  t.bytes = (t.bytes + 63) / 64 * 64;
+  t.bytes = tile_bytes(w, t.layout, t.mp);
   return t;
 }
 
@@ -285,8 +290,7 @@ QuantParams quant_params(double static_scale, double inv_scale, int64_t zero_poi
 
 Tiles one_tile(int isa, const QuadWeight& w) {
   const int layout = act_layout(isa, w.gather);
-  const int64_t bytes = (w.gather ? w.k : (w.k + 3) / 4) * kTileTokens * act_token_bytes(layout);
-  return Tiles{kTileTokens, kTileTokens, (bytes + 63) / 64 * 64, 1, layout};
+  return Tiles{kTileTokens, kTileTokens, tile_bytes(w, layout, kTileTokens), 1, layout};
 }
 
 void pack_tile(int isa, const QuadWeight& w, const float* x, int64_t ldx, int64_t s, int64_t mt, const QuantParams& q,

@@ -62,12 +62,11 @@ void quant_pack_cols_avx2(const float* yt, int64_t k, int64_t m, const float* am
     // 16 tokens -> 16 int16: one saturating pack (values in range), lanes [t 0-3, t+1 0-3 | t 4-7,
     // t+1 4-7] put in token order by one 64-bit permute
     int16_t* cols = (int16_t*)xt;
+    const int vectors = (live + 3) / 4 * 4;  // whole 32-token steps: the gathered product reads those
     for (int64_t kk = 0; kk < k; ++kk)
-      for (int t = 0; t < live; t += 4) {  // (the gathered product reads whole 32-token steps)
-        for (int u = 0; u < 4; u += 2) {
-          const __m256i pair = _mm256_packs_epi32(quant8(kk, t + u), quant8(kk, t + u + 1));
-          _mm256_store_si256((__m256i*)(cols + kk * kTileTokens + 8 * (t + u)), _mm256_permute4x64_epi64(pair, 0xD8));
-        }
+      for (int t = 0; t < vectors; t += 2) {
+        const __m256i pair = _mm256_packs_epi32(quant8(kk, t), quant8(kk, t + 1));
+        _mm256_store_si256((__m256i*)(cols + kk * kTileTokens + 8 * t), _mm256_permute4x64_epi64(pair, 0xD8));
       }
   } else if (layout == kActCols8) {
     // 32 tokens -> 32 bytes: two saturating packs (values in range), then the dword order fixed
