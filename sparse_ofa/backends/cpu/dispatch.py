@@ -69,7 +69,8 @@ def work_fraction(m: int, info: LayerInfo) -> float:
         gathered = -(-info.density * info.in_features // 4)
     steps = layout_steps(isa)
     aligned, gath = layout_costs(m, quads, gathered, steps)
-    return min(aligned, gath) / (per_row * -(-m // steps[0]) * steps[0] / 16)  # dense in the aligned steps
+    dense = layout_costs(m, per_row, None, steps)[0]  # every quad kept, in the aligned kernel's steps
+    return min(aligned, gath) / dense
 
 
 # (max M, max work fraction) on AVX-512 VNNI against torch._int_mm, one thread: sparse where it
